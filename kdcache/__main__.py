@@ -1,0 +1,3 @@
+from kdcache.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""One frozen dataclass per stage; `cli.py` builds them from argv, the stage functions take nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcache.student import StudentConfig
+from kdcache.transforms import AugmentConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule shared by teacher and student training."""
+
+    epochs: int = 10            # passes over the training set
+    max_steps: int = 0          # hard bound on optimiser steps (0 = none); for benchmarks and tests
+    batch_size: int = 32        # crops per step
+    lr: float = 1e-3            # peak AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    warmup_steps: int = 100     # linear warm-up from lr/1000 to lr, then cosine decay to 0
+    grad_clip: float = 1.0      # max global gradient norm (0 = off)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a stage runs."""
+
+    out: Path                   # run folder (training) or output folder
+    device: str = "cpu"         # "cpu" or "cuda[:i]"
+    workers: int = 2            # DataLoader worker processes (0 = load in the main process)
+    seed: int = 0               # every random choice derives from it
+    progress: bool = True       # show progress bars (the command layer turns this off for tests)
+
+
+@dataclass(frozen=True)
+class ValConfig:
+    """Validation during training: COCO AP on ground-truth boxes every `every` epochs."""
+
+    ann: Path | None = None     # person_keypoints_val.json; None = no validation (best.pt = last.pt)
+    images: Path | None = None  # folder of the validation images
+    every: int = 1              # validate every N epochs (and always after the last)
+
+
+@dataclass(frozen=True)
+class TrainTeacherConfig:
+    ann: Path                   # COCO person-keypoints annotation file (training split)
+    images: Path                # folder holding its images
+    run: RunConfig
+    arch: str = "vitpose-s"     # ViTPose size: vitpose-s/b/l/h or the CPU sizes vitpose-tiny/nano
+    head: str = "classic"       # "classic" (two deconvolutions) or "simple" (bilinear x4 + 3x3 conv)
+    input_hw: tuple[int, int] = (256, 192)   # crop (H, W); heatmaps are a quarter of it
+    sigma: float = 2.0          # target Gaussian sigma in heatmap pixels
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.1))
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    teacher: Path               # teacher checkpoint (kdcache, official ViTPose)
+    ann: Path                   # COCO annotation file whose person instances are dumped
+    images: Path                # folder holding its images
+    run: RunConfig
+    views: int = 8              # K views per instance; view 0 is un-augmented
+    batch_size: int = 64        # teacher batch
+    shard_size: int = 1024      # views per HDF5 shard
+    jpeg_quality: int = 95      # crop codec quality
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class TrainStudentConfig:
+    student: StudentConfig
+    run: RunConfig
+    cache: Path | None = None           # teacher cache (stage 1 output); or use online_teacher
+    online_teacher: Path | None = None  # baseline: run this teacher every step on fresh augmentations
+    ann: Path | None = None             # ground truth for the online baseline
+    images: Path | None = None
+    alpha: float = 0.5          # weight of the teacher (KD) loss; 1 - alpha on ground-truth heatmaps
+    kd_loss: str = "mse"        # teacher term: "mse" on heatmaps or "kl" on spatially softmaxed heatmaps
+    sigma: float = 2.0          # ground-truth Gaussian sigma in heatmap pixels
+    flip_prob: float = 0.5      # train-time mirror of cached views (heatmaps flipped with pairs swapped)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: Path                 # checkpoint of any kind
+    ann: Path                   # COCO annotation file (ground truth)
+    images: Path                # folder holding its images
+    boxes: Path | None = None   # COCO detection results; None = ground-truth boxes
+    flip_test: bool = False     # average with the mirrored crop
+    box_score_thr: float = 0.0  # detections below this score are dropped
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "cpu"
+    metrics_out: Path | None = None
+    results_out: Path | None = None
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A config (nested dataclasses, Paths, tuples) as plain JSON values, for config.json and cache attrs."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,120 @@
+"""Torch datasets: augmented ground-truth crops (teacher training, dump, online KD) and cached views.
+
+Every item is a dict of numpy arrays; crops stay uint8 [H, W, 3] until the training step normalises a
+whole batch with `transforms.to_input_tensor` (cheaper than per item, and workers ship 4x fewer bytes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from kdcache import heatmaps as codec
+from kdcache.cache import open_cache
+from kdcache.coco import Instance, read_image
+from kdcache.keypoints import FLIP_INDEX
+from kdcache.transforms import AugmentConfig, flip_crop, keypoints_to_crop, sample_view, warp_crop
+
+
+class _ImageMemo:
+    """Keeps the last decoded image: views are ordered by image, so neighbours share it."""
+
+    def __init__(self, images_dir: Path):
+        self.images_dir = Path(images_dir)
+        self._name: str | None = None
+        self._image: np.ndarray | None = None
+
+    def __call__(self, file_name: str) -> np.ndarray:
+        if file_name != self._name:
+            self._image = read_image(self.images_dir / file_name)
+            self._name = file_name
+        return self._image
+
+
+def heatmap_hw_for(input_hw: tuple[int, int]) -> tuple[int, int]:
+    """Heatmaps are at stride 4 of the input: 256x192 -> 64x48."""
+    return input_hw[0] // 4, input_hw[1] // 4
+
+
+class ViewDataset(Dataset):
+    """Crops of (instance, view) pairs, each view derived from (seed, ann_id, view).
+
+    Used by the dump (a fixed list of views) and by ground-truth training, where `set_epoch` makes epoch e
+    draw view e + 1 of every instance, so each epoch sees fresh augmentations and a rerun sees the same ones.
+    """
+
+    def __init__(self, instances: list[Instance], images_dir: Path, input_hw: tuple[int, int],
+                 aug: AugmentConfig, seed: int, items: list[tuple[int, int]] | None = None,
+                 sigma: float | None = None):
+        """
+        Args:
+            items: (instance index, view) pairs; None = one view per instance, chosen by `set_epoch`.
+            sigma: when given, items carry ground-truth `target` heatmaps [K, h, w] and `target_weight` [K].
+        """
+        self.instances = instances
+        self.items = items
+        self.input_hw = tuple(input_hw)
+        self.aug = aug
+        self.seed = seed
+        self.sigma = sigma
+        self.epoch = 0
+        self._images = _ImageMemo(images_dir)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items) if self.items is not None else len(self.instances)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        inst_index, view = self.items[index] if self.items is not None else (index, self.epoch + 1)
+        inst = self.instances[inst_index]
+        geom = sample_view(inst.bbox_xywh, inst.keypoints, self.seed, inst.ann_id, view, self.aug, self.input_hw)
+        crop = warp_crop(self._images(inst.file_name), geom.affine, self.input_hw)
+        keypoints = keypoints_to_crop(inst.keypoints, geom.affine, geom.flip)
+        item = {"crop": crop, "keypoints": keypoints, "affine": geom.affine.astype(np.float64),
+                "flip": np.bool_(geom.flip), "image_id": np.int64(inst.image_id),
+                "ann_id": np.int64(inst.ann_id), "view": np.int32(view)}
+        if self.sigma is not None:
+            item["target"], item["target_weight"] = codec.encode(
+                keypoints, self.input_hw, heatmap_hw_for(self.input_hw), self.sigma)
+        return item
+
+
+class CachedDataset(Dataset):
+    """Views of a teacher cache with targets kept true under train-time augmentation.
+
+    A mirror (probability `flip_prob`, decided by (seed, epoch, index)) flips crop and teacher heatmaps
+    together and swaps keypoint pairs; UDP makes the heatmap mirror exact, with no shift.
+    """
+
+    def __init__(self, cache_path: Path, sigma: float, flip_prob: float, seed: int):
+        self.cache = open_cache(cache_path)
+        self.sigma = sigma
+        self.flip_prob = flip_prob
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.cache[index]
+        crop, teacher, keypoints = row["crop"], row["heatmaps"], row["keypoints"]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if rng.random() < self.flip_prob:
+            crop = flip_crop(crop)
+            teacher = codec.flip_heatmaps(teacher)
+            width = crop.shape[1]
+            keypoints = keypoints[list(FLIP_INDEX)].copy()
+            keypoints[:, 0] = (width - 1) - keypoints[:, 0]
+        input_hw = crop.shape[:2]
+        target, weight = codec.encode(keypoints, input_hw, teacher.shape[-2:], self.sigma)
+        return {"crop": np.ascontiguousarray(crop), "teacher": np.ascontiguousarray(teacher),
+                "target": target, "target_weight": weight}

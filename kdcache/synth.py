@@ -1,0 +1,324 @@
+"""`kdcache synth`: a procedurally rendered person-keypoint dataset in exact COCO layout.
+
+Writes `OUT/annotations/person_keypoints_{train,val}.json` and `OUT/{train,val}/<image id>.jpg`.
+Each image is a cluttered background (colour gradients, coarse noise, rectangles, ellipses, lines and
+limb-like sticks) with 1-4 articulated people from `synth_figure` (human proportions, joint limits,
+pose families, yaw and lean), dressed in textured shirts and trousers (solid, stripes, checks, noise)
+with skin, shoes and hair, and drawn far to near so that nearer people occlude farther ones.
+
+Each person is first rasterised into a material label map; the labels give the person's mask (area,
+bbox) and the occlusion test: a keypoint inside the image but covered by a nearer person's mask gets
+v=1, one outside the image v=0 with x=y=0 (as COCO), the others v=2 (face points may be v=1/v=0 from
+the head's own orientation). People whose mask is less than a third visible (occlusion plus truncation)
+or with fewer than five labelled keypoints are not drawn. `bbox` is the tight box of the person's mask
+clipped to the image, `area` the pixel count of that mask inside the image (including the parts that
+nearer people hide: it is the person's scale for OKS), `segmentation` the bbox as a polygon.
+
+Everything is deterministic: image `i` of split `s` draws from `np.random.default_rng([seed, s, i])`,
+so an image does not depend on how many are rendered nor on the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kdcache import synth_figure as sf
+from kdcache.errors import UserError
+from kdcache.keypoints import KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON
+
+log = logging.getLogger(__name__)
+
+SPLITS = (("train", 0), ("val", 1))
+BAND_BGR = (0.0, 230.0, 255.0)  # the left wrist/ankle band: one colour for everyone (yellow)
+LEFT_SHADE = 0.7  # left limbs wear the same clothes, this much darker
+MIN_VISIBLE_FRACTION = 0.33
+MIN_LABELLED_KEYPOINTS = 5
+_SKIN_BGR = ((190, 215, 245), (160, 190, 230), (120, 160, 215), (90, 130, 190), (60, 95, 150),
+             (40, 65, 110), (150, 180, 220))
+_HAIR_BGR = ((20, 20, 25), (30, 45, 70), (40, 70, 110), (90, 150, 200), (160, 160, 165), (30, 60, 150))
+_TROUSER_BGR = ((120, 70, 40), (90, 50, 30), (30, 30, 30), (90, 90, 90), (110, 160, 180), (60, 80, 60))
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What `kdcache synth` renders; every image is (image_wh) pixels, 1-4 people each."""
+
+    out: Path  # dataset root; annotations/ and train/, val/ are created inside
+    train_images: int = 400  # number of train images
+    val_images: int = 100  # number of val images
+    seed: int = 0  # same seed -> byte-identical files
+    image_wh: tuple[int, int] = (320, 256)  # (width, height) in pixels of every image
+    workers: int = 1  # processes rendering images; the output is the same for any value
+
+
+def image_id(split_id: int, index: int) -> int:
+    """COCO image id, unique over both splits (val ids start at 1_000_001)."""
+    return split_id * 1_000_000 + index + 1
+
+
+def synthesize(cfg: SynthConfig) -> Path:
+    """Renders both splits and writes their COCO json files; returns `cfg.out`."""
+    if cfg.train_images < 0 or cfg.val_images < 0:
+        raise UserError("synth: image counts must be >= 0; pass --train-images/--val-images N >= 0")
+    if min(cfg.image_wh) < 64:
+        raise UserError(f"synth: image size {cfg.image_wh} is too small; use at least 64x64 pixels")
+    if cfg.workers < 1:
+        raise UserError("synth: workers must be >= 1")
+    out = Path(cfg.out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
+    try:
+        for split, split_id in SPLITS:
+            count = cfg.train_images if split == "train" else cfg.val_images
+            (out / split).mkdir(exist_ok=True)
+            jobs = [(out / split, cfg.seed, split_id, i, tuple(cfg.image_wh)) for i in range(count)]
+            results = pool.imap(_render_to_file, jobs, chunksize=4) if pool else map(_render_to_file, jobs)
+            images, annotations = [], []
+            for i, (image, anns) in enumerate(results):  # in index order whatever the worker count
+                images.append(image)
+                annotations.extend(anns)
+                if (i + 1) % max(1, count // 10) == 0 or i + 1 == count:
+                    log.info("synth %s: %d/%d images, %d people", split, i + 1, count, len(annotations))
+            _write_json(out / "annotations" / f"person_keypoints_{split}.json", images, annotations)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return out
+
+
+def _render_to_file(job: tuple) -> tuple[dict, list[dict]]:
+    folder, seed, split_id, index, image_wh = job
+    bgr, anns = render_image(seed, split_id, index, image_wh)
+    iid = image_id(split_id, index)
+    name = f"{iid:012d}.jpg"
+    if not cv2.imwrite(str(folder / name), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]):
+        raise UserError(f"synth: could not write {folder / name}; check the --out folder is writable")
+    for k, ann in enumerate(anns):
+        ann.update(id=iid * 100 + k + 1, image_id=iid)
+    return {"id": iid, "file_name": name, "width": image_wh[0], "height": image_wh[1]}, anns
+
+
+def _write_json(path: Path, images: list[dict], annotations: list[dict]) -> None:
+    category = {"id": 1, "name": "person", "supercategory": "person",
+                "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(p) for p in SKELETON]}
+    doc = {"info": {"description": "kdcache synthetic person keypoints", "version": "1"},
+           "licenses": [], "images": images, "annotations": annotations, "categories": [category]}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, separators=(",", ":")))
+    tmp.replace(path)
+
+
+def render_image(seed: int, split_id: int, index: int,
+                 image_wh: tuple[int, int] = (320, 256)) -> tuple[np.ndarray, list[dict]]:
+    """One image and its annotations (without `id`/`image_id`).
+
+    Returns:
+        bgr: uint8 [H, W, 3] (cv2 channel order).
+        anns: COCO annotation dicts, far to near.
+    """
+    rng = np.random.default_rng([seed, split_id, index])
+    w, h = image_wh
+    canvas = _background(rng, w, h).astype(np.float32)
+    accepted: list[tuple[dict, dict]] = []
+    while not accepted:  # every image has somebody; a lone, badly truncated person is redrawn
+        people = [_place_person(rng, w, h) for _ in range(rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.2, 0.2]))]
+        people.sort(key=lambda p: -p["key"])  # nearest first for the occlusion test
+        covered = np.zeros((h, w), bool)  # union of the masks of accepted nearer people
+        for p in people:
+            ann = _annotate(p, covered, w, h)
+            if ann is not None:
+                accepted.append((p, ann))
+                covered[p["clip"]] |= p["mask"]
+    for p, _ in reversed(accepted):  # painter's algorithm: far to near
+        _composite(rng, canvas, p)
+    return _camera(rng, canvas), [ann for _, ann in reversed(accepted)]
+
+
+def _place_person(rng: np.random.Generator, w: int, h: int) -> dict:
+    """Samples pose, size, sleeve/trouser length and position; rasterises the figure's label map.
+
+    Returns a dict: fig, xy (keypoints [17, 2] in image px), labels_in / mask ([h, w] label map and its
+    mask, clipped to the image), clip (the image slices they cover), total (mask pixels before
+    clipping) and key (depth order: larger is nearer).
+    """
+    pose = sf.sample_pose(rng)
+    # Standing height as a fraction of the image height: small (~12 %), medium, large; large people
+    # are shrunk to fit unless truncated, so their area (not their height) makes them COCO-large.
+    r = rng.random()
+    stature = h * (rng.uniform(0.12, 0.31) if r < 0.12 else rng.uniform(0.35, 0.86) if r < 0.55
+                   else rng.uniform(0.86, 1.33))
+    style = {"short_sleeves": bool(rng.random() < 0.35), "shorts": bool(rng.random() < 0.2)}
+    fig = sf.build_figure(pose, stature, **style)
+    x0, y0, x1, y1 = fig.extent()
+    truncate = rng.random() < 0.2  # otherwise shrink to fit and keep the whole person in view
+    fit = min(0.98 * h / (y1 - y0), 0.98 * w / (x1 - x0))
+    if fit < 1 and not truncate:
+        fig = sf.build_figure(pose, stature * fit, **style)
+        x0, y0, x1, y1 = fig.extent()
+    bw, bh = x1 - x0, y1 - y0
+    slack = 0.4 if truncate else 0.0
+    dx = rng.uniform(min(-slack * bw, w - bw), max(w - bw + slack * bw, 0.0)) - x0
+    dy = rng.uniform(min(-0.15 * slack * bh, h - bh), max(h - bh + slack * bh, 0.0)) - y0
+    rx0, ry0 = int(np.floor(x0 + dx)), int(np.floor(y0 + dy))
+    rx1, ry1 = int(np.ceil(x1 + dx)) + 1, int(np.ceil(y1 + dy)) + 1
+    labels = sf.draw_labels(fig, (rx0 - dx, ry0 - dy), (ry1 - ry0, rx1 - rx0))
+    cx0, cy0, cx1, cy1 = max(rx0, 0), max(ry0, 0), min(rx1, w), min(ry1, h)
+    clip = (slice(cy0, max(cy1, cy0)), slice(cx0, max(cx1, cx0)))
+    labels_in = labels[cy0 - ry0:max(cy1, cy0) - ry0, cx0 - rx0:max(cx1, cx0) - rx0]
+    return {"fig": fig, "xy": fig.points[:NUM_KEYPOINTS] + (dx, dy), "labels_in": labels_in,
+            "mask": labels_in > 0, "clip": clip, "total": int((labels > 0).sum()),
+            "key": y1 + dy + rng.normal(0, 0.05 * h)}  # lower feet = nearer, with some randomness
+
+
+def _annotate(p: dict, covered: np.ndarray, w: int, h: int) -> dict | None:
+    """COCO annotation of a placed person given nearer people's masks; None if too hidden."""
+    mask, clip = p["mask"], p["clip"]
+    visible = mask & ~covered[clip]
+    if p["total"] == 0 or visible.sum() < MIN_VISIBLE_FRACTION * p["total"]:
+        return None
+    kps = np.zeros((NUM_KEYPOINTS, 3))
+    for k, (x, y) in enumerate(p["xy"]):
+        v = int(p["fig"].face_vis[k]) if k < 5 else 2
+        if v == 0 or not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+            continue
+        if covered[int(round(y)), int(round(x))]:
+            v = 1
+        kps[k] = (round(float(x), 2), round(float(y), 2), v)
+    num = int((kps[:, 2] > 0).sum())
+    if num < MIN_LABELLED_KEYPOINTS:
+        return None
+    ys, xs = np.nonzero(mask)
+    bx, by = int(xs.min()) + clip[1].start, int(ys.min()) + clip[0].start
+    bw, bh = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
+    return {"category_id": 1, "iscrowd": 0, "bbox": [bx, by, bw, bh], "area": float(mask.sum()),
+            "num_keypoints": num, "keypoints": [float(v) if i % 3 < 2 else int(v)
+                                                for i, v in enumerate(kps.ravel())],
+            "segmentation": [[bx, by, bx + bw, by, bx + bw, by + bh, bx, by + bh]]}
+
+
+def _random_bgr(rng: np.random.Generator, sat: tuple[float, float] = (0.2, 0.9),
+                val: tuple[float, float] = (0.25, 0.95)) -> np.ndarray:
+    hsv = np.array([[[rng.uniform(0, 180), rng.uniform(*sat) * 255, rng.uniform(*val) * 255]]], np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, base: np.ndarray, hw: tuple[int, int], scale: float,
+             kinds: tuple[float, float, float, float]) -> np.ndarray | None:
+    """Cloth texture float32 [h, w, 3]: solid (None), stripes, checks or noise (probabilities `kinds`)."""
+    h, w = hw
+    kind = rng.choice(4, p=kinds)
+    if kind == 0:
+        return None  # solid: the base colour is already in place
+    if kind == 3:
+        noise = rng.uniform(0.65, 1.3, (h // 3 + 2, w // 3 + 2)).astype(np.float32)
+        return base * cv2.resize(noise, (w, h), interpolation=cv2.INTER_LINEAR)[..., None]
+    other = _random_bgr(rng) if rng.random() < 0.6 else base * rng.uniform(0.35, 0.7)
+    period, angle = max(scale * rng.uniform(0.03, 0.1), 3.0), rng.uniform(0, np.pi)
+    on = _stripes(hw, period, angle)
+    if kind == 2:
+        on ^= _stripes(hw, period, angle + np.pi / 2)
+    return np.take(np.stack([other, base]), on, axis=0)
+
+
+def _stripes(hw: tuple[int, int], period: float, angle: float) -> np.ndarray:
+    """int32 [h, w] of 0/1: stripes `period` px wide (on + off) across direction `angle`."""
+    h, w = hw
+    f = 2.0 / period  # two half-periods per period; the integer part's parity says on or off
+    phase = (np.arange(w, dtype=np.float32) * np.float32(np.cos(angle) * f))[None, :] + \
+        (np.arange(h, dtype=np.float32) * np.float32(np.sin(angle) * f))[:, None]
+    # An even offset keeps the phase positive, so truncation to int is a floor.
+    return (phase + np.float32(2 * np.ceil((h + w) * f))).astype(np.int32) & 1
+
+
+def _composite(rng: np.random.Generator, canvas: np.ndarray, p: dict) -> None:
+    """Colours a person's label map (clothes, skin, left shade) and alpha-blends it into `canvas`."""
+    labels, mask = p["labels_in"], p["mask"]
+    if not mask.any():
+        return
+    lut = np.zeros((sf.NUM_MATERIALS, 3), np.float32)
+    skin = np.array(_SKIN_BGR[rng.integers(len(_SKIN_BGR))], np.float32) * rng.uniform(0.85, 1.1)
+    trousers = (np.array(_TROUSER_BGR[rng.integers(len(_TROUSER_BGR))], np.float32) * rng.uniform(0.7, 1.2)
+                if rng.random() < 0.6 else _random_bgr(rng))
+    lut[sf.SKIN], lut[sf.SHIRT], lut[sf.TROUSERS] = skin, _random_bgr(rng), trousers
+    lut[sf.SHOES] = _random_bgr(rng, val=(0.05, 0.5))
+    lut[sf.HAIR] = np.array(_HAIR_BGR[rng.integers(len(_HAIR_BGR))], np.float32)
+    lut[sf.BAND], lut[sf.EYE], lut[sf.NOSE] = BAND_BGR, (25, 25, 30), skin * 0.75
+    shade_lut = np.ones(sf.NUM_MATERIALS, np.float32)
+    for right, left in sf.LEFT_OF.items():
+        lut[left], shade_lut[left] = lut[right], LEFT_SHADE
+    out = np.take(lut, labels, axis=0)  # [h, w, 3]; np.take is several times faster than lut[labels]
+    hw, scale = labels.shape, p["fig"].stature_px
+    for mat, kinds in ((sf.SHIRT, (0.35, 0.3, 0.15, 0.2)), (sf.TROUSERS, (0.6, 0.1, 0.0, 0.3))):
+        tex = _texture(rng, lut[mat], hw, scale, kinds)
+        if tex is not None:
+            np.copyto(out, tex, where=((labels == mat) | (labels == sf.LEFT_OF[mat]))[..., None])
+    # Dark seams where materials meet make overlapping limbs readable; a linear light gradient gives
+    # some relief; the soft inner edge of alpha stands in for anti-aliasing.
+    seam = np.zeros(hw, bool)
+    seam[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    seam[1:, :] |= labels[1:, :] != labels[:-1, :]
+    light = rng.uniform(-0.25, 0.25, 2).astype(np.float32) / max(hw)
+    shade = np.take(shade_lut, labels) * np.where(seam, np.float32(0.72), np.float32(1.0))
+    shade *= (1 + (np.arange(hw[0], dtype=np.float32)[:, None] - hw[0] / 2) * light[0]
+              + (np.arange(hw[1], dtype=np.float32)[None, :] - hw[1] / 2) * light[1])
+    alpha = cv2.blur(mask.astype(np.float32), (3, 3)) * mask
+    out *= shade[..., None]
+    canvas[p["clip"]] = cv2.blendLinear(out, canvas[p["clip"]], alpha, 1 - alpha)
+
+
+def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """Cluttered scene uint8 [H, W, 3]: colour gradients, a floor, noise, shapes, limb-like sticks."""
+    grid = rng.uniform(20, 235, (rng.integers(2, 5), rng.integers(2, 5), 3)).astype(np.float32)
+    img = cv2.resize(grid, (w, h), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.6:  # a floor below a horizon
+        horizon = int(rng.uniform(0.3, 0.75) * h)
+        floor = rng.uniform(20, 235, (2, 2, 3)).astype(np.float32)
+        img[horizon:] = cv2.resize(floor, (w, h - horizon), interpolation=cv2.INTER_LINEAR)
+    coarse = rng.normal(0, rng.uniform(3, 12), (h // 8 + 1, w // 8 + 1, 3)).astype(np.float32)
+    blocky = rng.random() < 0.5
+    img += cv2.resize(coarse, (w, h), interpolation=cv2.INTER_NEAREST if blocky else cv2.INTER_LINEAR)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    aa = cv2.LINE_AA
+    for _ in range(rng.integers(6, 22)):
+        colour = tuple(float(c) for c in _random_bgr(rng, (0.0, 1.0), (0.1, 1.0)))
+        x, y = int(rng.integers(-20, w + 20)), int(rng.integers(-20, h + 20))
+        size = int(rng.uniform(5, 0.5 * max(w, h)))
+        kind, thick = rng.integers(5), int(rng.choice([-1, -1, 1, 2, 4]))
+        if kind == 0:
+            cv2.rectangle(img, (x, y), (x + size, y + int(rng.uniform(5, 0.5 * h))), colour, thick, aa)
+        elif kind == 1:
+            cv2.ellipse(img, (x, y), (size // 2 + 1, int(rng.uniform(3, size / 2 + 4))),
+                        rng.uniform(0, 180), 0, 360, colour, thick, aa)
+        elif kind == 2:
+            pts = (rng.uniform(-0.5, 0.5, (int(rng.integers(3, 7)), 2)) * size + (x, y)).astype(np.int32)
+            cv2.fillPoly(img, [pts], colour, aa)
+        else:  # straight lines and limb-like jointed sticks with round caps, in skin or cloth colours
+            if kind == 4 and rng.random() < 0.6:
+                colour = tuple(float(c) for c in _SKIN_BGR[rng.integers(len(_SKIN_BGR))])
+            pts = [np.array([x, y], np.float64)]
+            for _ in range(int(rng.integers(1, 4)) if kind == 4 else 1):
+                step, angle = rng.uniform(0.15, 0.5) * size, rng.uniform(0, 2 * np.pi)
+                pts.append(pts[-1] + step * np.array([np.cos(angle), np.sin(angle)]))
+            width = int(rng.uniform(0.02, 0.06) * size + 2) if kind == 4 else int(rng.integers(1, 4))
+            for a, b in zip(pts[:-1], pts[1:]):
+                cv2.line(img, tuple(a.astype(int)), tuple(b.astype(int)), colour, width, aa)
+    return img
+
+
+def _camera(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """Exposure, sensor noise and occasional blur; float32 [H, W, 3] -> uint8 [H, W, 3]."""
+    # Uniform noise from raw bytes: a few times cheaper than Gaussian draws, and looks the same.
+    noise = np.frombuffer(rng.bytes(canvas.size), np.uint8).reshape(canvas.shape)
+    gain, sigma = rng.uniform(0.75, 1.2), rng.uniform(1, 6) / 73.6  # 73.6: std of uniform 0..255
+    img = cv2.addWeighted(canvas, gain, noise, sigma, rng.uniform(-25, 25) - 127.5 * sigma, dtype=cv2.CV_32F)
+    if rng.random() < 0.25:
+        img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.5, 1.0))
+    return np.clip(img, 0, 255, out=img).astype(np.uint8)

@@ -1,0 +1,180 @@
+"""Training: the teacher on ground truth, and students from the cache (or, as a baseline, online).
+
+Both go through `_fit`: AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on
+GPU, a checkpoint every epoch, validation AP with `best.pt`, and a CSV metrics log. A run folder:
+
+    config.json   the resolved stage config, kdcache version and git revision
+    last.pt       kdcache checkpoint after the latest epoch
+    best.pt       best validation AP so far (a copy of last.pt when there is no validation set)
+    metrics.csv   one row per epoch
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from kdcache.checkpoint import atomic_torch_save, checkpoint_dict, provenance
+from kdcache.coco import load_instances
+from kdcache.config import OptimConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig, ValConfig, to_jsonable
+from kdcache.data import CachedDataset, ViewDataset
+from kdcache.errors import UserError
+from kdcache.losses import distillation_loss, heatmap_mse
+from kdcache.student import build_student
+from kdcache.teacher import build_vitpose, load_teacher, vitpose_config
+from kdcache.transforms import to_input_tensor
+
+log = logging.getLogger(__name__)
+
+# loss_fn(model, batch, x) -> scalar loss; batch holds the collated item tensors, x the normalised crops.
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def train_teacher(cfg: TrainTeacherConfig) -> Path:
+    """Train a ViTPose model on ground-truth heatmaps; returns the run folder."""
+    instances = load_instances(cfg.ann)
+    if not instances:
+        raise UserError(f"{cfg.ann} has no usable person instances; check the annotation file")
+    model = build_vitpose(vitpose_config(cfg.arch, head=cfg.head, input_hw=cfg.input_hw))
+    dataset = ViewDataset(instances, cfg.images, cfg.input_hw, cfg.aug, cfg.run.seed, sigma=cfg.sigma)
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return heatmap_mse(model(x), batch["target"], batch["target_weight"])
+
+    return _fit(model, dataset, loss_fn, cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
+
+
+def train_student(cfg: TrainStudentConfig) -> Path:
+    """Train a student from a teacher cache, or online from a teacher checkpoint; returns the run folder."""
+    if (cfg.cache is None) == (cfg.online_teacher is None):
+        raise UserError("give exactly one of --cache CACHE or --online-teacher CKPT")
+    model = build_student(cfg.student)
+
+    if cfg.cache is not None:
+        dataset = CachedDataset(cfg.cache, cfg.sigma, cfg.flip_prob, cfg.run.seed)
+        cache_hw = dataset.cache.input_hw
+        if tuple(cache_hw) != tuple(cfg.student.input_hw):
+            raise UserError(f"cache {cfg.cache} holds {cache_hw[0]}x{cache_hw[1]} crops but the student is set "
+                            f"to {cfg.student.input_hw[0]}x{cfg.student.input_hw[1]}; pass --input-size "
+                            f"{cache_hw[0]}x{cache_hw[1]} or dump a cache at the student's size")
+
+        def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return distillation_loss(model(x), batch["teacher"], batch["target"], batch["target_weight"],
+                                     cfg.alpha, cfg.kd_loss)
+    else:
+        if cfg.ann is None or cfg.images is None:
+            raise UserError("--online-teacher needs --ann and --images (the ground truth to augment)")
+        teacher = load_teacher(cfg.online_teacher, cfg.run.device)
+        if tuple(teacher.config.input_hw) != tuple(cfg.student.input_hw):
+            raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
+                            "pass --input-size to match them")
+        dataset = ViewDataset(load_instances(cfg.ann), cfg.images, cfg.student.input_hw, cfg.aug,
+                              cfg.run.seed, sigma=cfg.sigma)
+
+        def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                target = teacher(x).float()
+            return distillation_loss(model(x), target, batch["target"], batch["target_weight"],
+                                     cfg.alpha, cfg.kd_loss)
+
+    return _fit(model, dataset, loss_fn, cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up from 1/1000 over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return 1e-3 + (1 - 1e-3) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig, run: RunConfig,
+         val: ValConfig, config: dict[str, Any]) -> Path:
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"config": config, **provenance()}, indent=1))
+    torch.manual_seed(run.seed)
+    device = torch.device(run.device)
+    model.to(device).train()
+
+    loader = DataLoader(dataset, batch_size=optim.batch_size, shuffle=True, num_workers=run.workers,
+                        drop_last=len(dataset) >= 2 * optim.batch_size,
+                        generator=torch.Generator().manual_seed(run.seed),
+                        pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise UserError("the training set is empty; check --ann / --cache")
+    total = optim.epochs * len(loader)
+    if optim.max_steps > 0:
+        total = min(total, optim.max_steps)
+    epochs = math.ceil(total / len(loader))
+    warmup = min(optim.warmup_steps, max(1, total // 5))  # short runs still reach the peak rate
+    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    log.info("training %d steps (%d epochs of %d) on %s", total, epochs, len(loader), device)
+
+    metrics_path = out / "metrics.csv"
+    best_ap, step = -1.0, 0
+    with open(metrics_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "step", "loss", "lr", "seconds", "crops_per_s", "val_AP"])
+        for epoch in range(epochs):
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            start, losses, seen = time.perf_counter(), [], 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not run.progress, leave=False)
+            for batch in bar:
+                x = to_input_tensor(batch["crop"]).to(device, non_blocking=True)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                         if isinstance(v, torch.Tensor) and k != "crop"}
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = loss_fn(model, batch, x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if optim.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                opt.step()
+                sched.step()
+                step += 1
+                seen += x.shape[0]
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.2e}", lr=f"{sched.get_last_lr()[0]:.1e}")
+                if step >= total:
+                    break
+            seconds = time.perf_counter() - start
+            ap = _validate(model, val, epoch, last=step >= total or epoch == epochs - 1)
+            writer.writerow([epoch + 1, step, f"{np.mean(losses):.6g}", f"{sched.get_last_lr()[0]:.6g}",
+                             f"{seconds:.2f}", f"{seen / seconds:.2f}", "" if ap is None else f"{ap:.3f}"])
+            handle.flush()
+            log.info("epoch %d: loss %.4g, %.1f crops/s%s", epoch + 1, np.mean(losses), seen / seconds,
+                     "" if ap is None else f", val AP {ap:.2f}")
+            atomic_torch_save(checkpoint_dict(model, epoch=epoch + 1, step=step, val_ap=ap), out / "last.pt")
+            if ap is not None and ap > best_ap:
+                best_ap = ap
+                shutil.copyfile(out / "last.pt", out / "best.pt")
+            if step >= total:
+                break
+    if best_ap < 0:
+        shutil.copyfile(out / "last.pt", out / "best.pt")
+    return out
+
+
+def _validate(model: nn.Module, val: ValConfig, epoch: int, last: bool) -> float | None:
+    if val.ann is None or not (last or (epoch + 1) % val.every == 0):
+        return None
+    from kdcache.evaluate import evaluate_model
+
+    metrics, _ = evaluate_model(model, val.ann, val.images)
+    model.train()
+    return metrics["AP"]

@@ -1,0 +1,128 @@
+"""Pictures for people: crops with their heatmaps and decoded skeleton, tiled into one PNG contact sheet.
+
+Pure numpy + OpenCV, RGB throughout (converted to BGR only when the file is written).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kdcache.errors import UserError
+from kdcache.heatmaps import decode, heatmap_to_crop
+from kdcache.keypoints import KEYPOINT_NAMES, SKELETON
+
+# RGB. Left and right must differ at a glance (a left/right swap is the classic pose bug); magenta and white
+# do not occur in the JET heatmap overlay, so the skeleton stays readable on top of it.
+LEFT_RGB = (255, 0, 255)
+RIGHT_RGB = (0, 255, 0)
+CENTER_RGB = (255, 255, 255)
+HEAT_ALPHA = 0.6  # overlay opacity where the heatmap is 1; it fades to 0 with the heat, keeping the crop visible
+_SHIFT = 4  # OpenCV fixed-point bits: sub-pixel keypoints drawn where they are, not rounded
+
+
+def _side_rgb(k: int) -> tuple[int, int, int]:
+    name = KEYPOINT_NAMES[k] if k < len(KEYPOINT_NAMES) else ""
+    return LEFT_RGB if name.startswith("left_") else RIGHT_RGB if name.startswith("right_") else CENTER_RGB
+
+
+def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+    """Skeleton on a copy of `image_rgb`: left limbs magenta, right green, the rest (head, torso bars) white.
+
+    Args:
+        image_rgb: uint8 [H, W, 3].
+        keypoints_xy: float [K, 2] pixel coordinates (x, y) in `image_rgb`.
+        scores: float [K]; keypoints below `threshold` (or not finite) are not drawn, nor their limbs.
+
+    Returns:
+        uint8 [H, W, 3] RGB.
+    """
+    out = np.ascontiguousarray(image_rgb, dtype=np.uint8).copy()
+    xy = np.asarray(keypoints_xy, dtype=np.float64)
+    ok = (np.asarray(scores) >= threshold) & np.isfinite(xy).all(axis=1)
+    thickness = max(1, round(min(out.shape[:2]) / 128))
+    points = [tuple(int(round(v * (1 << _SHIFT))) for v in p) if good else None for p, good in zip(xy, ok)]
+    for a, b in SKELETON:  # 1-based, as in the COCO json
+        a, b = a - 1, b - 1
+        if max(a, b) >= len(points) or points[a] is None or points[b] is None:
+            continue
+        color = _side_rgb(a) if _side_rgb(a) == _side_rgb(b) else CENTER_RGB
+        cv2.line(out, points[a], points[b], color, thickness, cv2.LINE_AA, _SHIFT)
+    for k, p in enumerate(points):
+        if p is not None:
+            cv2.circle(out, p, (thickness + 1) << _SHIFT, _side_rgb(k), -1, cv2.LINE_AA, _SHIFT)
+    return out
+
+
+def heat_overlay(crop_rgb: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
+    """`crop_rgb` (uint8 [H, W, 3]) with the max over K of `heatmaps` (float [K, h, w], 1 = peak) as JET colours.
+
+    The heatmap is resized with the UDP grid (heatmap pixel i at crop pixel i*(W-1)/(w-1)), the one
+    `heatmap_to_crop` uses, so blobs sit exactly under the decoded keypoints.
+    """
+    H, W = crop_rgb.shape[:2]
+    h, w = heatmaps.shape[-2:]
+    heat = np.clip(np.asarray(heatmaps, dtype=np.float32).max(axis=0), 0.0, 1.0)
+    scale = np.array([[(W - 1) / max(w - 1, 1), 0, 0], [0, (H - 1) / max(h - 1, 1), 0]], dtype=np.float64)
+    heat = cv2.warpAffine(heat, scale, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    colors = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    alpha = (HEAT_ALPHA * heat)[..., None]
+    return (crop_rgb * (1 - alpha) + colors * alpha).round().astype(np.uint8)
+
+
+def render_tile(crop_rgb: np.ndarray, heatmaps: np.ndarray, title: str | None = None) -> np.ndarray:
+    """One contact-sheet tile: heat overlay + decoded skeleton (+ title), uint8 [H, W, 3] RGB."""
+    H, W = crop_rgb.shape[:2]
+    coords, scores = decode(heatmaps[None].astype(np.float32))
+    xy = heatmap_to_crop(coords[0], (H, W), heatmaps.shape[-2:])
+    tile = draw_pose(heat_overlay(crop_rgb, heatmaps), xy, scores[0])
+    if title:
+        scale = max(0.3, W / 480)
+        (tw, th), base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        cv2.rectangle(tile, (0, 0), (min(W, tw + 4), th + base + 4), (0, 0, 0), -1)
+        cv2.putText(tile, title, (2, th + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, CENTER_RGB, 1, cv2.LINE_AA)
+    return tile
+
+
+def contact_sheet(crops: np.ndarray, heatmaps: np.ndarray, path: Path, cols: int = 8,
+                  titles: list[str] | None = None) -> Path:
+    """Tile crops with their heatmaps and decoded skeletons into one image file.
+
+    Args:
+        crops: uint8 [N, H, W, 3] RGB.
+        heatmaps: float32 [N, K, h, w], e.g. [N, 17, 64, 48] teacher heatmaps.
+        path: output image (PNG; any extension cv2.imwrite knows); parent folders are created.
+        cols: tiles per row; the sheet is ceil(N / cols) × min(cols, N) tiles, unused tiles black.
+        titles: optional text per tile, printed at its top left.
+
+    Returns:
+        `path`.
+    """
+    crops, heatmaps = np.asarray(crops), np.asarray(heatmaps)
+    if crops.ndim != 4 or crops.shape[-1] != 3 or heatmaps.ndim != 4 or len(crops) != len(heatmaps):
+        raise ValueError(f"expected crops [N, H, W, 3] and heatmaps [N, K, h, w], got {crops.shape}, {heatmaps.shape}")
+    if len(crops) == 0:
+        raise UserError(f"nothing to draw into {path}: no crops")
+    if titles is not None and len(titles) != len(crops):
+        raise ValueError(f"{len(titles)} titles for {len(crops)} crops")
+    n, H, W = crops.shape[:3]
+    cols = max(1, min(cols, n))
+    rows = math.ceil(n / cols)
+    sheet = np.zeros((rows * H, cols * W, 3), dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        sheet[r * H:(r + 1) * H, c * W:(c + 1) * W] = render_tile(
+            crops[i].astype(np.uint8), heatmaps[i], titles[i] if titles else None
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        written = cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    except cv2.error:  # unknown extension
+        written = False
+    if not written:
+        raise UserError(f"could not write the image {path}; use a .png path in a writable folder")
+    return path

@@ -1,0 +1,52 @@
+"""Benchmark helpers: exact parameter and FLOP counts, sane timings, one table for all models."""
+
+import pytest
+import torch
+from torch import nn
+
+from kdcache.bench import bench_models, count_gflops, count_params, format_table, measure_latency
+
+
+def _tiny_net() -> nn.Module:
+    # [N, 3, 8, 6] -> conv 3->4 k3 -> BN -> ReLU -> flatten 4*8*6=192 -> linear 192->5
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(192, 5))
+
+
+def test_count_params_equals_numel_sum():
+    net = _tiny_net()
+    assert count_params(net) == (4 * 3 * 9 + 4) + (4 + 4) + (192 * 5 + 5)
+    shared = nn.Linear(3, 3)
+    assert count_params(nn.Sequential(shared, shared)) == 12  # a shared layer counts once
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gflops_match_the_analytic_count(batch):
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert count_gflops(conv, (16, 12), batch=batch) == pytest.approx(2 * 16 * 12 * 8 * 3 * 9 / 1e9)
+    deconv = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)  # every input pixel meets k*k outputs
+    assert count_gflops(nn.Sequential(conv, deconv), (16, 12), batch=batch) == pytest.approx(
+        (2 * 16 * 12 * 8 * 3 * 9 + 2 * 16 * 12 * 8 * 4 * 16) / 1e9)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 5, 7))
+    assert count_gflops(linear, (4, 5), batch=batch) == pytest.approx(2 * 60 * 7 / 1e9)
+
+
+def test_latency_is_positive_and_keeps_training_mode():
+    net = _tiny_net().train()
+    ms = measure_latency(net, (8, 6), batch=2, warmup=1, iters=3)
+    assert 0 < ms < 1000
+    assert net.training  # measured in eval mode, then put back
+    assert net[1].num_batches_tracked.item() == 0  # BatchNorm statistics untouched
+
+
+def test_bench_models_rows_and_table():
+    models = {"tiny-a": _tiny_net(), "tiny-b": nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(96, 5))}
+    rows = bench_models(models, (8, 6), batch=4, iters=3)
+    assert [r["name"] for r in rows] == ["tiny-a", "tiny-b"]
+    assert rows[0]["params_m"] == pytest.approx(count_params(models["tiny-a"]) / 1e6)
+    assert rows[1]["gflops"] == pytest.approx((2 * 48 * 2 * 3 + 2 * 96 * 5) / 1e9)
+    assert all(r["latency_ms_b1"] > 0 and r["crops_per_s"] > 0 and r["batch"] == 4 for r in rows)
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows) and lines[0].startswith("| model |")
+    assert "tiny-a" in lines[2] and "tiny-b" in lines[3]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)

@@ -1,0 +1,178 @@
+"""Every command on tiny data, through `kdcache.cli.main` exactly as a user types it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kdcache.cache import open_cache, read_manifest
+from kdcache.cli import main
+from kdcache.coco import load_instances
+
+SIZE = ["--input-size", "128x96"]
+QUIET = ["--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """synth -> train-teacher -> dump-teacher -> train-student, each a few steps."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "data"
+    assert main(["synth", "--out", str(data), "--train-images", "4", "--val-images", "2", "--seed", "1"]) == 0
+    train = ["--ann", str(data / "annotations/person_keypoints_train.json"), "--images", str(data / "train")]
+    val = ["--val-ann", str(data / "annotations/person_keypoints_val.json"), "--val-images", str(data / "val")]
+    assert main(["train-teacher", *train, "--out", str(root / "teacher"), "--arch", "vitpose-nano", *SIZE,
+                 "--max-steps", "2", "--batch-size", "4", *QUIET]) == 0
+    assert main(["dump-teacher", "--teacher", str(root / "teacher/best.pt"), *train, "--out", str(root / "cache"),
+                 "--views", "3", "--shard-size", "5", "--batch-size", "4", *QUIET]) == 0
+    assert main(["train-student", "--cache", str(root / "cache"), "--student", "mobilenetv3_small_100",
+                 "--out", str(root / "student"), "--max-steps", "2", "--batch-size", "4", "--head-channels", "32",
+                 *val, *QUIET]) == 0
+    return {"root": root, "data": data, "train": train, "val": val}
+
+
+def test_teacher_run_folder(pipeline):
+    run = pipeline["root"] / "teacher"
+    assert {"config.json", "last.pt", "best.pt", "metrics.csv"} <= {p.name for p in run.iterdir()}
+    assert (run / "best.pt").read_bytes() == (run / "last.pt").read_bytes()  # no validation set
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["format"] == "kdcache" and ckpt["kind"] == "vitpose" and ckpt["step"] == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["arch"] == "vitpose-nano" and "git_rev" in config
+
+
+def test_dump_holds_every_view_once(pipeline):
+    cache = open_cache(pipeline["root"] / "cache")
+    instances = load_instances(pipeline["data"] / "annotations/person_keypoints_train.json")
+    keys = [(cache[i]["ann_id"], cache[i]["view"]) for i in range(len(cache))]
+    assert sorted(keys) == sorted((inst.ann_id, v) for inst in instances for v in range(3))
+    row = cache[0]
+    assert row["crop"].shape == (128, 96, 3) and row["heatmaps"].shape == (17, 32, 24)
+    assert row["view"] == 0 and not row["flip"]
+
+
+def test_dump_rerun_resumes_to_identical_cache(pipeline, tmp_path):
+    """Drop a shard from the manifest (as if killed before it completed): the rerun rewrites it bit for bit."""
+    cache_dir = pipeline["root"] / "cache"
+    manifest = read_manifest(cache_dir)
+    lost = manifest["shards"][1]
+    before = (cache_dir / lost["name"]).read_bytes()
+    manifest["shards"] = [s for s in manifest["shards"] if s["index"] != lost["index"]]
+    manifest["complete"] = False
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    (cache_dir / lost["name"]).unlink()
+    assert main(["dump-teacher", "--teacher", str(pipeline["root"] / "teacher/best.pt"), *pipeline["train"],
+                 "--out", str(cache_dir), "--views", "3", "--shard-size", "5", "--batch-size", "4", *QUIET]) == 0
+    assert (cache_dir / lost["name"]).read_bytes() == before
+    after = read_manifest(cache_dir)
+    assert after["complete"] and [s["index"] for s in after["shards"]] == list(range(after["num_shards"]))
+    assert [s for s in after["shards"] if s["index"] == lost["index"]][0]["sha256"] == lost["sha256"]
+
+
+def test_dump_refuses_other_settings(pipeline, capsys):
+    code = main(["dump-teacher", "--teacher", str(pipeline["root"] / "teacher/best.pt"), *pipeline["train"],
+                 "--out", str(pipeline["root"] / "cache"), "--views", "2", *QUIET])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "other settings" in err and len(err.splitlines()) == 1
+
+
+def test_cached_targets_match_teacher(pipeline):
+    """What the cache holds is the teacher's output on the stored crop (up to JPEG and quantisation)."""
+    from kdcache.checkpoint import load_model
+    from kdcache.transforms import to_input_tensor
+
+    cache = open_cache(pipeline["root"] / "cache")
+    teacher = load_model(pipeline["root"] / "teacher/best.pt")
+    row = cache[1]
+    with torch.no_grad():
+        out = teacher(to_input_tensor(row["crop"][None]))[0].numpy()
+    rel = np.linalg.norm(out - row["heatmaps"]) / np.linalg.norm(out)
+    assert rel < 0.1
+
+
+def test_student_run_with_validation(pipeline):
+    run = pipeline["root"] / "student"
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["kind"] == "student" and ckpt["model_config"]["backbone"] == "mobilenetv3_small_100"
+    assert ckpt["val_ap"] is not None
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step,loss") and rows[-1].split(",")[-1] != ""
+
+
+def test_online_student(pipeline):
+    root = pipeline["root"]
+    assert main(["train-student", "--online-teacher", str(root / "teacher/best.pt"), *pipeline["train"],
+                 "--student", "mobilenetv3_small_100", *SIZE, "--out", str(root / "online"), "--max-steps", "1",
+                 "--batch-size", "4", "--head-channels", "32", *QUIET]) == 0
+    assert torch.load(root / "online/last.pt", weights_only=True)["step"] == 1
+
+
+def test_eval_writes_metrics_and_results(pipeline, capsys):
+    root, data = pipeline["root"], pipeline["data"]
+    args = ["eval", "--model", str(root / "student/best.pt"), "--ann", str(data / "annotations/person_keypoints_val.json"),
+            "--images", str(data / "val"), "--metrics-out", str(root / "m.json"), "--results-out", str(root / "r.json"),
+            "--workers", "0", "--flip-test"]
+    assert main(args) == 0
+    metrics = json.loads((root / "m.json").read_text())
+    assert {"AP", "AP50", "AP75", "APm", "APl", "AR"} <= metrics.keys()
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    results = json.loads((root / "r.json").read_text())
+    n_val = len(load_instances(data / "annotations/person_keypoints_val.json"))
+    assert 0 < len(results) <= n_val and all(len(r["keypoints"]) == 51 for r in results)
+    assert "AP @[IoU=0.50:0.95 | area=all]" in capsys.readouterr().out
+
+
+def test_inspect_summary_verify_and_png(pipeline, capsys):
+    cache_dir = pipeline["root"] / "cache"
+    png = pipeline["root"] / "sheet.png"
+    assert main(["inspect", str(cache_dir), "--verify", "--png", str(png), "--count", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "views" in out and "kb_per_view" in out and png.stat().st_size > 1000
+
+
+def test_inspect_verify_names_corrupt_shard(pipeline, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "cache"
+    shutil.copytree(pipeline["root"] / "cache", broken)
+    shard = broken / "shard-00000.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["inspect", str(broken), "--verify"]) == 2
+    captured = capsys.readouterr()
+    assert "shard-00000.h5" in captured.out and "failed verification" in captured.err
+
+
+def test_bench_table(pipeline, capsys):
+    root = pipeline["root"]
+    assert main(["bench", str(root / "teacher/best.pt"), str(root / "student/best.pt"), "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher/best.pt" in out and "student/best.pt" in out
+
+
+def test_export_onnx(pipeline, capsys):
+    pytest.importorskip("onnxruntime")
+    root = pipeline["root"]
+    assert main(["export", "--model", str(root / "student/best.pt"), "--onnx", str(root / "s.onnx")]) == 0
+    assert (root / "s.onnx").stat().st_size > 10000 and "max abs difference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "--model", "nope.pt", "--ann", "nope.json", "--images", "."], "nope"),
+    (["train-student", "--cache", "no_cache_here", "--student", "mobilenetv3_small_100", "--out", "x"], "no_cache_here"),
+    (["inspect", "no_cache_here"], "no_cache_here"),
+])
+def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "| teacher vitpose-nano |" in out and "| student mobilenetv3_small_100 |" in out
+    assert json.loads((tmp_path / "demo/results.json").read_text())["rows"][0]["params_m"] > 0

@@ -95,9 +95,8 @@ def format_table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['params_m']:.2f} | {r['gflops']:.2f} | {r['latency_ms_b1']:.1f} | {r['crops_per_s']:.0f} |"
-        )
+        lines.append(f"| {r['name']} | {r['params_m']:.2f} | {r['gflops']:.2f} | {r['latency_ms_b1']:.1f} "
+                     f"| {r['crops_per_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -94,7 +94,7 @@ def load_model(path: Path, device: str = "cpu") -> nn.Module:
     if path.is_file():
         obj = read_checkpoint(path)
         if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "student":
-            model = build_student(StudentConfig.from_dict(obj["model_config"]))
+            model = build_student(StudentConfig.from_dict(obj["model_config"]), load_pretrained=False)
             model.load_state_dict(obj["state_dict"])
             return model.to(device).eval()
     return load_teacher(path, device=device)

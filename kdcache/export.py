@@ -5,6 +5,7 @@ onnx and onnxruntime are an optional extra (`pip install 'kdcache[export]'`), im
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import warnings
@@ -18,7 +19,9 @@ from kdcache.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MAX_ABS_DIFF = 1e-4  # fp32 ONNX Runtime vs PyTorch on CPU; conv reassociation stays ~1e-6 for these heads
+# fp32 ONNX Runtime vs PyTorch on CPU, for heatmaps peaking at <= 1 (scaled up for larger ones: the error of
+# reassociated float sums grows with the values; students measure ~1e-8 to 1e-5).
+MAX_ABS_DIFF = 1e-4
 INPUT_NAME = "input"
 OUTPUT_NAME = "heatmaps"
 
@@ -34,7 +37,8 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
         The largest absolute difference between the ONNX Runtime and PyTorch heatmaps.
 
     Raises:
-        UserError: onnx/onnxruntime missing, or the difference exceeds MAX_ABS_DIFF.
+        UserError: onnx/onnxruntime missing, or the difference exceeds MAX_ABS_DIFF (times the heatmap
+            maximum where that is above 1).
     """
     try:
         import onnx  # noqa: F401  (the TorchScript exporter needs it to serialise the graph)
@@ -44,14 +48,16 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
 
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    if next(model.parameters()).device.type != "cpu":
+        # Trace and compare on the CPU: cuDNN's TF32 convolutions alone would exceed the tolerance.
+        model = copy.deepcopy(model).cpu()
     was_training = model.training
-    device = next(model.parameters()).device
     model.eval()
     try:
-        _export(model, onnx_path, torch.zeros(1, 3, *input_hw, device=device), opset)
+        _export(model, onnx_path, torch.zeros(1, 3, *input_hw), opset)
         x = torch.randn(2, 3, *input_hw, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            expected = model(x.to(device)).float().cpu().numpy()
+            expected = model(x).float().numpy()
     finally:
         model.train(was_training)
 
@@ -62,9 +68,10 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
     max_diff = float(np.abs(got - expected).max())
     scale = float(np.abs(expected).max())
     log.info("ONNX %s: max |onnxruntime - torch| = %.3g (heatmap max %.3g)", onnx_path, max_diff, scale)
-    if not max_diff <= MAX_ABS_DIFF:  # also catches NaN
+    tolerance = MAX_ABS_DIFF * max(1.0, scale)
+    if not max_diff <= tolerance:  # also catches NaN
         raise UserError(
-            f"ONNX model {onnx_path} differs from PyTorch by {max_diff:.3g} (> {MAX_ABS_DIFF:g}, heatmap max "
+            f"ONNX model {onnx_path} differs from PyTorch by {max_diff:.3g} (> {tolerance:.3g}, heatmap max "
             f"{scale:.3g}); try another opset (now {opset})"
         )
     return max_diff
@@ -74,7 +81,7 @@ def _export(model: nn.Module, onnx_path: Path, example: torch.Tensor, opset: int
     """TorchScript-based exporter (`dynamo=False`): the torch.export one would add onnxscript to the extra."""
     # torch < 2.5 has only this exporter and no `dynamo` argument.
     legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():  # no autograd graph while tracing: faster, same ONNX
         # torch >= 2.9 warns that this exporter is legacy; it is still supported and needs no onnxscript.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(

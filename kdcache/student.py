@@ -2,7 +2,9 @@
 
 The backbone is a plain timm name, never a registry of ours: `StudentConfig("mobilenetv3_large_100")`.
 Its deepest feature map (stride 32, or 16 for plain ViTs) is brought to stride 4 by ×2 upsampling
-blocks, then a 1×1 conv gives one heatmap per keypoint.
+blocks, then a 1×1 conv gives one heatmap per keypoint. Attention backbones (EfficientFormerV2, ViT) are
+built for `input_hw` and only run at that size. ImageNet weights come from local files only, never a
+download; weights learnt at 224×224 have their relative-position attention tables fitted to `input_hw`.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ class StudentConfig:
     """Everything needed to rebuild a student (stored as `model_config` in checkpoints)."""
 
     backbone: str  # timm model name, e.g. "mobilenetv3_large_100" (a ".tag" suffix picks pretrained weights)
-    head: str = "deconv"  # "deconv": ConvT k4 s2 + BN + ReLU blocks (SimpleBaseline); "light": bilinear ×2 + depthwise-separable blocks
+    head: str = "deconv"  # "deconv": ConvT k4 s2 + BN + ReLU blocks (SimpleBaseline); "light": bilinear + dw-sep conv
     input_hw: tuple[int, int] = (256, 192)  # crop size (H, W) in pixels; heatmaps are input_hw / 4
     num_keypoints: int = NUM_KEYPOINTS  # heatmap channels
     head_channels: int = 128  # width of every upsampling block of the head
-    pretrained: str = ""  # "" random init; "timm" ImageNet weights from the local timm/HF cache (never downloaded); or a weights file path
+    pretrained: str = ""  # "": random init; "timm": ImageNet weights from the local HF/timm cache; or a weights file
 
     def to_dict(self) -> dict:
         """Plain types only (lists for tuples), so it survives JSON and `torch.load(weights_only=True)`."""
@@ -75,17 +77,26 @@ class PoseStudent(nn.Module):
         return self.head(features)
 
 
-def build_student(cfg: StudentConfig) -> PoseStudent:
-    """Build the student described by `cfg`, loading backbone weights when `cfg.pretrained` says so."""
+def build_student(cfg: StudentConfig, load_pretrained: bool = True) -> PoseStudent:
+    """Build the student described by `cfg`.
+
+    Args:
+        cfg: the student; `cfg.pretrained` says where backbone weights come from.
+        load_pretrained: False skips `cfg.pretrained` (random init, config kept as is): for rebuilding a
+            trained student from a checkpoint, whose state dict replaces every weight anyway, on a machine
+            that may not have the ImageNet weights.
+    """
     if cfg.head not in HEADS:
         raise UserError(f"unknown student head {cfg.head!r}; choose one of {list(HEADS)}")
     _check_known_model(cfg.backbone)
-    if cfg.pretrained == "timm":
+    pretrained = cfg.pretrained if load_pretrained else ""
+    if pretrained == "timm":
         backbone = _create_backbone(cfg, pretrained_sd=_read_weights(_timm_cache_file(cfg.backbone)))
+        log.info("loaded ImageNet weights for %s from the local timm cache", cfg.backbone)
     else:
         backbone = _create_backbone(cfg, pretrained_sd=None)
-    if cfg.pretrained not in ("", "timm"):
-        sd = _read_weights(Path(cfg.pretrained))
+    if pretrained not in ("", "timm"):
+        sd = _read_weights(Path(pretrained))
         # A kdcache student (checkpoint "state_dict" or bare) keeps its backbone under "backbone.".
         backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")} or sd
         if set(backbone_sd) == set(backbone.state_dict()):
@@ -216,8 +227,10 @@ def _create_backbone(cfg: StudentConfig, pretrained_sd: dict | None) -> nn.Modul
                 continue
             raise UserError(f"timm cannot build {cfg.backbone} as a feature extractor ({e}); pick another backbone")
         except (RuntimeError, ValueError, AssertionError, NotImplementedError, KeyError) as e:
-            what = "load the weights into" if pretrained_sd is not None else "build features_only for"
-            raise UserError(f"timm cannot {what} {cfg.backbone} ({str(e).splitlines()[0][:200]}); pick another backbone")
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if pretrained_sd is not None:
+                raise UserError(f"cannot load {cfg.pretrained} into {cfg.backbone} ({reason}); wrong weights file?")
+            raise UserError(f"timm cannot build features_only for {cfg.backbone} ({reason}); pick another backbone")
     raise AssertionError("unreachable")
 
 

@@ -29,7 +29,8 @@ def _side_rgb(k: int) -> tuple[int, int, int]:
     return LEFT_RGB if name.startswith("left_") else RIGHT_RGB if name.startswith("right_") else CENTER_RGB
 
 
-def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarray,
+              threshold: float = 0.2) -> np.ndarray:
     """Skeleton on a copy of `image_rgb`: left limbs magenta, right green, the rest (head, torso bars) white.
 
     Args:

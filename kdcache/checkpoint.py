@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,32 +75,52 @@ def checkpoint_dict(model: nn.Module, **extra: Any) -> dict[str, Any]:
             "state_dict": state, **provenance(), **extra}
 
 
+def safe_numpy_globals() -> list:
+    """Data-only numpy globals for `torch.serialization.safe_globals`.
+
+    mmcv-saved release files pickle numpy scalars in `meta` (the best validation score); without these
+    a weights_only load refuses them. Both numpy 1.x (`numpy.core`) and 2.x (`numpy._core`) names.
+    """
+    core = getattr(np, "_core", None) or np.core
+    out: list = [np.ndarray, np.dtype]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(core.multiarray.scalar, f"{mod}.scalar"), (core.multiarray._reconstruct, f"{mod}._reconstruct")]
+    for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.uint8, np.bool_):
+        out.append(type(np.dtype(t)))
+    return out
+
+
 def read_checkpoint(path: Path) -> Any:
-    """`torch.load` with weights_only=True and one-line errors for missing or unsafe files."""
+    """`torch.load` with weights_only=True (plus numpy scalars) and one-line errors for bad files."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors have many types; all mean the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"refused to load {path}: not a plain-weights checkpoint ({first[:160]}); "
-                        "kdcache loads checkpoints with weights_only=True and never runs code") from None
+        with torch.serialization.safe_globals(safe_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # foreign files raise UnpicklingError, RuntimeError, EOFError, ... alike
+        if isinstance(e, pickle.UnpicklingError) and re.search(r"Unsupported (global|class)", str(e)):
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise UserError(f"refused to load {path}: it holds Python objects{what} that could run code on load "
+                            "(torch.load weights_only=True); re-save just the state dict") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint ({type(e).__name__} while reading it)") from None
 
 
 def load_model(path: Path, device: str = "cpu") -> nn.Module:
     """Any model by path, in eval mode: a kdcache student or teacher checkpoint, or an official ViTPose file."""
     from kdcache.student import StudentConfig, build_student
-    from kdcache.teacher import load_teacher
+    from kdcache.teacher import load_teacher, teacher_from_checkpoint
 
     path = Path(path)
-    if path.is_file():
-        obj = read_checkpoint(path)
-        if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "student":
-            model = build_student(StudentConfig.from_dict(obj["model_config"]), load_pretrained=False)
-            model.load_state_dict(obj["state_dict"])
-            return model.to(device).eval()
-    return load_teacher(path, device=device)
+    if not path.is_file():
+        return load_teacher(path, device=device)  # folders and missing paths: the teacher loader says why
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "student":
+        model = build_student(StudentConfig.from_dict(obj["model_config"]), load_pretrained=False)
+        model.load_state_dict(obj["state_dict"])
+        return model.to(device).eval()
+    return teacher_from_checkpoint(obj, path, device)
 
 
 def model_input_hw(model: nn.Module) -> tuple[int, int]:

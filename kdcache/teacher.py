@@ -12,13 +12,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -382,30 +380,6 @@ def load_vitpose_weights(model: ViTPose, state_dict: Mapping[str, torch.Tensor],
     model.load_state_dict(sd, assign=assign)
 
 
-def _safe_numpy_globals() -> list:
-    """Data-only numpy globals that mmcv checkpoints pickle in `meta` (e.g. a numpy.float64 best score)."""
-    core = getattr(np, "_core", None) or np.core
-    out: list = [np.ndarray, np.dtype]
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out += [(core.multiarray.scalar, f"{mod}.scalar"), (core.multiarray._reconstruct, f"{mod}._reconstruct")]
-    for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.uint8, np.bool_):
-        out.append(type(np.dtype(t)))
-    return out
-
-
-def _torch_load(path: Path) -> object:
-    try:
-        with torch.serialization.safe_globals(_safe_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # foreign files raise UnpicklingError, RuntimeError, EOFError, ... alike
-        if isinstance(e, pickle.UnpicklingError) and re.search(r"Unsupported (global|class)", str(e)):
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f" ({found.group(1)})" if found else ""
-            raise UserError(f"refused to load {path}: it holds Python objects{what} that could run code on load "
-                            "(torch.load weights_only=True); re-save just the state dict") from e
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(e).__name__} while reading it)") from e
-
-
 def load_teacher(path: str | Path, device: str | torch.device = "cpu",
                  input_hw: tuple[int, int] | None = None) -> ViTPose:
     """Load a ViTPose teacher in eval mode from an official release file, a bare state dict or a
@@ -415,13 +389,20 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu",
         input_hw: crop (H, W) to run at; default: the checkpoint's own. pos_embed is interpolated
             (bicubic) when it differs.
     """
+    from kdcache.checkpoint import read_checkpoint
+
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; HuggingFace VitPose folders are not supported yet, "
                         "pass the official .pth file or a kdcache checkpoint")
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist")
-    obj = _torch_load(path)
+    return teacher_from_checkpoint(read_checkpoint(path), path, device, input_hw)
+
+
+def teacher_from_checkpoint(obj: object, path: Path, device: str | torch.device = "cpu",
+                            input_hw: tuple[int, int] | None = None) -> ViTPose:
+    """`load_teacher` on an already loaded checkpoint object (`path` names it in messages)."""
     if not isinstance(obj, Mapping):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     src_grid = None

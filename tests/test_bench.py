@@ -1,7 +1,6 @@
 """Benchmark helpers: exact parameter and FLOP counts, sane timings, one table for all models."""
 
 import pytest
-import torch
 from torch import nn
 
 from kdcache.bench import bench_models, count_gflops, count_params, format_table, measure_latency

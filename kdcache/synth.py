@@ -56,6 +56,8 @@ class SynthConfig:
     seed: int = 0  # same seed -> byte-identical files
     image_wh: tuple[int, int] = (320, 256)  # (width, height) in pixels of every image
     workers: int = 1  # processes rendering images; the output is the same for any value
+    max_people: int = 4  # people per image are drawn from 1..max_people (1 = no inter-person occlusion)
+    clutter: float = 1.0  # scales the number of background distractor shapes (0 = plain backgrounds)
 
 
 def image_id(split_id: int, index: int) -> int:
@@ -71,6 +73,8 @@ def synthesize(cfg: SynthConfig) -> Path:
         raise UserError(f"synth: image size {cfg.image_wh} is too small; use at least 64x64 pixels")
     if cfg.workers < 1:
         raise UserError("synth: workers must be >= 1")
+    if not 1 <= cfg.max_people <= 4 or cfg.clutter < 0:
+        raise UserError("synth: --max-people must be within 1..4 and --clutter >= 0")
     out = Path(cfg.out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
@@ -78,7 +82,8 @@ def synthesize(cfg: SynthConfig) -> Path:
         for split, split_id in SPLITS:
             count = cfg.train_images if split == "train" else cfg.val_images
             (out / split).mkdir(exist_ok=True)
-            jobs = [(out / split, cfg.seed, split_id, i, tuple(cfg.image_wh)) for i in range(count)]
+            jobs = [(out / split, cfg.seed, split_id, i, tuple(cfg.image_wh), cfg.max_people, cfg.clutter)
+                    for i in range(count)]
             results = pool.imap(_render_to_file, jobs, chunksize=4) if pool else map(_render_to_file, jobs)
             images, annotations = [], []
             for i, (image, anns) in enumerate(results):  # in index order whatever the worker count
@@ -95,8 +100,8 @@ def synthesize(cfg: SynthConfig) -> Path:
 
 
 def _render_to_file(job: tuple) -> tuple[dict, list[dict]]:
-    folder, seed, split_id, index, image_wh = job
-    bgr, anns = render_image(seed, split_id, index, image_wh)
+    folder, seed, split_id, index, image_wh, max_people, clutter = job
+    bgr, anns = render_image(seed, split_id, index, image_wh, max_people, clutter)
     iid = image_id(split_id, index)
     name = f"{iid:012d}.jpg"
     if not cv2.imwrite(str(folder / name), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]):
@@ -116,8 +121,8 @@ def _write_json(path: Path, images: list[dict], annotations: list[dict]) -> None
     tmp.replace(path)
 
 
-def render_image(seed: int, split_id: int, index: int,
-                 image_wh: tuple[int, int] = (320, 256)) -> tuple[np.ndarray, list[dict]]:
+def render_image(seed: int, split_id: int, index: int, image_wh: tuple[int, int] = (320, 256),
+                 max_people: int = 4, clutter: float = 1.0) -> tuple[np.ndarray, list[dict]]:
     """One image and its annotations (without `id`/`image_id`).
 
     Returns:
@@ -126,10 +131,11 @@ def render_image(seed: int, split_id: int, index: int,
     """
     rng = np.random.default_rng([seed, split_id, index])
     w, h = image_wh
-    canvas = _background(rng, w, h).astype(np.float32)
+    canvas = _background(rng, w, h, clutter).astype(np.float32)
+    counts, weights = np.arange(1, max_people + 1), np.array([0.3, 0.3, 0.2, 0.2])[:max_people]
     accepted: list[tuple[dict, dict]] = []
     while not accepted:  # every image has somebody; a lone, badly truncated person is redrawn
-        people = [_place_person(rng, w, h) for _ in range(rng.choice([1, 2, 3, 4], p=[0.3, 0.3, 0.2, 0.2]))]
+        people = [_place_person(rng, w, h) for _ in range(rng.choice(counts, p=weights / weights.sum()))]
         people.sort(key=lambda p: -p["key"])  # nearest first for the occlusion test
         covered = np.zeros((h, w), bool)  # union of the masks of accepted nearer people
         for p in people:
@@ -274,7 +280,7 @@ def _composite(rng: np.random.Generator, canvas: np.ndarray, p: dict) -> None:
     canvas[p["clip"]] = cv2.blendLinear(out, canvas[p["clip"]], alpha, 1 - alpha)
 
 
-def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+def _background(rng: np.random.Generator, w: int, h: int, clutter: float = 1.0) -> np.ndarray:
     """Cluttered scene uint8 [H, W, 3]: colour gradients, a floor, noise, shapes, limb-like sticks."""
     grid = rng.uniform(20, 235, (rng.integers(2, 5), rng.integers(2, 5), 3)).astype(np.float32)
     img = cv2.resize(grid, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -287,7 +293,7 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     img += cv2.resize(coarse, (w, h), interpolation=cv2.INTER_NEAREST if blocky else cv2.INTER_LINEAR)
     img = np.clip(img, 0, 255).astype(np.uint8)
     aa = cv2.LINE_AA
-    for _ in range(rng.integers(6, 22)):
+    for _ in range(int(round(rng.integers(6, 22) * clutter))):
         colour = tuple(float(c) for c in _random_bgr(rng, (0.0, 1.0), (0.1, 1.0)))
         x, y = int(rng.integers(-20, w + 20)), int(rng.integers(-20, h + 20))
         size = int(rng.uniform(5, 0.5 * max(w, h)))

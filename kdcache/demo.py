@@ -43,7 +43,7 @@ class DemoConfig:
     teacher_epochs: int = 54              # ~2,500 steps of 32 crops
     views: int = 4                        # cached views per instance
     student: str = "mobilenetv3_large_100"
-    student_epochs: int = 3
+    student_epochs: int = 2
     alpha: float = 0.5
     workers: int = 2
     seed: int = 0

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes (output is the same for any value)")
+    p.add_argument("--max-people", type=int, default=4, help="people per image drawn from 1..P (default: 4)")
+    p.add_argument("--clutter", type=float, default=1.0, help="background distractors, 0 = none (default: 1)")
 
     p = sub.add_parser("train-teacher", help="train a ViTPose model on ground truth")
     _data(p)
@@ -151,7 +153,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from kdcache.synth import SynthConfig, synthesize
 
     out = synthesize(SynthConfig(out=a.out, train_images=a.train_images, val_images=a.val_images,
-                                 seed=a.seed, workers=a.workers))
+                                 seed=a.seed, workers=a.workers, max_people=a.max_people, clutter=a.clutter))
     print(f"wrote {out}")
     return 0
 

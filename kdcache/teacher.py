@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache import teacher_formats as formats
 from kdcache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -275,15 +276,16 @@ def _guess_grid(num_patches: int, hint: tuple[int, int] | None) -> tuple[int, in
 _HEADS_BY_DIM = {cfg.embed_dim: cfg.num_heads for cfg in ARCHS.values()}
 
 
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor],
-                           input_hw: tuple[int, int] | None = None) -> ViTPoseConfig:
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], input_hw: tuple[int, int] | None = None,
+                           num_heads: int | None = None, layer_norm_eps: float | None = None) -> ViTPoseConfig:
     """Infer the architecture from official-named weights (shapes only; meta tensors work).
 
     Width, depth, MLP ratio, patch size, head type, keypoints and deconv width come from key shapes.
-    Heads come from the official/preset table by width (S=12, B=12, L=16, H=16), else width // 64.
-    input_hw defaults to the pos_embed grid (closest to 4:3) times the patch size.
+    Heads (unless given) come from the official/preset table by width (S=12, B=12, L=16, H=16), else
+    width // 64. input_hw defaults to the pos_embed grid (closest to 4:3) times the patch size.
+    layer_norm_eps defaults to the official 1e-6 (HuggingFace files state theirs).
     """
-    sd = _strip_prefix(state_dict)
+    sd = state_dict
     needed = ["backbone.patch_embed.proj.weight", "backbone.pos_embed", "backbone.blocks.0.mlp.fc1.weight",
               "keypoint_head.final_layer.weight"]
     missing = [k for k in needed if k not in sd]
@@ -305,41 +307,15 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor],
     if input_hw is None:
         grid = _guess_grid(sd["backbone.pos_embed"].shape[1] - 1, None)
         input_hw = (grid[0] * patch, grid[1] * patch)
-    heads = _HEADS_BY_DIM.get(dim) or max(h for h in range(1, max(1, dim // 64) + 1) if dim % h == 0)
-    if dim not in _HEADS_BY_DIM:
+    heads = num_heads or _HEADS_BY_DIM.get(dim) or max(h for h in range(1, max(1, dim // 64) + 1) if dim % h == 0)
+    if num_heads is None and dim not in _HEADS_BY_DIM:
         log.warning("embed_dim %d matches no known ViTPose size; assuming %d attention heads", dim, heads)
     return ViTPoseConfig(
         arch=preset.arch if preset else "vitpose-custom", embed_dim=dim, depth=depth, num_heads=heads,
         mlp_ratio=hidden / dim, patch_size=patch, input_hw=tuple(input_hw), head=head,
         num_keypoints=final.shape[0], deconv_channels=deconv,
+        layer_norm_eps=ViTPoseConfig.layer_norm_eps if layer_norm_eps is None else layer_norm_eps,
         drop_path_rate=preset.drop_path_rate if preset else 0.0)
-
-
-def _strip_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the `module.` prefix that DataParallel/DDP checkpoints carry."""
-    if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return dict(sd)
-
-
-# Keys of multi-dataset ViTPose+ files that a single-dataset COCO model does not use.
-_IGNORED = re.compile(r"^(associate_keypoint_heads\.|backbone\.cls_token$|backbone\.blocks\.\d+\.mlp\.experts\.)")
-
-
-def _official_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official-named state dict, minus ViTPose+ extras; clear errors for files we cannot use."""
-    sd = _strip_prefix(sd)
-    if any(k.startswith(("backbone.embeddings.", "head.conv")) for k in sd):
-        raise UserError("this is a HuggingFace VitPose state dict; HuggingFace weights are not supported yet, "
-                        "use the official ViTPose release file")
-    fc2, dim = sd.get("backbone.blocks.0.mlp.fc2.weight"), sd.get("backbone.pos_embed")
-    if fc2 is not None and dim is not None and fc2.shape[0] != dim.shape[-1]:
-        raise UserError("this is a ViTPose+ multi-dataset checkpoint with unmerged experts; run ViTPose's "
-                        "tools/model_split.py on it and load the coco.pth it writes")
-    ignored = [k for k in sd if _IGNORED.match(k)]
-    if ignored:
-        log.info("ignoring %d multi-dataset keys (e.g. %s)", len(ignored), ignored[0])
-    return {k: v for k, v in sd.items() if not _IGNORED.match(k)}
 
 
 def _key_list(keys: list[str]) -> str:
@@ -351,11 +327,11 @@ def load_vitpose_weights(model: ViTPose, state_dict: Mapping[str, torch.Tensor],
     """Load official-named weights into `model`, resizing pos_embed to the model's grid if needed.
 
     Args:
-        state_dict: official key names (a `module.` prefix and ViTPose+ extras are tolerated).
+        state_dict: official key names, one head, experts merged (`teacher_formats.teacher_weights` output).
         src_grid: (Hp, Wp) of the weights' pos_embed; guessed (4:3) when not given.
         assign: take the tensors instead of copying them (for a model built on the meta device).
     """
-    sd = _official_keys(state_dict)
+    sd = dict(state_dict)
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
@@ -380,49 +356,62 @@ def load_vitpose_weights(model: ViTPose, state_dict: Mapping[str, torch.Tensor],
     model.load_state_dict(sd, assign=assign)
 
 
-def load_teacher(path: str | Path, device: str | torch.device = "cpu",
-                 input_hw: tuple[int, int] | None = None) -> ViTPose:
-    """Load a ViTPose teacher in eval mode from an official release file, a bare state dict or a
-    kdcache checkpoint (`{"format": "kdcache", "kind": "vitpose", "model_config", "state_dict"}`).
+def load_teacher(path: str | Path, device: str | torch.device = "cpu", input_hw: tuple[int, int] | None = None,
+                 expert: str | int | None = None) -> ViTPose:
+    """Load a ViTPose teacher in eval mode from any released weight file or a kdcache checkpoint.
+
+    Accepted: official release files (classic or simple head, S/B/L/H, multi-dataset and ViTPose++ files
+    included), a bare state dict of the same keys, a HuggingFace VitPose folder (config.json + safetensors
+    or .bin) or weight file, and kdcache checkpoints (`{"format": "kdcache", "kind": "vitpose", ...}`).
+    Pickled files are read with `torch.load(weights_only=True)`: a file that would run code is refused.
 
     Args:
         input_hw: crop (H, W) to run at; default: the checkpoint's own. pos_embed is interpolated
-            (bicubic) when it differs.
+            (bicubic over the patch grid, the extra first slot kept) when it differs.
+        expert: ViTPose++ expert to merge, by name (`teacher_formats.VITPOSE_PLUS_DATASETS`) or index;
+            default COCO.
     """
     from kdcache.checkpoint import read_checkpoint
 
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; HuggingFace VitPose folders are not supported yet, "
-                        "pass the official .pth file or a kdcache checkpoint")
+    if path.is_dir() or path.suffix == ".safetensors" or path.name.endswith(".index.json"):
+        weights_file = formats.hf_weight_file(path) if path.is_dir() else path
+        tensors = formats.read_hf_tensors(weights_file)
+        weights = formats.teacher_weights(tensors, path, expert, hf_config=formats.find_hf_config(path) or {})
+        return _build_teacher(weights, path, device, input_hw)
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist")
-    return teacher_from_checkpoint(read_checkpoint(path), path, device, input_hw)
+    return teacher_from_checkpoint(read_checkpoint(path), path, device, input_hw, expert)
 
 
 def teacher_from_checkpoint(obj: object, path: Path, device: str | torch.device = "cpu",
-                            input_hw: tuple[int, int] | None = None) -> ViTPose:
+                            input_hw: tuple[int, int] | None = None, expert: str | int | None = None) -> ViTPose:
     """`load_teacher` on an already loaded checkpoint object (`path` names it in messages)."""
     if not isinstance(obj, Mapping):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if obj.get("format") != "kdcache":
+        return _build_teacher(formats.teacher_weights(obj, Path(path), expert), path, device, input_hw)
+    if obj.get("kind") != "vitpose":
+        raise UserError(f"{path} is a kdcache {obj.get('kind')!r} checkpoint, not a ViTPose teacher")
+    cfg = ViTPoseConfig.from_dict(obj["model_config"])
+    src_grid = cfg.grid_hw
+    if input_hw is not None:
+        cfg = dataclasses.replace(cfg, input_hw=tuple(input_hw))
+    return _instantiate(cfg, obj["state_dict"], src_grid, path, device)
+
+
+def _build_teacher(weights: formats.TeacherWeights, path: Path, device: str | torch.device,
+                   input_hw: tuple[int, int] | None) -> ViTPose:
+    sd = weights.state_dict
+    cfg = config_from_state_dict(sd, input_hw or weights.trained_hw, **weights.overrides)
     src_grid = None
-    if obj.get("format") == "kdcache":
-        if obj.get("kind") != "vitpose":
-            raise UserError(f"{path} is a kdcache {obj.get('kind')!r} checkpoint, not a ViTPose teacher")
-        cfg = ViTPoseConfig.from_dict(obj["model_config"])
-        src_grid = cfg.grid_hw
-        state_dict = obj["state_dict"]
-        if input_hw is not None:
-            cfg = dataclasses.replace(cfg, input_hw=tuple(input_hw))
-    else:
-        state_dict = obj
-        for key in ("model", "state_dict"):  # {'state_dict': ...}, {'model': ...}, {'model': {'state_dict'}}
-            if isinstance(state_dict.get(key), Mapping):
-                state_dict = state_dict[key]
-        if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise UserError(f"{path} is not a ViTPose checkpoint: no state dict of tensors found "
-                            f"(top-level keys: {sorted(obj)[:6]})")
-        cfg = config_from_state_dict(state_dict, input_hw)
+    if weights.trained_hw is not None:
+        src_grid = tuple(s // cfg.patch_size for s in weights.trained_hw)
+    return _instantiate(cfg, sd, src_grid, path, device)
+
+
+def _instantiate(cfg: ViTPoseConfig, state_dict: Mapping[str, torch.Tensor], src_grid: tuple[int, int] | None,
+                 path: Path, device: str | torch.device) -> ViTPose:
     with torch.device("meta"):  # no random init of weights about to be replaced (ViTPose-H: 630M)
         model = ViTPose(cfg)
     load_vitpose_weights(model, state_dict, src_grid, assign=True)

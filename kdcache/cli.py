@@ -50,6 +50,7 @@ def _optim(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float) -> Non
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: 100)")
     p.add_argument("--val-ann", type=Path, help="validation annotation file: AP each epoch and best.pt")
     p.add_argument("--val-images", type=Path, help="validation images folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_config(a: argparse.Namespace):
     from kdcache.config import RunConfig
 
-    return RunConfig(out=a.out, device=a.device, workers=a.workers, seed=a.seed, progress=not a.no_progress)
+    return RunConfig(out=a.out, device=a.device, workers=a.workers, seed=a.seed, progress=not a.no_progress,
+                     resume=getattr(a, "resume", False))
 
 
 def _optim_config(a: argparse.Namespace):

@@ -33,6 +33,7 @@ class RunConfig:
     workers: int = 2            # DataLoader worker processes (0 = load in the main process)
     seed: int = 0               # every random choice derives from it
     progress: bool = True       # show progress bars (the command layer turns this off for tests)
+    resume: bool = False        # training: continue from out/last.pt (the end of its last complete epoch)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from kdcache.checkpoint import atomic_torch_save, checkpoint_dict, provenance
+from kdcache.checkpoint import atomic_torch_save, checkpoint_dict, provenance, read_checkpoint
 from kdcache.coco import load_instances
 from kdcache.config import OptimConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig, ValConfig, to_jsonable
 from kdcache.data import CachedDataset, ViewDataset
@@ -47,6 +47,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
     instances = load_instances(cfg.ann)
     if not instances:
         raise UserError(f"{cfg.ann} has no usable person instances; check the annotation file")
+    torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_vitpose(vitpose_config(cfg.arch, head=cfg.head, input_hw=cfg.input_hw))
     dataset = ViewDataset(instances, cfg.images, cfg.input_hw, cfg.aug, cfg.run.seed, sigma=cfg.sigma)
 
@@ -60,6 +61,7 @@ def train_student(cfg: TrainStudentConfig) -> Path:
     """Train a student from a teacher cache, or online from a teacher checkpoint; returns the run folder."""
     if (cfg.cache is None) == (cfg.online_teacher is None):
         raise UserError("give exactly one of --cache CACHE or --online-teacher CKPT")
+    torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_student(cfg.student)
 
     if cfg.cache is not None:
@@ -104,14 +106,14 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
          val: ValConfig, config: dict[str, Any]) -> Path:
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"config": config, **provenance()}, indent=1))
     torch.manual_seed(run.seed)
     device = torch.device(run.device)
     model.to(device).train()
 
+    # Reseeded at every epoch, so epoch e's order does not depend on how the run got there (resume).
+    order = torch.Generator()
     loader = DataLoader(dataset, batch_size=optim.batch_size, shuffle=True, num_workers=run.workers,
-                        drop_last=len(dataset) >= 2 * optim.batch_size,
-                        generator=torch.Generator().manual_seed(run.seed),
+                        drop_last=len(dataset) >= 2 * optim.batch_size, generator=order,
                         pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise UserError("the training set is empty; check --ann / --cache")
@@ -122,14 +124,30 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
     warmup = min(optim.warmup_steps, max(1, total // 5))  # short runs still reach the peak rate
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+
+    best_ap, step, first_epoch = -1.0, 0, 0
+    if run.resume and (out / "last.pt").exists():
+        state = read_checkpoint(out / "last.pt")
+        if "optimizer" not in state:
+            raise UserError(f"{out / 'last.pt'} holds no training state to resume from; start a new --out")
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        best_ap, step, first_epoch = state["best_ap"], state["step"], state["epoch"]
+        log.info("resuming %s after epoch %d (step %d)", out, first_epoch, step)
+    else:
+        (out / "config.json").write_text(json.dumps({"config": config, **provenance()}, indent=1))
     log.info("training %d steps (%d epochs of %d) on %s", total, epochs, len(loader), device)
 
-    metrics_path = out / "metrics.csv"
-    best_ap, step = -1.0, 0
-    with open(metrics_path, "w", newline="") as handle:
+    with open(out / "metrics.csv", "a" if first_epoch else "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", "step", "loss", "lr", "seconds", "crops_per_s", "val_AP"])
-        for epoch in range(epochs):
+        if not first_epoch:
+            writer.writerow(["epoch", "step", "loss", "lr", "seconds", "crops_per_s", "val_AP"])
+        for epoch in range(first_epoch, epochs):
+            if step >= total:
+                break
+            order.manual_seed(run.seed * 100_003 + epoch)
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
             start, losses, seen = time.perf_counter(), [], 0
@@ -159,12 +177,13 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
             handle.flush()
             log.info("epoch %d: loss %.4g, %.1f crops/s%s", epoch + 1, np.mean(losses), seen / seconds,
                      "" if ap is None else f", val AP {ap:.2f}")
-            atomic_torch_save(checkpoint_dict(model, epoch=epoch + 1, step=step, val_ap=ap), out / "last.pt")
-            if ap is not None and ap > best_ap:
-                best_ap = ap
+            improved = ap is not None and ap > best_ap
+            best_ap = ap if improved else best_ap
+            atomic_torch_save(checkpoint_dict(model, epoch=epoch + 1, step=step, val_ap=ap, best_ap=best_ap,
+                                              optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                              rng=torch.get_rng_state()), out / "last.pt")
+            if improved:
                 shutil.copyfile(out / "last.pt", out / "best.pt")
-            if step >= total:
-                break
     if best_ap < 0:
         shutil.copyfile(out / "last.pt", out / "best.pt")
     return out

@@ -11,6 +11,7 @@ GPU, a checkpoint every epoch, validation AP with `best.pt`, and a CSV metrics l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -23,13 +24,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from kdcache.checkpoint import atomic_torch_save, checkpoint_dict, provenance, read_checkpoint
 from kdcache.coco import load_instances
 from kdcache.config import OptimConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig, ValConfig, to_jsonable
 from kdcache.data import CachedDataset, ViewDataset
+from kdcache.distributed import barrier, close_world, init_world
 from kdcache.errors import UserError
 from kdcache.losses import distillation_loss, heatmap_mse
 from kdcache.student import build_student
@@ -105,15 +108,23 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig, run: RunConfig,
          val: ValConfig, config: dict[str, Any]) -> Path:
     out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
+    world = init_world(run.device)  # under torchrun: DDP, each rank a 1/world share of every epoch
+    device = world.device
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(run.seed)
-    device = torch.device(run.device)
     model.to(device).train()
+    trained = model
+    if world.size > 1:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # Reseeded at every epoch, so epoch e's order does not depend on how the run got there (resume).
     order = torch.Generator()
-    loader = DataLoader(dataset, batch_size=optim.batch_size, shuffle=True, num_workers=run.workers,
-                        drop_last=len(dataset) >= 2 * optim.batch_size, generator=order,
+    drop_last = len(dataset) >= 2 * optim.batch_size * world.size
+    sampler = (DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=run.seed, drop_last=drop_last)
+               if world.size > 1 else None)
+    loader = DataLoader(dataset, batch_size=optim.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=run.workers, drop_last=drop_last, generator=order,
                         pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise UserError("the training set is empty; check --ann / --cache")
@@ -136,28 +147,33 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
         torch.set_rng_state(state["rng"])
         best_ap, step, first_epoch = state["best_ap"], state["step"], state["epoch"]
         log.info("resuming %s after epoch %d (step %d)", out, first_epoch, step)
-    else:
+    elif world.is_main:
         (out / "config.json").write_text(json.dumps({"config": config, **provenance()}, indent=1))
-    log.info("training %d steps (%d epochs of %d) on %s", total, epochs, len(loader), device)
+    log.info("training %d steps (%d epochs of %d) on %s%s", total, epochs, len(loader), device,
+             f", rank {world.rank} of {world.size}" if world.size > 1 else "")
 
-    with open(out / "metrics.csv", "a" if first_epoch else "w", newline="") as handle:
-        writer = csv.writer(handle)
-        if not first_epoch:
+    metrics = open(out / "metrics.csv", "a" if first_epoch else "w", newline="") if world.is_main else None
+    with metrics or contextlib.nullcontext():
+        writer = csv.writer(metrics) if metrics else None
+        if writer and not first_epoch:
             writer.writerow(["epoch", "step", "loss", "lr", "seconds", "crops_per_s", "val_AP"])
         for epoch in range(first_epoch, epochs):
             if step >= total:
                 break
             order.manual_seed(run.seed * 100_003 + epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
             start, losses, seen = time.perf_counter(), [], 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not run.progress, leave=False)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not (run.progress and world.is_main),
+                       leave=False)
             for batch in bar:
                 x = to_input_tensor(batch["crop"]).to(device, non_blocking=True)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
                          if isinstance(v, torch.Tensor) and k != "crop"}
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = loss_fn(model, batch, x)
+                    loss = loss_fn(trained, batch, x)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if optim.grad_clip > 0:
@@ -171,10 +187,13 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
                 if step >= total:
                     break
             seconds = time.perf_counter() - start
+            if not world.is_main:  # rank 0 validates and writes; the others wait for it
+                barrier(world)
+                continue
             ap = _validate(model, val, epoch, last=step >= total or epoch == epochs - 1)
             writer.writerow([epoch + 1, step, f"{np.mean(losses):.6g}", f"{sched.get_last_lr()[0]:.6g}",
                              f"{seconds:.2f}", f"{seen / seconds:.2f}", "" if ap is None else f"{ap:.3f}"])
-            handle.flush()
+            metrics.flush()
             log.info("epoch %d: loss %.4g, %.1f crops/s%s", epoch + 1, np.mean(losses), seen / seconds,
                      "" if ap is None else f", val AP {ap:.2f}")
             improved = ap is not None and ap > best_ap
@@ -184,8 +203,10 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
                                               rng=torch.get_rng_state()), out / "last.pt")
             if improved:
                 shutil.copyfile(out / "last.pt", out / "best.pt")
-    if best_ap < 0:
+            barrier(world)
+    if world.is_main and best_ap < 0:
         shutil.copyfile(out / "last.pt", out / "best.pt")
+    close_world(world)
     return out
 
 

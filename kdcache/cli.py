@@ -51,6 +51,9 @@ def _optim(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float) -> Non
     p.add_argument("--val-ann", type=Path, help="validation annotation file: AP each epoch and best.pt")
     p.add_argument("--val-images", type=Path, help="validation images folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine", help="learning-rate decay")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0 = off)")
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,8 +150,8 @@ def _optim_config(a: argparse.Namespace):
     if (a.val_ann is None) != (a.val_images is None):
         raise UserError("--val-ann and --val-images go together")
     optim = OptimConfig(epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
-                        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps)
-    return optim, ValConfig(ann=a.val_ann, images=a.val_images)
+                        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule, ema=a.ema)
+    return optim, ValConfig(ann=a.val_ann, images=a.val_images, every=a.val_every)
 
 
 def cmd_synth(a: argparse.Namespace) -> int:

@@ -20,8 +20,10 @@ class OptimConfig:
     batch_size: int = 32        # crops per step
     lr: float = 1e-3            # peak AdamW learning rate
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
-    warmup_steps: int = 100     # linear warm-up from lr/1000 to lr, then cosine decay to 0
+    warmup_steps: int = 100     # linear warm-up from lr/1000 to lr, then the decay below
+    schedule: str = "cosine"    # "cosine" to 0, or "step": x0.1 at 81% and 95% of the run (ViTPose's 170/200 of 210)
     grad_clip: float = 1.0      # max global gradient norm (0 = off)
+    ema: float = 0.0            # EMA decay of the weights (e.g. 0.999); checkpoints then hold the EMA (0 = off)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,12 @@ class DumpConfig:
     views: int = 8              # K views per instance; view 0 is un-augmented
     batch_size: int = 64        # teacher batch
     shard_size: int = 1024      # views per HDF5 shard
-    jpeg_quality: int = 95      # crop codec quality
+    crop_encoding: str = "jpeg90"           # "jpegQ" (quality Q), "png", or "none" (replay from the images)
+    heatmap_encoding: str = "int16-step"    # see kdcache.cache.HEATMAP_ENCODINGS
+    heatmap_max_rel_error: float = 0.01     # "int16-step": bound on each joint's relative L2 error
+    gzip_level: int = 6                     # deflate level of the heatmap chunks (1 fastest .. 9 smallest)
+    teacher_flip: bool = False  # store the mean of the teacher on the crop and on its mirror (flipped back)
+    skip_bad_images: bool = False  # go on past unreadable images, listing them in the manifest
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
 

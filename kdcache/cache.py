@@ -2,32 +2,54 @@
 
 A cache is a folder:
 
-    manifest.json        schema version, dump configuration, teacher identity, and the list of
-                         complete shards with their row counts and SHA-256
-    shard-00000.h5       rows [0, shard_size) of the dump order, shard-00001.h5 the next, ...
+    manifest.json        schema version, sizes, sigma, encodings, teacher identity, dump configuration,
+                         and the complete shards with their row counts, byte sizes and SHA-256
+    shard-00000.h5       the views of dump-order rows [0, shard_size), shard-00001.h5 the next, ...
 
-Each row is one view (one person instance under one sampled augmentation). Datasets of a shard,
-N rows, K keypoints, heatmap h x w (see README "Cache format" for reading it with h5py alone):
+Datasets of a shard of N rows (schema 2; K keypoints, heatmaps h x w; README "Cache format" reads
+them with h5py alone):
 
-    crop            vlen uint8 [N]          the crop the teacher saw, JPEG-encoded (RGB decoded)
-    heatmaps        uint8 [N, K, h, w]      teacher heatmaps, quantised per joint between heatmap_range
-    heatmap_range   float32 [N, K, 2]       (lo, hi): value = lo + q / 255 * (hi - lo)
-    affine          float64 [N, 2, 3]       original image -> crop, mirror included
-    flip            bool [N]                the view is mirrored (keypoint pairs swapped)
-    image_id, ann_id  int64 [N]             COCO ids
-    view            int32 [N]               view index; 0 = un-augmented
-    keypoints       float32 [N, K, 3]       ground truth in crop pixels: x, y, COCO visibility
+    crop            uint8 [B]             the crops as the teacher saw them, encoded (JPEG or PNG) and
+    crop_offset     int64 [N + 1]         concatenated: row i is crop[crop_offset[i]:crop_offset[i + 1]]
+                                          (both absent with crop encoding "none": replay from the images)
+    image_file      str [N]               the image a row was cut from (crop encoding "none" only)
+    heatmaps        [N, K, h, w]          teacher heatmaps in the manifest's heatmap encoding, one chunk
+                                          per row, deflate (after byte-shuffle for 16-bit dtypes):
+        "int16-step":   uint16 zigzag z, q = (z >> 1) ^ -(z & 1), value = q * heatmap_step[n, k]
+        "float16":      float16 values
+        "uint8-minmax-per-joint": uint8 q, value = lo + q / 255 * (hi - lo), (lo, hi) = heatmap_range[n, k]
+    heatmap_step    float32 [N, K]        ("int16-step") quantisation step of each joint's map
+    heatmap_range   float32 [N, K, 2]     ("uint8-minmax-per-joint") (lo, hi) of each joint's map
+    confidence      float32 [N, K]        the teacher's per-joint maximum, from its float32 output
+    affine          float64 [N, 2, 3]     original image -> crop, mirror included
+    flip            bool [N]              the view is mirrored (keypoint pairs swapped)
+    image_id, ann_id  int64 [N]           COCO ids
+    view            int32 [N]             view index; 0 = un-augmented
+    keypoints       float32 [N, K, 3]     ground truth in crop pixels: x, y, COCO visibility
 
-A shard is written as `NAME.tmp` and renamed when complete; the manifest is rewritten atomically
-after each shard, so a killed dump leaves only complete shards behind.
+"int16-step" is a uniform quantiser sized to an error budget: joint k's step is
+sqrt(12 / (h * w)) * eps * ||map_k||_2, so rounding (error uniform in +-step/2, variance step^2 / 12)
+leaves each joint's map, and the view, at relative L2 error eps of the teacher's float32 output
+(eps = manifest "heatmap_rel_error"; at most sqrt(3) * eps in the impossible worst case, and less
+where the map is flat). A clean teacher's flat background rounds to zeros that deflate to nothing.
+
+Schema 1 (kdcache 0.1) stored crops as a vlen uint8 dataset, "uint8-minmax-per-joint" heatmaps and no
+confidence; it is still read. Writes are crash-safe: a shard is written as `NAME.tmp` and renamed
+when complete, and the manifest is updated under a file lock and replaced atomically, so a killed
+dump leaves only complete shards listed, and concurrent ranks never lose each other's entries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import cv2
 import h5py
@@ -36,52 +58,137 @@ import numpy as np
 from kdcache.checkpoint import sha256_file
 from kdcache.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
-CROP_ENCODING = "jpeg"
-HEATMAP_ENCODING = "uint8-minmax-per-joint"
-DEFAULT_JPEG_QUALITY = 95
-COLUMNS = ("crop", "heatmaps", "heatmap_range", "affine", "flip", "image_id", "ann_id", "view", "keypoints")
+LOCK = "manifest.lock"
+META_COLUMNS = ("confidence", "affine", "flip", "image_id", "ann_id", "view", "keypoints")
+META_DTYPES = {"confidence": np.float32, "affine": np.float64, "flip": np.bool_, "image_id": np.int64,
+               "ann_id": np.int64, "view": np.int32, "keypoints": np.float32}
+DEFAULT_CROP_ENCODING = "jpeg90"
+DEFAULT_HEATMAP_ENCODING = "int16-step"
+DEFAULT_REL_ERROR = 0.008
+DEFAULT_GZIP_LEVEL = 2
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
-# ---- encodings -------------------------------------------------------------------------------
+# ---- crops ---------------------------------------------------------------------------------
 
-def encode_crop(crop: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> np.ndarray:
-    """crop: [H, W, 3] uint8 RGB -> JPEG bytes as a uint8 vector."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+def parse_crop_encoding(name: str) -> tuple[str, int]:
+    """"jpeg90" -> ("jpeg", 90); "png" -> ("png", 0); "none" -> ("none", 0)."""
+    if name in ("png", "none"):
+        return name, 0
+    if name.startswith("jpeg") and name[4:].isdigit() and 1 <= int(name[4:]) <= 100:
+        return "jpeg", int(name[4:])
+    raise UserError(f"unknown crop encoding {name!r}; use jpegQ (Q in 1..100, e.g. jpeg90), png or none")
+
+
+def encode_crop(crop: np.ndarray, encoding: str = DEFAULT_CROP_ENCODING) -> np.ndarray:
+    """crop: [H, W, 3] uint8 RGB -> encoded bytes as a uint8 vector ("jpegQ" or "png")."""
+    codec, quality = parse_crop_encoding(encoding)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if codec == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 6]
+    ok, buf = cv2.imencode(".jpg" if codec == "jpeg" else ".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), params)
     if not ok:
-        raise RuntimeError("JPEG encoding of a crop failed")
+        raise RuntimeError(f"{encoding} encoding of a crop failed")
     return buf.reshape(-1)
 
 
 def decode_crop(data: np.ndarray) -> np.ndarray:
-    """JPEG bytes -> [H, W, 3] uint8 RGB."""
-    bgr = cv2.imdecode(np.asarray(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    """JPEG or PNG bytes -> [H, W, 3] uint8 RGB."""
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def quantize_heatmaps(heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """heatmaps: [N, K, h, w] float32 teacher output -> (q uint8 [N, K, h, w], range float32 [N, K, 2])."""
-    lo = heatmaps.min(axis=(2, 3))
-    hi = heatmaps.max(axis=(2, 3))
+# ---- heatmaps ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HeatmapEncoding:
+    """How teacher heatmaps are stored: the `heatmaps` dtype plus one side dataset per row."""
+
+    name: str
+    dtype: type                 # dtype of the `heatmaps` dataset
+    side: str                   # name of the per-row side dataset
+    side_shape: tuple[int, ...]  # its shape after [N, K]
+    # encode(heat [n, K, h, w] float32, eps) -> (stored [n, K, h, w], side [n, K, ...])
+    encode: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+    # decode(stored [..., K, h, w], side [..., K, ...]) -> float32 [..., K, h, w]
+    decode: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _encode_step(heat: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    h, w = heat.shape[-2:]
+    norm = np.sqrt(np.square(heat, dtype=np.float64).sum(axis=(-2, -1)))
+    # Rounding to a grid of `step` errs by U(-step/2, step/2), variance step^2 / 12, so this step gives
+    # each joint's map a relative L2 error of eps (tightly: thousands of pixels average out).
+    step = (np.sqrt(12.0 / (h * w)) * eps * norm).astype(np.float32)
+    step = np.maximum(step, np.abs(heat).max(axis=(-2, -1)) / 32767.0, dtype=np.float32)  # int16 range
+    safe = np.where(step > 0, step, 1.0).astype(np.float32)
+    q = np.rint(heat / safe[..., None, None]).astype(np.int32)
+    zigzag = (q << 1) ^ (q >> 31)  # 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...: small magnitudes, small codes
+    return zigzag.astype(np.uint16), step
+
+
+def _decode_step(stored: np.ndarray, step: np.ndarray) -> np.ndarray:
+    z = stored.astype(np.int32)
+    q = (z >> 1) ^ -(z & 1)
+    return q.astype(np.float32) * step[..., None, None]
+
+
+def _encode_minmax(heat: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    lo = heat.min(axis=(-2, -1))
+    hi = heat.max(axis=(-2, -1))
     span = np.maximum(hi - lo, 1e-12)[..., None, None]
-    q = np.rint((heatmaps - lo[..., None, None]) / span * 255.0)
+    q = np.rint((heat - lo[..., None, None]) / span * 255.0)
     return q.astype(np.uint8), np.stack([lo, hi], axis=-1).astype(np.float32)
 
 
-def dequantize_heatmaps(q: np.ndarray, value_range: np.ndarray) -> np.ndarray:
-    """Inverse of quantize_heatmaps: q [..., K, h, w] uint8, range [..., K, 2] -> float32."""
+def _decode_minmax(stored: np.ndarray, value_range: np.ndarray) -> np.ndarray:
     lo = value_range[..., 0, None, None]
     hi = value_range[..., 1, None, None]
-    return (lo + q.astype(np.float32) * ((hi - lo) / 255.0)).astype(np.float32)
+    return (lo + stored.astype(np.float32) * ((hi - lo) / 255.0)).astype(np.float32)
 
 
-# ---- manifest --------------------------------------------------------------------------------
+HEATMAP_ENCODINGS = {
+    "int16-step": HeatmapEncoding("int16-step", np.uint16, "heatmap_step", (), _encode_step, _decode_step),
+    "float16": HeatmapEncoding("float16", np.float16, "", (), lambda h, e: (h.astype(np.float16), None),
+                               lambda s, _: s.astype(np.float32)),
+    "uint8-minmax-per-joint": HeatmapEncoding("uint8-minmax-per-joint", np.uint8, "heatmap_range", (2,),
+                                              _encode_minmax, _decode_minmax),
+}
+
+
+def heatmap_encoding(name: str) -> HeatmapEncoding:
+    if name not in HEATMAP_ENCODINGS:
+        raise UserError(f"unknown heatmap encoding {name!r}; known: {', '.join(HEATMAP_ENCODINGS)}")
+    return HEATMAP_ENCODINGS[name]
+
+
+def _shuffle(raw: bytes, itemsize: int) -> bytes:
+    """HDF5's shuffle filter: byte 0 of every element, then byte 1, ... (one strided copy per byte plane)."""
+    if itemsize == 1:
+        return raw
+    elements = np.frombuffer(raw, np.uint8).reshape(-1, itemsize)
+    planes = np.empty((itemsize, len(elements)), np.uint8)
+    for j in range(itemsize):
+        planes[j] = elements[:, j]
+    return planes.tobytes()
+
+
+def _unshuffle(raw: bytes, itemsize: int) -> np.ndarray:
+    """Inverse of `_shuffle`, as a uint8 array of the element bytes in order."""
+    if itemsize == 1:
+        return np.frombuffer(raw, np.uint8)
+    planes = np.frombuffer(raw, np.uint8).reshape(itemsize, -1)
+    elements = np.empty((planes.shape[1], itemsize), np.uint8)
+    for j in range(itemsize):
+        elements[:, j] = planes[j]
+    return elements.reshape(-1)
+
+
+# ---- manifest ------------------------------------------------------------------------------
 
 def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
     path = Path(cache_dir) / MANIFEST
@@ -97,73 +204,194 @@ def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
     """Atomic rewrite: a kill leaves either the old or the new manifest, never half of one."""
     path = Path(cache_dir) / MANIFEST
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    with open(tmp, "rb") as handle:
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(manifest, indent=1, sort_keys=True))
+        handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-# ---- writing ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def manifest_lock(cache_dir: Path) -> Iterator[None]:
+    """Exclusive lock on the cache's manifest (flock; local disks and NFS), for concurrent ranks."""
+    with open(Path(cache_dir) / LOCK, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-def write_shard(cache_dir: Path, index: int, rows: dict[str, Any], attrs: dict[str, Any]) -> dict[str, Any]:
+
+def add_shard(cache_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Record a complete shard in the manifest (under the lock); returns the updated manifest."""
+    with manifest_lock(cache_dir):
+        manifest = read_manifest(cache_dir)
+        shards = [s for s in manifest["shards"] if s["index"] != entry["index"]] + [entry]
+        manifest["shards"] = sorted(shards, key=lambda s: s["index"])
+        manifest["skipped_images"] = sorted({f for s in manifest["shards"] for f in s.get("skipped_images", [])})
+        manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
+        write_manifest(cache_dir, manifest)
+    return manifest
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+def encode_heatmap_rows(heat: np.ndarray, encoding: str = DEFAULT_HEATMAP_ENCODING,
+                        rel_error: float = DEFAULT_REL_ERROR,
+                        gzip_level: int = DEFAULT_GZIP_LEVEL) -> tuple[list[bytes], np.ndarray | None]:
+    """Teacher heatmaps -> what a shard stores.
+
+    Args:
+        heat: [n, K, h, w] float32 teacher output.
+
+    Returns:
+        One HDF5 chunk per row (byte-shuffled for 16-bit dtypes, then deflated: exactly what the
+        dataset's filters undo) and the encoding's side array [n, K, ...] (None for "float16").
+    """
+    enc = heatmap_encoding(encoding)
+    stored, side = enc.encode(np.asarray(heat, dtype=np.float32), rel_error)
+    itemsize = stored.dtype.itemsize
+    # zlib releases the GIL: a writer thread compresses while the teacher runs.
+    return [zlib.compress(_shuffle(row.tobytes(), itemsize), gzip_level) for row in stored], side
+
+
+def write_shard(cache_dir: Path, index: int, rows: dict[str, Any], attrs: dict[str, Any],
+                heatmap_shape: tuple[int, int, int], encoding: str = DEFAULT_HEATMAP_ENCODING,
+                gzip_level: int = DEFAULT_GZIP_LEVEL) -> dict[str, Any]:
     """Write one complete shard crash-safely and return its manifest entry.
 
     Args:
-        rows: one array (or list, for `crop`) per name in COLUMNS, all of the same length N.
+        rows: `heatmaps` (chunks from `encode_heatmap_rows`) and the encoding's side array, every
+            META_COLUMNS array, `crop` (list of encoded byte vectors) or `image_file` (list of str),
+            and optionally `skipped_images` (files whose views are missing from this shard).
         attrs: shard attributes; nested values are stored as JSON strings.
+        heatmap_shape: (K, h, w).
     """
     final = Path(cache_dir) / shard_name(index)
     tmp = final.with_name(final.name + ".tmp")
-    n = len(rows["view"])
+    enc = heatmap_encoding(encoding)
+    chunks = rows["heatmaps"]
+    n = len(chunks)
+    # No timestamps in object headers: the same rows give the same bytes (bit-for-bit reruns).
+    opts = {"track_times": False}
     with h5py.File(tmp, "w") as f:
-        # No timestamps in object headers: the same rows give the same bytes (bit-for-bit reruns).
-        crops = f.create_dataset("crop", (n,), dtype=h5py.vlen_dtype(np.uint8), track_times=False)
-        for i, blob in enumerate(rows["crop"]):
-            crops[i] = blob
-        heat = np.asarray(rows["heatmaps"], dtype=np.uint8)
-        f.create_dataset("heatmaps", data=heat, chunks=(1, *heat.shape[1:]), compression="gzip",
-                         compression_opts=4, shuffle=False, track_times=False)
-        f.create_dataset("heatmap_range", data=np.asarray(rows["heatmap_range"], dtype=np.float32), track_times=False)
-        f.create_dataset("affine", data=np.asarray(rows["affine"], dtype=np.float64), track_times=False)
-        f.create_dataset("flip", data=np.asarray(rows["flip"], dtype=bool), track_times=False)
-        f.create_dataset("image_id", data=np.asarray(rows["image_id"], dtype=np.int64), track_times=False)
-        f.create_dataset("ann_id", data=np.asarray(rows["ann_id"], dtype=np.int64), track_times=False)
-        f.create_dataset("view", data=np.asarray(rows["view"], dtype=np.int32), track_times=False)
-        f.create_dataset("keypoints", data=np.asarray(rows["keypoints"], dtype=np.float32), track_times=False)
+        if rows.get("crop") is not None:
+            sizes = np.array([len(blob) for blob in rows["crop"]], dtype=np.int64)
+            blob = np.concatenate(rows["crop"]).astype(np.uint8) if n else np.zeros(0, np.uint8)
+            f.create_dataset("crop", data=blob, **opts)
+            f.create_dataset("crop_offset", data=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), **opts)
+        if rows.get("image_file") is not None:
+            f.create_dataset("image_file", data=np.array(rows["image_file"], dtype=object),
+                             dtype=h5py.string_dtype(), **opts)
+        shape = (n, *heatmap_shape)
+        if n:
+            ds = f.create_dataset("heatmaps", shape=shape, dtype=enc.dtype, chunks=(1, *heatmap_shape),
+                                  compression="gzip", compression_opts=gzip_level,
+                                  shuffle=np.dtype(enc.dtype).itemsize > 1, **opts)
+            for i, chunk in enumerate(chunks):
+                ds.id.write_direct_chunk((i, 0, 0, 0), chunk)
+        else:  # HDF5 chunks cannot be larger than a fixed-size empty dataset
+            f.create_dataset("heatmaps", shape=shape, dtype=enc.dtype, **opts)
+        if enc.side:
+            side = np.asarray(rows[enc.side], dtype=np.float32).reshape(n, heatmap_shape[0], *enc.side_shape)
+            f.create_dataset(enc.side, data=side, **opts)
+        for name in META_COLUMNS:
+            f.create_dataset(name, data=np.asarray(rows[name], dtype=META_DTYPES[name]), **opts)
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
-    return {"name": final.name, "index": index, "rows": n, "sha256": sha256_file(final)}
+    return {"name": final.name, "index": index, "rows": n, "bytes": final.stat().st_size,
+            "sha256": sha256_file(final), "skipped_images": sorted(set(rows.get("skipped_images", [])))}
 
 
-# ---- reading ---------------------------------------------------------------------------------
+# ---- reading -------------------------------------------------------------------------------
+
+@dataclass
+class _ShardIndex:
+    """Where each column of one shard lies in its file, read once with h5py; rows are then `pread`."""
+
+    columns: dict[str, tuple[int, np.dtype, tuple[int, ...]]]  # contiguous: (offset, dtype, row shape)
+    chunk_offset: np.ndarray   # int64 [N] file offset of each row's heatmap chunk
+    chunk_size: np.ndarray     # int64 [N] its stored size
+    heat_dtype: np.dtype
+    heat_shape: tuple[int, ...]
+    heat_filters: tuple[bool, bool]  # (shuffle, deflate)
+    crop_offset: np.ndarray | None   # int64 [N + 1] into the `crop` column (schema 2)
+
+
+def _index_shard(path: Path) -> _ShardIndex:
+    with h5py.File(path, "r") as f:
+        columns = {}
+        for name, ds in f.items():
+            if ds.chunks is None and ds.dtype.kind in "biuf" and ds.id.get_offset() is not None:
+                columns[name] = (ds.id.get_offset(), ds.dtype, ds.shape[1:])
+        heat = f["heatmaps"]
+        n = heat.shape[0]
+        chunk_offset = np.zeros(n, np.int64)
+        chunk_size = np.zeros(n, np.int64)
+        if heat.chunks is not None:
+            def visit(info: Any) -> None:
+                chunk_offset[info.chunk_offset[0]] = info.byte_offset
+                chunk_size[info.chunk_offset[0]] = info.size
+            try:
+                heat.id.chunk_iter(visit)  # one pass over the chunk index (HDF5 >= 1.14)
+            except (AttributeError, NotImplementedError, RuntimeError):
+                for i in range(heat.id.get_num_chunks()):
+                    visit(heat.id.get_chunk_info(i))
+        else:  # contiguous (an empty shard): read like any column
+            columns["heatmaps"] = (heat.id.get_offset() or 0, heat.dtype, heat.shape[1:])
+        filters = (bool(heat.shuffle), heat.compression == "gzip")
+        if heat.compression not in (None, "gzip") or heat.scaleoffset is not None or heat.fletcher32:
+            raise UserError(f"{path}: heatmaps use HDF5 filters kdcache does not write; dump the cache again")
+        crop_offset = f["crop_offset"][:] if "crop_offset" in f else None
+        return _ShardIndex(columns, chunk_offset, chunk_size, heat.dtype, heat.shape[1:], filters, crop_offset)
+
 
 class Cache:
     """Read-only view of a cache folder; safe to use from DataLoader worker processes.
 
-    HDF5 files are opened lazily per process (a handle opened before a fork is never reused).
+    Each shard is indexed once per process with h5py (where every column and heatmap chunk lies); a row
+    is then a few `os.pread` calls, inflate and decode, with no HDF5 call. File descriptors are opened
+    lazily (at most MAX_OPEN at a time) and never shared across a fork.
     """
 
-    def __init__(self, path: Path, allow_incomplete: bool = False):
+    MAX_OPEN = 64
+
+    def __init__(self, path: Path, allow_incomplete: bool = False, images: Path | None = None):
+        """
+        Args:
+            images: image folder for crop replay when the cache stores no crops (default: the dump's).
+        """
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest is None:
             raise UserError(f"{self.path} is not a kdcache cache (no {MANIFEST}); "
                             "make one with `kdcache dump-teacher --out DIR`")
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"cache {self.path} has schema version {manifest.get('schema_version')}, this "
-                            f"kdcache reads version {SCHEMA_VERSION}; dump the teacher again with this version")
+        version = manifest.get("schema_version")
+        if version not in READABLE_SCHEMAS:
+            raise UserError(f"cache {self.path} has schema version {version}, this kdcache reads versions "
+                            f"{', '.join(map(str, READABLE_SCHEMAS))}; dump the teacher again with this version")
         if not manifest.get("complete") and not allow_incomplete:
             done = len(manifest.get("shards", []))
             raise UserError(f"cache {self.path} is incomplete ({done} of {manifest.get('num_shards')} shards); "
                             "re-run the same `kdcache dump-teacher` command to finish it")
         self.manifest = manifest
+        self.schema_version = version
+        self.encoding = heatmap_encoding(manifest["heatmap_encoding"])
+        self.crop_codec = parse_crop_encoding(manifest["crop_encoding"])[0]
+        self.images = Path(images if images is not None else manifest.get("dump", {}).get("images", "."))
         self.shards = sorted(manifest["shards"], key=lambda s: s["index"])
         counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
-        self._files: dict[int, h5py.File] = {}
+        self._index: dict[int, _ShardIndex] = {}
+        self._reset_handles()
+
+    def _reset_handles(self) -> None:
+        self._fds: dict[int, int] = {}
+        self._h5: dict[int, h5py.File] = {}
+        self._image_memo: tuple[str, np.ndarray] | None = None
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -177,16 +405,43 @@ class Cache:
     def heatmap_hw(self) -> tuple[int, int]:
         return tuple(self.manifest["heatmap_hw"])
 
-    def _file(self, shard: int) -> h5py.File:
-        if os.getpid() != self._pid:  # forked into a worker: drop the parent's handles
-            self._files, self._pid = {}, os.getpid()
-        f = self._files.get(shard)
+    def _shard_path(self, shard: int) -> Path:
+        path = self.path / self.shards[shard]["name"]
+        if not path.exists():
+            raise UserError(f"cache shard {path} is missing; run `kdcache inspect {self.path} --verify`")
+        return path
+
+    def _fd(self, shard: int) -> int:
+        if os.getpid() != self._pid:  # forked into a worker: the parent's handles are not ours
+            self._reset_handles()
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= self.MAX_OPEN:  # close the least recently used shard
+                oldest = next(iter(self._fds))
+                os.close(self._fds.pop(oldest))
+                if oldest in self._h5:
+                    self._h5.pop(oldest).close()
+            fd = os.open(self._shard_path(shard), os.O_RDONLY)
+        self._fds[shard] = fd  # most recently used last
+        return fd
+
+    def _h5file(self, shard: int) -> h5py.File:
+        """h5py handle for the columns pread cannot serve (vlen crops of schema 1, image_file)."""
+        self._fd(shard)  # also resets handles after a fork
+        f = self._h5.get(shard)
         if f is None:
-            path = self.path / self.shards[shard]["name"]
-            if not path.exists():
-                raise UserError(f"cache shard {path} is missing; run `kdcache inspect {self.path} --verify`")
-            f = self._files[shard] = h5py.File(path, "r")
+            f = self._h5[shard] = h5py.File(self._shard_path(shard), "r")
         return f
+
+    def _shard_index(self, shard: int) -> _ShardIndex:
+        index = self._index.get(shard)
+        if index is None:
+            try:
+                index = self._index[shard] = _index_shard(self._shard_path(shard))
+            except OSError as exc:
+                raise UserError(f"cache shard {self._shard_path(shard)} is unreadable ({exc}); "
+                                f"run `kdcache inspect {self.path} --verify`") from None
+        return index
 
     def locate(self, index: int) -> tuple[int, int]:
         """Global row index -> (shard position, row within shard)."""
@@ -195,67 +450,139 @@ class Cache:
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
         return shard, index - int(self._starts[shard])
 
+    def _column(self, shard: int, index: _ShardIndex, name: str, row: int) -> np.ndarray:
+        offset, dtype, shape = index.columns[name]
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = os.pread(self._fd(shard), size, offset + row * size)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+    def _heatmaps(self, shard: int, index: _ShardIndex, row: int) -> np.ndarray:
+        raw = os.pread(self._fd(shard), int(index.chunk_size[row]), int(index.chunk_offset[row]))
+        shuffle, deflate = index.heat_filters
+        if deflate:
+            raw = zlib.decompress(raw)
+        data = _unshuffle(raw, index.heat_dtype.itemsize) if shuffle else np.frombuffer(raw, np.uint8)
+        stored = data.view(index.heat_dtype).reshape(index.heat_shape)
+        side = self._column(shard, index, self.encoding.side, row) if self.encoding.side else None
+        return self.encoding.decode(stored, side)
+
+    def _crop(self, shard: int, index: _ShardIndex, row: int, affine: np.ndarray) -> np.ndarray:
+        if self.crop_codec == "none":
+            return self._replay_crop(shard, row, affine)
+        if index.crop_offset is None:  # schema 1: vlen uint8 per row
+            return decode_crop(self._h5file(shard)["crop"][row])
+        start, stop = int(index.crop_offset[row]), int(index.crop_offset[row + 1])
+        return decode_crop(os.pread(self._fd(shard), stop - start, index.columns["crop"][0] + start))
+
+    def _replay_crop(self, shard: int, row: int, affine: np.ndarray) -> np.ndarray:
+        from kdcache.coco import read_image
+        from kdcache.transforms import warp_crop
+
+        name = self._h5file(shard)["image_file"][row].decode()
+        if self._image_memo is None or self._image_memo[0] != name:
+            self._image_memo = (name, read_image(self.images / name))
+        return warp_crop(self._image_memo[1], affine, self.input_hw)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """One view: crop [H,W,3] uint8 RGB, heatmaps [K,h,w] float32, affine [2,3], flip, ids, keypoints [K,3]."""
+        """One view: crop [H,W,3] uint8 RGB, heatmaps [K,h,w] float32, confidence [K] (schema 2), affine [2,3],
+        flip, image_id, ann_id, view, keypoints [K,3]."""
         shard, row = self.locate(int(index))
-        f = self._file(shard)
-        return {
-            "crop": decode_crop(f["crop"][row]),
-            "heatmaps": dequantize_heatmaps(f["heatmaps"][row], f["heatmap_range"][row]),
-            "affine": f["affine"][row],
-            "flip": bool(f["flip"][row]),
-            "image_id": int(f["image_id"][row]),
-            "ann_id": int(f["ann_id"][row]),
-            "view": int(f["view"][row]),
-            "keypoints": f["keypoints"][row],
+        ix = self._shard_index(shard)
+        meta = {name: self._column(shard, ix, name, row) for name in META_COLUMNS if name in ix.columns}
+        out = {
+            "crop": self._crop(shard, ix, row, meta["affine"]),
+            "heatmaps": self._heatmaps(shard, ix, row),
+            "affine": meta["affine"].copy(),
+            "flip": bool(meta["flip"]),
+            "image_id": int(meta["image_id"]),
+            "ann_id": int(meta["ann_id"]),
+            "view": int(meta["view"]),
+            "keypoints": meta["keypoints"].copy(),
         }
+        if "confidence" in meta:
+            out["confidence"] = meta["confidence"].copy()
+        return out
 
     def attrs(self, shard: int = 0) -> dict[str, Any]:
         """A shard's attributes, JSON values decoded."""
         out = {}
-        for key, value in self._file(shard).attrs.items():
-            if isinstance(value, str) and value[:1] in "[{":
-                value = json.loads(value)
-            out[key] = value
+        with h5py.File(self._shard_path(shard), "r") as f:
+            for key, value in f.attrs.items():
+                if isinstance(value, str) and value[:1] in "[{":
+                    value = json.loads(value)
+                out[key] = value
         return out
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
+        if os.getpid() == self._pid:
+            for fd in self._fds.values():
+                os.close(fd)
+            for f in self._h5.values():
+                f.close()
+        self._reset_handles()
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into workers without open handles
         state = self.__dict__.copy()
-        state["_files"] = {}
+        state.update(_fds={}, _h5={}, _image_memo=None, _pid=-1)
         return state
 
 
-def open_cache(path: Path, allow_incomplete: bool = False) -> Cache:
+def open_cache(path: Path, allow_incomplete: bool = False, images: Path | None = None) -> Cache:
     """Read-only view of the cache at `path` (see module docstring)."""
-    return Cache(path, allow_incomplete=allow_incomplete)
+    return Cache(path, allow_incomplete=allow_incomplete, images=images)
 
 
-def verify_cache(path: Path) -> list[str]:
-    """Problems found in a cache: missing, truncated or corrupt shards (checksum and HDF5 read). Empty = sound."""
+# ---- checking ------------------------------------------------------------------------------
+
+def _check_shard(path: Path, entry: dict[str, Any], checksums: bool) -> str | None:
+    """What is wrong with one listed shard, or None."""
+    name = entry["name"]
+    if not path.exists():
+        return f"{name}: missing"
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        return f"{name}: {size} bytes, manifest says {entry['bytes']} (truncated or overwritten)"
+    if checksums and sha256_file(path) != entry["sha256"]:
+        return f"{name}: checksum mismatch (corrupt)"
+    try:
+        with h5py.File(path, "r") as f:
+            rows = len(f["view"])
+            if rows != entry["rows"]:
+                return f"{name}: {rows} rows, manifest says {entry['rows']}"
+    except (OSError, KeyError) as exc:
+        return f"{name}: unreadable HDF5 ({exc})"
+    return None
+
+
+def verify_cache(path: Path, checksums: bool = True) -> list[str]:
+    """Problems found in a cache: incomplete, missing, truncated or corrupt shards. Empty = sound.
+
+    Args:
+        checksums: also compare every shard's SHA-256 with the manifest (reads every byte, on a few
+            threads); without it only sizes, row counts and HDF5 headers are checked.
+    """
     path = Path(path)
-    manifest = read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except UserError as exc:
+        return [str(exc)]
     if manifest is None:
         return [f"{path / MANIFEST} is missing"]
     problems = []
+    if manifest.get("schema_version") not in READABLE_SCHEMAS:
+        problems.append(f"schema version {manifest.get('schema_version')} is not readable by this kdcache")
     if not manifest.get("complete"):
         problems.append(f"incomplete: {len(manifest.get('shards', []))} of {manifest.get('num_shards')} shards")
-    for entry in manifest.get("shards", []):
-        shard = path / entry["name"]
-        if not shard.exists():
-            problems.append(f"{entry['name']}: missing")
-            continue
-        if sha256_file(shard) != entry["sha256"]:
-            problems.append(f"{entry['name']}: checksum mismatch (truncated or corrupt)")
-            continue
-        try:
-            with h5py.File(shard, "r") as f:
-                if len(f["view"]) != entry["rows"]:
-                    problems.append(f"{entry['name']}: {len(f['view'])} rows, manifest says {entry['rows']}")
-        except OSError as exc:
-            problems.append(f"{entry['name']}: unreadable HDF5 ({exc})")
+    entries = manifest.get("shards", [])
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        found = pool.map(lambda e: _check_shard(path / e["name"], e, checksums), entries)
+        problems.extend(p for p in found if p)
     return problems
+
+
+def check_compatible(manifest: dict[str, Any], input_hw: tuple[int, int], heatmap_hw: tuple[int, int],
+                     sigma: float) -> list[str]:
+    """What in a cache does not match a student's settings (empty = compatible)."""
+    wanted = {"input_hw": list(input_hw), "heatmap_hw": list(heatmap_hw), "sigma": float(sigma)}
+    return [f"{key} {manifest.get(key)} (student: {value})" for key, value in wanted.items()
+            if manifest.get(key) != value]

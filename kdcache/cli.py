@@ -9,10 +9,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from kdcache import __version__
 from kdcache.errors import UserError
+
+if TYPE_CHECKING:
+    from kdcache.cache import Cache
+    from kdcache.config import TrainStudentConfig
 
 log = logging.getLogger("kdcache")
 
@@ -86,7 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, batch=64)
     p.add_argument("--views", type=int, default=8, help="views per instance; view 0 is un-augmented (default: 8)")
     p.add_argument("--shard-size", type=int, default=1024, help="views per shard (default: 1024)")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="crop JPEG quality (default: 95)")
+    p.add_argument("--crop", choices=("jpeg", "png", "none"), default="jpeg",
+                   help="crop codec; 'none' stores no crops (training replays them from the images with the "
+                        "stored affine) (default: jpeg)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="crop JPEG quality (default: 90)")
+    p.add_argument("--heatmap-encoding", choices=("int16-step", "float16", "uint8-minmax-per-joint"),
+                   default="int16-step", help="how teacher heatmaps are stored (default: int16-step)")
+    p.add_argument("--heatmap-error", type=float, default=0.008,
+                   help="int16-step: relative L2 error of each stored heatmap (default: 0.008)")
+    p.add_argument("--gzip-level", type=int, default=2, choices=range(1, 10), metavar="1..9",
+                   help="deflate level of the heatmap chunks (default: 2)")
+    p.add_argument("--teacher-flip", action="store_true",
+                   help="store the mean of the teacher on the crop and on its mirror (2x teacher time)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="go on past missing or unreadable images and list them in manifest.json")
 
     p = sub.add_parser("train-student", help="stage 2: train a student from the cache (or online)")
     p.add_argument("--cache", type=Path, help="teacher cache from dump-teacher")
@@ -116,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="summary of a cache; --verify checks it; --png draws a contact sheet")
     p.add_argument("cache", type=Path)
-    p.add_argument("--verify", action="store_true", help="check every shard's checksum and rows")
+    p.add_argument("--verify", action="store_true", help="check every shard's size, SHA-256 and rows")
     p.add_argument("--png", type=Path, help="write a contact sheet of crops with their heatmaps")
     p.add_argument("--count", type=int, default=16, help="views on the contact sheet (default: 16)")
 
@@ -175,24 +192,34 @@ def cmd_train_teacher(a: argparse.Namespace) -> int:
 
 
 def cmd_dump_teacher(a: argparse.Namespace) -> int:
+    from kdcache.cache import read_manifest
     from kdcache.config import DumpConfig
     from kdcache.dump import dump_teacher
 
+    if not 1 <= a.jpeg_quality <= 100:
+        raise UserError(f"--jpeg-quality must be within 1..100 (got {a.jpeg_quality})")
+    if a.shard_size < 1 or a.batch_size < 1:
+        raise UserError("--shard-size and --batch-size must be at least 1")
+    crop = f"jpeg{a.jpeg_quality}" if a.crop == "jpeg" else a.crop
     cfg = DumpConfig(teacher=a.teacher, ann=a.ann, images=a.images, run=_run_config(a), views=a.views,
-                     batch_size=a.batch_size, shard_size=a.shard_size, jpeg_quality=a.jpeg_quality)
-    print(f"wrote {dump_teacher(cfg)}")
+                     batch_size=a.batch_size, shard_size=a.shard_size, crop_encoding=crop,
+                     heatmap_encoding=a.heatmap_encoding, heatmap_rel_error=a.heatmap_error,
+                     gzip_level=a.gzip_level, teacher_flip=a.teacher_flip, skip_bad_images=a.skip_bad_images)
+    out = dump_teacher(cfg)
+    skipped = (read_manifest(out) or {}).get("skipped_images", [])
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images (listed in {out / 'manifest.json'})")
+    print(f"wrote {out}")
     return 0
 
 
 def cmd_train_student(a: argparse.Namespace) -> int:
-    from kdcache.cache import open_cache
     from kdcache.config import TrainStudentConfig
     from kdcache.student import StudentConfig
     from kdcache.train import train_student
 
-    input_hw = a.input_size
-    if input_hw is None:
-        input_hw = open_cache(a.cache).input_hw if a.cache is not None else (256, 192)
+    cache = _sound_cache(a.cache) if a.cache is not None else None
+    input_hw = a.input_size or (cache.input_hw if cache is not None else (256, 192))
     student = StudentConfig(backbone=a.student, head=a.head, input_hw=tuple(input_hw),
                             head_channels=a.head_channels, pretrained=a.pretrained)
     optim, val = _optim_config(a)
@@ -200,8 +227,36 @@ def cmd_train_student(a: argparse.Namespace) -> int:
         raise UserError(f"--alpha must be within [0, 1] (got {a.alpha})")
     cfg = TrainStudentConfig(student=student, run=_run_config(a), cache=a.cache, online_teacher=a.online_teacher,
                              ann=a.ann, images=a.images, alpha=a.alpha, kd_loss=a.kd_loss, optim=optim, val=val)
+    if cache is not None:
+        _check_cache_fits(cache, cfg)
     print(f"wrote {train_student(cfg)}")
     return 0
+
+
+def _sound_cache(path: Path) -> Cache:
+    """The cache at `path`, refused with one line when it is missing, incomplete, truncated or corrupt."""
+    from kdcache.cache import open_cache, verify_cache
+
+    cache = open_cache(path)  # missing, foreign, unreadable schema, incomplete
+    problems = verify_cache(path)  # sizes, SHA-256 and rows of every shard
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"cache {path} is damaged: {problems[0]}{more}; run `kdcache inspect {path} --verify` "
+                        "and re-run the same dump-teacher command to rewrite it")
+    return cache
+
+
+def _check_cache_fits(cache: Cache, cfg: TrainStudentConfig) -> None:
+    """Say what in the cache does not match the student's settings."""
+    from kdcache.cache import check_compatible
+    from kdcache.data import heatmap_hw_for
+
+    input_hw = tuple(cfg.student.input_hw)
+    mismatch = check_compatible(cache.manifest, input_hw, heatmap_hw_for(input_hw), cfg.sigma)
+    if mismatch:
+        hw = cache.input_hw
+        raise UserError(f"cache {cache.path} does not match the student: {'; '.join(mismatch)}; pass "
+                        f"--input-size {hw[0]}x{hw[1]} or dump a cache with the student's settings")
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

@@ -72,8 +72,8 @@ class DumpConfig:
     shard_size: int = 1024      # views per HDF5 shard
     crop_encoding: str = "jpeg90"           # "jpegQ" (quality Q), "png", or "none" (replay from the images)
     heatmap_encoding: str = "int16-step"    # see kdcache.cache.HEATMAP_ENCODINGS
-    heatmap_max_rel_error: float = 0.01     # "int16-step": bound on each joint's relative L2 error
-    gzip_level: int = 6                     # deflate level of the heatmap chunks (1 fastest .. 9 smallest)
+    heatmap_rel_error: float = 0.008    # "int16-step": relative L2 error of each joint's map
+    gzip_level: int = 2                     # deflate level of the heatmap chunks (1 fastest .. 9 smallest)
     teacher_flip: bool = False  # store the mean of the teacher on the crop and on its mirror (flipped back)
     skip_bad_images: bool = False  # go on past unreadable images, listing them in the manifest
     aug: AugmentConfig = field(default_factory=AugmentConfig)

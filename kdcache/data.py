@@ -88,11 +88,16 @@ class CachedDataset(Dataset):
     """Views of a teacher cache with targets kept true under train-time augmentation.
 
     A mirror (probability `flip_prob`, decided by (seed, epoch, index)) flips crop and teacher heatmaps
-    together and swaps keypoint pairs; UDP makes the heatmap mirror exact, with no shift.
+    together and swaps keypoint pairs; UDP makes the heatmap mirror exact, with no shift. A cache dumped
+    with no crops (crop encoding "none") replays each crop from its image with the stored affine.
     """
 
-    def __init__(self, cache_path: Path, sigma: float, flip_prob: float, seed: int):
-        self.cache = open_cache(cache_path)
+    def __init__(self, cache_path: Path, sigma: float, flip_prob: float, seed: int, images: Path | None = None):
+        """
+        Args:
+            images: image folder for crop replay (default: the one the cache was dumped from).
+        """
+        self.cache = open_cache(cache_path, images=images)
         self.sigma = sigma
         self.flip_prob = flip_prob
         self.seed = seed

@@ -9,35 +9,54 @@ import h5py
 import numpy as np
 
 from kdcache.cache import open_cache
+from kdcache.errors import UserError
+
+# Datasets by what they are, for the bytes-per-view breakdown.
+CROP_DATASETS = ("crop", "crop_offset", "image_file")
+HEATMAP_DATASETS = ("heatmaps", "heatmap_step", "heatmap_range")
 
 
 def cache_summary(path: Path) -> dict[str, Any]:
-    """Views, instances, bytes per view, teacher and settings of the cache at `path`."""
+    """Views, instances, bytes per view (in total and by part), teacher and settings of the cache at `path`."""
     cache = open_cache(path, allow_incomplete=True)
     m = cache.manifest
     ann_ids, image_ids = set(), set()
+    parts = {"crop": 0, "heatmaps": 0, "metadata": 0}
+    total_bytes = 0
     for shard in cache.shards:
-        with h5py.File(cache.path / shard["name"], "r") as f:
+        shard_path = cache.path / shard["name"]
+        total_bytes += shard_path.stat().st_size
+        with h5py.File(shard_path, "r") as f:
             ann_ids.update(f["ann_id"][:].tolist())
             image_ids.update(f["image_id"][:].tolist())
-    total_bytes = sum((cache.path / s["name"]).stat().st_size for s in cache.shards)
+            for name, ds in f.items():
+                part = "crop" if name in CROP_DATASETS else "heatmaps" if name in HEATMAP_DATASETS else "metadata"
+                parts[part] += ds.id.get_storage_size()
+    views = max(1, len(cache))
+    dump = m.get("dump", {})
     return {
         "path": str(cache.path),
+        "schema_version": m["schema_version"],
         "complete": bool(m.get("complete")),
         "shards": f"{len(cache.shards)} of {m.get('num_shards')}",
         "views": len(cache),
         "instances": len(ann_ids),
         "images": len(image_ids),
-        "views_per_instance": m["dump"]["views"],
+        "views_per_instance": dump.get("views"),
         "bytes": total_bytes,
-        "kb_per_view": total_bytes / max(1, len(cache)) / 1000.0,
+        "kb_per_view": total_bytes / views / 1000.0,
+        # HDF5 headers, attributes and free space are the rest of kb_per_view.
+        "kb_per_view_parts": {k: round(v / views / 1000.0, 2) for k, v in parts.items()},
         "teacher": m["teacher"],
+        "teacher_flip": bool(m.get("teacher_flip", False)),
         "input_hw": m["input_hw"],
         "heatmap_hw": m["heatmap_hw"],
         "sigma": m["sigma"],
         "crop_encoding": m["crop_encoding"],
         "heatmap_encoding": m["heatmap_encoding"],
-        "seed": m["dump"]["seed"],
+        "heatmap_rel_error": m.get("heatmap_rel_error"),
+        "seed": dump.get("seed"),
+        "augmentation": dump.get("aug"),
         "skipped_images": m.get("skipped_images", []),
     }
 
@@ -47,10 +66,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key, value in summary.items():
         if key == "kb_per_view":
             value = f"{value:.1f}"
+        elif key == "kb_per_view_parts":
+            value = ", ".join(f"{k} {v:.1f}" for k, v in value.items())
         elif key == "teacher":
             value = f"{value['arch']} ({value['head']} head), sha256 {value['sha256'][:16]}..."
+        elif key == "augmentation" and isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
         elif key == "skipped_images":
-            value = ", ".join(value) if value else "none"
+            value = f"{len(value)}: " + ", ".join(value) if value else "none"
         lines.append(f"{key:18s} {value}")
     return "\n".join(lines)
 
@@ -60,6 +83,8 @@ def contact_sheet_of(path: Path, png: Path, count: int = 16) -> Path:
     from kdcache.viz import contact_sheet
 
     cache = open_cache(path, allow_incomplete=True)
+    if len(cache) == 0:
+        raise UserError(f"cache {path} holds no views to draw")
     picks = np.unique(np.linspace(0, len(cache) - 1, num=min(count, len(cache))).round().astype(int))
     rows = [cache[int(i)] for i in picks]
     titles = [f"ann {r['ann_id']} v{r['view']}{' flip' if r['flip'] else ''}" for r in rows]

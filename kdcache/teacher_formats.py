@@ -128,7 +128,8 @@ def merge_expert(sd: dict[str, torch.Tensor], expert: str | int | None) -> dict[
     sd = {k: v for k, v in sd.items() if k not in expert_keys}
     num_experts = 1 + max(index for _, index, _ in parts)
     dim = sd["backbone.pos_embed"].shape[-1] if "backbone.pos_embed" in sd else None
-    if dim is not None and sd["backbone.blocks.0.mlp.fc2.weight"].shape[0] == dim:
+    fc2 = sd.get("backbone.blocks.0.mlp.fc2.weight")
+    if dim is not None and fc2 is not None and fc2.shape[0] == dim:
         if expert is not None:
             log.warning("expert %r ignored: this file's fc2 is already merged (tools/model_split.py output)",
                         expert)

@@ -1,0 +1,191 @@
+"""dump-teacher end to end: kill -9 and rerun, bad images, torchrun ranks, teacher flip, crop replay, and
+train-student refusing damaged or mismatched caches. Real processes, real kills, real broken files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from kdcache import cache as cachefmt
+from kdcache.checkpoint import checkpoint_dict
+from kdcache.cli import main
+from kdcache.coco import load_instances
+from kdcache.synth import SynthConfig, synthesize
+from kdcache.teacher import build_vitpose, vitpose_config
+
+REPO = Path(__file__).resolve().parents[1]
+# One intra-op thread: the same float results in every process (pytest's, the CLI's, each torchrun rank).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+DUMP = ["--views", "3", "--shard-size", "4", "--batch-size", "2", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dump")
+    data = synthesize(SynthConfig(out=root / "data", train_images=6, val_images=0, seed=3, max_people=2))
+    torch.manual_seed(0)
+    teacher = build_vitpose(vitpose_config("vitpose-nano", input_hw=(128, 96)))
+    torch.save(checkpoint_dict(teacher, epoch=0, step=0), root / "teacher.pt")
+    ann = data / "annotations/person_keypoints_train.json"
+    return {"root": root, "ann": ann, "images": data / "train", "teacher": root / "teacher.pt",
+            "instances": load_instances(ann)}
+
+
+def _args(setup, out, images=None, *extra):
+    return ["dump-teacher", "--teacher", str(setup["teacher"]), "--ann", str(setup["ann"]),
+            "--images", str(images or setup["images"]), "--out", str(out), *DUMP, *extra]
+
+
+def _cli(args):
+    return [sys.executable, "-m", "kdcache", *args]
+
+
+def _shards(path):
+    """What must be identical between two runs: the manifest minus nothing, and every shard's bytes."""
+    manifest = cachefmt.read_manifest(path)
+    return manifest, {s["name"]: (path / s["name"]).read_bytes() for s in manifest["shards"]}
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """An uninterrupted single-process dump, as a subprocess."""
+    out = setup["root"] / "reference"
+    subprocess.run(_cli(_args(setup, out)), env=ENV, check=True, timeout=300)
+    return out
+
+
+def _kill_after_new_shard(args, out, have: int) -> int:
+    """Start the dump, kill -9 it as soon as the manifest lists more than `have` shards; returns the count."""
+    proc = subprocess.Popen(_cli(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        manifest = cachefmt.read_manifest(out) if (out / "manifest.json").exists() else None
+        if manifest and len(manifest["shards"]) > have:
+            break
+        time.sleep(0.002)
+    proc.kill()  # SIGKILL: no cleanup of any kind
+    proc.wait()
+    manifest = cachefmt.read_manifest(out)
+    assert not manifest["complete"], "the dump finished before it could be killed; give it more work"
+    return len(manifest["shards"])
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(setup, reference, tmp_path):
+    out = tmp_path / "cache"
+    have = _kill_after_new_shard(_args(setup, out), out, 0)
+    _kill_after_new_shard(_args(setup, out), out, have)  # killed again while resuming
+    subprocess.run(_cli(_args(setup, out)), env=ENV, check=True, timeout=300)
+    manifest, shards = _shards(out)
+    ref_manifest, ref_shards = _shards(reference)
+    assert manifest == ref_manifest and manifest["complete"]
+    assert shards == ref_shards  # bit for bit: no duplicate, no missing view, same values
+    assert not list(out.glob("*.tmp")) and cachefmt.verify_cache(out) == []
+
+
+def test_torchrun_ranks_write_the_single_process_cache(setup, reference, tmp_path):
+    out = tmp_path / "cache"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache"]
+    result = subprocess.run(launch + _args(setup, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest, shards = _shards(out)
+    assert manifest == cachefmt.read_manifest(reference) and manifest["complete"]
+    assert shards == _shards(reference)[1]
+
+
+def test_missing_image_stops_with_one_line_and_rerun_resumes(setup, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(setup["images"], images)
+    assert main(_args(setup, tmp_path / "ref", images)) == 0
+    victim = images / setup["instances"][-1].file_name  # the last image: earlier shards complete first
+    saved = victim.read_bytes()
+    victim.unlink()
+    capsys.readouterr()
+    out = tmp_path / "cache"
+    assert main(_args(setup, out, images)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and victim.name in err and "--skip-bad-images" in err
+    manifest = cachefmt.read_manifest(out)
+    assert 0 < len(manifest["shards"]) < manifest["num_shards"] and cachefmt.verify_cache(out)[0].startswith("incomplete")
+    victim.write_bytes(saved)
+    assert main(_args(setup, out, images)) == 0
+    assert _shards(out) == _shards(tmp_path / "ref")
+
+
+def test_skip_bad_images_lists_them_and_keeps_the_rest(setup, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(setup["images"], images)
+    garbage, truncated = setup["instances"][0].file_name, setup["instances"][-1].file_name
+    (images / garbage).write_bytes(b"\xff\xd8 this is not a JPEG any more")
+    (images / truncated).write_bytes((images / truncated).read_bytes()[:3000])
+    out = tmp_path / "cache"
+    assert main(_args(setup, out, images, "--skip-bad-images")) == 0
+    assert "skipped 2 unreadable images" in capsys.readouterr().out
+    manifest = cachefmt.read_manifest(out)
+    assert manifest["complete"] and manifest["skipped_images"] == sorted([garbage, truncated])
+    cache = cachefmt.open_cache(out)
+    good = [inst for inst in setup["instances"] if inst.file_name not in (garbage, truncated)]
+    keys = sorted((cache[i]["ann_id"], cache[i]["view"]) for i in range(len(cache)))
+    assert keys == sorted((inst.ann_id, v) for inst in good for v in range(3))
+    assert main(["inspect", str(out)]) == 0
+    assert garbage in capsys.readouterr().out
+
+
+def test_teacher_flip_and_confidence(setup, tmp_path):
+    from kdcache.heatmaps import flip_heatmaps
+    from kdcache.teacher import load_teacher
+    from kdcache.transforms import to_input_tensor
+
+    out = tmp_path / "cache"
+    assert main(_args(setup, out, None, "--teacher-flip", "--crop", "png")) == 0
+    cache = cachefmt.open_cache(out)
+    assert cache.manifest["teacher_flip"]
+    teacher = load_teacher(setup["teacher"])
+    rows = [cache[i] for i in range(4)]
+    x = to_input_tensor(np.stack([r["crop"] for r in rows]))  # PNG: exactly the crops the teacher saw
+    with torch.no_grad():
+        plain = teacher(x)
+        expected = ((plain + flip_heatmaps(teacher(torch.flip(x, dims=[3])))) / 2).numpy()
+    for row, want, unflipped in zip(rows, expected, plain.numpy()):
+        assert np.linalg.norm(row["heatmaps"] - want) / np.linalg.norm(want) < 0.01
+        assert np.linalg.norm(row["heatmaps"] - unflipped) > 5 * np.linalg.norm(row["heatmaps"] - want)
+        np.testing.assert_allclose(row["confidence"], want.max(axis=(1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_crop_none_replays_the_same_crops(setup, tmp_path):
+    from kdcache.data import CachedDataset
+
+    assert main(_args(setup, tmp_path / "png", None, "--crop", "png")) == 0
+    assert main(_args(setup, tmp_path / "none", None, "--crop", "none")) == 0
+    png, none = cachefmt.open_cache(tmp_path / "png"), cachefmt.open_cache(tmp_path / "none")
+    assert len(png) == len(none)
+    for i in (0, len(png) // 2, len(png) - 1):
+        np.testing.assert_array_equal(none[i]["crop"], png[i]["crop"])
+        np.testing.assert_array_equal(none[i]["heatmaps"], png[i]["heatmaps"])
+    with h5py.File(tmp_path / "none/shard-00000.h5", "r") as f:
+        assert "crop" not in f and f["image_file"][0].decode() == setup["instances"][0].file_name
+    item = CachedDataset(tmp_path / "none", sigma=2.0, flip_prob=0.0, seed=0)[1]
+    np.testing.assert_array_equal(item["crop"], png[1]["crop"])
+
+
+def test_train_student_refuses_damaged_or_mismatched_caches(setup, reference, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference, cache)
+    student = ["train-student", "--cache", str(cache), "--student", "mobilenetv3_small_100", "--out",
+               str(tmp_path / "run"), "--max-steps", "1", "--workers", "0", "--no-progress"]
+    assert main([*student, "--input-size", "64x64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "input_hw [128, 96] (student: [64, 64])" in err
+    shard = cache / "shard-00001.h5"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    assert main(student) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shard-00001.h5" in err and "damaged" in err
+    assert not (tmp_path / "run").exists()

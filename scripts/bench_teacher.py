@@ -86,12 +86,14 @@ def bench_arch(arch: str, device: torch.device, batch: int, iters: int, warmup: 
 
 def table(rows: list[dict]) -> str:
     flip = any("ours_flip_crops_per_s" in r for r in rows)
-    head = "| model | device | batch | timm ViT backbone | ours backbone | ratio | ours full (backbone + head) | ratio |"
-    lines = [head + (" ours flip-test |" if flip else ""), "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if flip else "")]
+    head = ("| model | device | batch | timm ViT backbone | ours backbone | ratio "
+            "| ours full (backbone + head) | ratio |")
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|"
+    lines = [head + (" ours flip-test |" if flip else ""), rule + ("---:|" if flip else "")]
     for r in rows:
         line = (f"| {r['arch']} | {r['device']}{' bf16' if r['amp'] else ''} | {r['batch']} "
-                f"| {r['timm_backbone_crops_per_s']:.3g} | {r['ours_backbone_crops_per_s']:.3g} | {r['backbone_vs_timm']:.2f} "
-                f"| {r['ours_full_crops_per_s']:.3g} | {r['full_vs_timm']:.2f} |")
+                f"| {r['timm_backbone_crops_per_s']:.3g} | {r['ours_backbone_crops_per_s']:.3g} "
+                f"| {r['backbone_vs_timm']:.2f} | {r['ours_full_crops_per_s']:.3g} | {r['full_vs_timm']:.2f} |")
         lines.append(line + (f" {r.get('ours_flip_crops_per_s', float('nan')):.3g} |" if flip else ""))
     return "\n".join(lines)
 

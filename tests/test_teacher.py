@@ -288,7 +288,7 @@ def test_missing_and_unexpected_keys_are_named(tiny, tmp_path):
 
 
 def test_pos_embed_interpolated_to_new_input_size(tiny, tmp_path):
-    model, x, _ = tiny  # trained grid 8x6 (128x96)
+    model = tiny[0]  # trained grid 8x6 (128x96)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "t.pth")
     loaded, got = _loaded_output(tmp_path / "t.pth", torch.randn(1, 3, 256, 192), input_hw=(256, 192))
     assert got.shape == (1, 17, 64, 48)

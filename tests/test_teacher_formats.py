@@ -121,7 +121,8 @@ def moe_reference_block_mlp(sd: dict, i: int, y: torch.Tensor, expert: int) -> t
     """vit_moe.MoEMlp for a batch from one dataset: cat(shared fc2, experts[expert]) after fc1 + GELU."""
     h = torch.nn.functional.gelu(torch.nn.functional.linear(y, sd[f"backbone.blocks.{i}.mlp.fc1.weight"],
                                                              sd[f"backbone.blocks.{i}.mlp.fc1.bias"]))
-    shared = torch.nn.functional.linear(h, sd[f"backbone.blocks.{i}.mlp.fc2.weight"], sd[f"backbone.blocks.{i}.mlp.fc2.bias"])
+    shared = torch.nn.functional.linear(h, sd[f"backbone.blocks.{i}.mlp.fc2.weight"],
+                                        sd[f"backbone.blocks.{i}.mlp.fc2.bias"])
     part = torch.nn.functional.linear(h, sd[f"backbone.blocks.{i}.mlp.experts.{expert}.weight"],
                                       sd[f"backbone.blocks.{i}.mlp.experts.{expert}.bias"])
     return torch.cat([shared, part], dim=-1)
@@ -183,8 +184,10 @@ def to_hf(sd: dict) -> dict[str, torch.Tensor]:
                          ("backbone.blocks.", "backbone.encoder.layer."), ("attn.proj", "attention.output.dense"),
                          ("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
                          ("backbone.last_norm", "backbone.layernorm"),
-                         ("keypoint_head.deconv_layers.0", "head.deconv1"), ("keypoint_head.deconv_layers.1", "head.batchnorm1"),
-                         ("keypoint_head.deconv_layers.3", "head.deconv2"), ("keypoint_head.deconv_layers.4", "head.batchnorm2"),
+                         ("keypoint_head.deconv_layers.0", "head.deconv1"),
+                         ("keypoint_head.deconv_layers.1", "head.batchnorm1"),
+                         ("keypoint_head.deconv_layers.3", "head.deconv2"),
+                         ("keypoint_head.deconv_layers.4", "head.batchnorm2"),
                          ("keypoint_head.final_layer", "head.conv")]:
             k = k.replace(old, new)
         out[k] = v
@@ -244,14 +247,17 @@ def test_huggingface_bin_through_load_model_and_sharded_index(classic, tmp_path)
     assert torch.equal(run(load_teacher(sharded)), want)
 
 
+def eps_of(model: torch.nn.Module) -> set[float]:
+    return {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+
+
 def test_huggingface_layer_norm_eps_honoured(tmp_path):
     sd = random_official("simple", seed=8)
     torch.save({"state_dict": sd}, tmp_path / "official.pth")
     official = load_teacher(tmp_path / "official.pth")
     default = load_teacher(write_hf(tmp_path / "default", sd, hf_config(True, eps=None)))
     large = load_teacher(write_hf(tmp_path / "large", sd, hf_config(True, eps=0.5)))
-    eps = lambda m: {x.eps for x in m.modules() if isinstance(x, torch.nn.LayerNorm)}  # noqa: E731
-    assert eps(official) == {1e-6} and eps(default) == {1e-12} and eps(large) == {0.5}
+    assert eps_of(official) == {1e-6} and eps_of(default) == {1e-12} and eps_of(large) == {0.5}
     for module in official.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.eps = 0.5

@@ -107,20 +107,20 @@ def read_checkpoint(path: Path) -> Any:
         raise UserError(f"{path} is not a PyTorch checkpoint ({type(e).__name__} while reading it)") from None
 
 
-def load_model(path: Path, device: str = "cpu") -> nn.Module:
+def load_model(path: Path, device: str = "cpu", expert: str | int | None = None) -> nn.Module:
     """Any model by path, in eval mode: a kdcache student or teacher checkpoint, or an official ViTPose file."""
     from kdcache.student import StudentConfig, build_student
     from kdcache.teacher import load_teacher, teacher_from_checkpoint
 
     path = Path(path)
     if not path.is_file():
-        return load_teacher(path, device=device)  # folders and missing paths: the teacher loader says why
+        return load_teacher(path, device=device, expert=expert)  # HF folders; missing paths: it says why
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "student":
         model = build_student(StudentConfig.from_dict(obj["model_config"]), load_pretrained=False)
         model.load_state_dict(obj["state_dict"])
         return model.to(device).eval()
-    return teacher_from_checkpoint(obj, path, device)
+    return teacher_from_checkpoint(obj, path, device, expert=expert)
 
 
 def model_input_hw(model: nn.Module) -> tuple[int, int]:

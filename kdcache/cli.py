@@ -32,6 +32,11 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _expert(text: str) -> str | int:
+    """A ViTPose++ expert: a dataset name ('coco', 'aic', ...) or its index."""
+    return int(text) if text.isdigit() else text
+
+
 def _common(p: argparse.ArgumentParser, out_required: bool = True, batch: int = 32, workers: int = 2) -> None:
     p.add_argument("--out", type=Path, required=out_required, help="output folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
@@ -127,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored crop")
     p.add_argument("--metrics-out", type=Path)
     p.add_argument("--results-out", type=Path)
+    p.add_argument("--expert", type=_expert, help="ViTPose++ expert by dataset name or index (default: coco)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -139,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="params, GFLOPs, latency and throughput side by side")
     p.add_argument("models", type=Path, nargs="+")
+    p.add_argument("--expert", type=_expert, help="ViTPose++ expert by dataset name or index (default: coco)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
 
@@ -263,7 +270,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from kdcache.config import EvalConfig
     from kdcache.evaluate import evaluate, format_metrics
 
-    cfg = EvalConfig(model=a.model, ann=a.ann, images=a.images, boxes=a.boxes, flip_test=a.flip_test,
+    cfg = EvalConfig(model=a.model, ann=a.ann, images=a.images, boxes=a.boxes, expert=a.expert,
+                     flip_test=a.flip_test,
                      box_score_thr=a.box_score_thr, batch_size=a.batch_size, workers=a.workers, device=a.device,
                      metrics_out=a.metrics_out, results_out=a.results_out)
     print(format_metrics(evaluate(cfg)))
@@ -293,7 +301,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from kdcache.bench import bench_models, format_table
     from kdcache.checkpoint import load_model, model_input_hw
 
-    models = {str(path): load_model(path, a.device) for path in a.models}
+    models = {str(path): load_model(path, a.device, expert=a.expert) for path in a.models}
     sizes = {model_input_hw(m) for m in models.values()}
     if len(sizes) != 1:
         raise UserError(f"models take different crop sizes {sorted(sizes)}; bench compares one size at a time")

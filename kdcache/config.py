@@ -102,6 +102,7 @@ class EvalConfig:
     ann: Path                   # COCO annotation file (ground truth)
     images: Path                # folder holding its images
     boxes: Path | None = None   # COCO detection results; None = ground-truth boxes
+    expert: str | int | None = None  # ViTPose++ expert (dataset name or index); None = COCO
     flip_test: bool = False     # average with the mirrored crop
     box_score_thr: float = 0.0  # detections below this score are dropped
     batch_size: int = 64

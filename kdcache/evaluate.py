@@ -203,7 +203,7 @@ def evaluate_model(model: nn.Module, ann: Path, images: Path, boxes: Path | None
 
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Stage 3 as a command: load the model, score it, write --metrics-out / --results-out."""
-    model = load_model(cfg.model, cfg.device)
+    model = load_model(cfg.model, cfg.device, expert=cfg.expert)
     metrics, results = evaluate_model(model, cfg.ann, cfg.images, cfg.boxes, cfg.flip_test,
                                       cfg.box_score_thr, cfg.batch_size, cfg.workers)
     if cfg.metrics_out is not None:

@@ -35,6 +35,7 @@ from kdcache.checkpoint import provenance, sha256_file
 from kdcache.coco import Instance, load_instances
 from kdcache.config import DumpConfig, to_jsonable
 from kdcache.data import ViewDataset, heatmap_hw_for
+from kdcache.distributed import world_from_env
 from kdcache.errors import UserError
 from kdcache.teacher import load_teacher
 from kdcache.transforms import to_input_tensor
@@ -75,11 +76,6 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch["crop_bytes"] = [item.get("crop_bytes") for item in good]
     batch["file_name"] = [item["file_name"] for item in good]
     return batch
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) under torchrun, (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _device(device: str) -> str:
@@ -161,7 +157,7 @@ def dump_teacher(cfg: DumpConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     manifest = _open_manifest(out, settings)
     done = {entry["index"] for entry in manifest["shards"]}
-    rank, world = _world()
+    rank, world = world_from_env()
     todo = [s for s in range(settings["num_shards"]) if s % world == rank and s not in done]
     if done:
         log.info("resuming: %d shards complete, %d to write on rank %d", len(done), len(todo), rank)

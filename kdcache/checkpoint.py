@@ -113,8 +113,8 @@ def load_model(path: Path, device: str = "cpu", expert: str | int | None = None)
     from kdcache.teacher import load_teacher, teacher_from_checkpoint
 
     path = Path(path)
-    if not path.is_file():
-        return load_teacher(path, device=device, expert=expert)  # HF folders; missing paths: it says why
+    if not path.is_file() or path.suffix == ".safetensors" or path.name.endswith(".index.json"):
+        return load_teacher(path, device=device, expert=expert)  # HuggingFace; missing paths: it says why
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "student":
         model = build_student(StudentConfig.from_dict(obj["model_config"]), load_pretrained=False)

@@ -32,6 +32,10 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _expert_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert", type=_expert, help="ViTPose++ expert by dataset name or index (default: coco)")
+
+
 def _expert(text: str) -> str | int:
     """A ViTPose++ expert: a dataset name ('coco', 'aic', ...) or its index."""
     return int(text) if text.isdigit() else text
@@ -109,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the mean of the teacher on the crop and on its mirror (2x teacher time)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="go on past missing or unreadable images and list them in manifest.json")
+    _expert_flag(p)
 
     p = sub.add_parser("train-student", help="stage 2: train a student from the cache (or online)")
     p.add_argument("--cache", type=Path, help="teacher cache from dump-teacher")
     p.add_argument("--online-teacher", type=Path, help="baseline: run this teacher every step instead")
+    _expert_flag(p)
     _data(p, required=False)
     p.add_argument("--student", required=True, help="timm backbone name, e.g. mobilenetv3_large_100")
     p.add_argument("--head", choices=("deconv", "light"), default="deconv")
@@ -132,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored crop")
     p.add_argument("--metrics-out", type=Path)
     p.add_argument("--results-out", type=Path)
-    p.add_argument("--expert", type=_expert, help="ViTPose++ expert by dataset name or index (default: coco)")
+    _expert_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -145,13 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="params, GFLOPs, latency and throughput side by side")
     p.add_argument("models", type=Path, nargs="+")
-    p.add_argument("--expert", type=_expert, help="ViTPose++ expert by dataset name or index (default: coco)")
+    _expert_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
 
     p = sub.add_parser("export", help="ONNX export checked against PyTorch")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--onnx", type=Path, required=True)
+    _expert_flag(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, ending in one table")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -211,7 +218,8 @@ def cmd_dump_teacher(a: argparse.Namespace) -> int:
     cfg = DumpConfig(teacher=a.teacher, ann=a.ann, images=a.images, run=_run_config(a), views=a.views,
                      batch_size=a.batch_size, shard_size=a.shard_size, crop_encoding=crop,
                      heatmap_encoding=a.heatmap_encoding, heatmap_rel_error=a.heatmap_error,
-                     gzip_level=a.gzip_level, teacher_flip=a.teacher_flip, skip_bad_images=a.skip_bad_images)
+                     gzip_level=a.gzip_level, teacher_flip=a.teacher_flip, skip_bad_images=a.skip_bad_images,
+                     expert=a.expert)
     out = dump_teacher(cfg)
     skipped = (read_manifest(out) or {}).get("skipped_images", [])
     if skipped:
@@ -233,7 +241,8 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     if not 0.0 <= a.alpha <= 1.0:
         raise UserError(f"--alpha must be within [0, 1] (got {a.alpha})")
     cfg = TrainStudentConfig(student=student, run=_run_config(a), cache=a.cache, online_teacher=a.online_teacher,
-                             ann=a.ann, images=a.images, alpha=a.alpha, kd_loss=a.kd_loss, optim=optim, val=val)
+                             expert=a.expert, ann=a.ann, images=a.images, alpha=a.alpha, kd_loss=a.kd_loss,
+                             optim=optim, val=val)
     if cache is not None:
         _check_cache_fits(cache, cfg)
     print(f"wrote {train_student(cfg)}")
@@ -313,7 +322,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from kdcache.checkpoint import load_model, model_input_hw
     from kdcache.export import export_onnx
 
-    model = load_model(a.model)
+    model = load_model(a.model, expert=a.expert)
     diff = export_onnx(model, a.onnx, model_input_hw(model))
     print(f"wrote {a.onnx} (max abs difference to PyTorch: {diff:.2e})")
     return 0

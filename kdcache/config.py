@@ -76,6 +76,7 @@ class DumpConfig:
     gzip_level: int = 2                     # deflate level of the heatmap chunks (1 fastest .. 9 smallest)
     teacher_flip: bool = False  # store the mean of the teacher on the crop and on its mirror (flipped back)
     skip_bad_images: bool = False  # go on past unreadable images, listing them in the manifest
+    expert: str | int | None = None  # ViTPose++ expert (dataset name or index); None = COCO
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -85,6 +86,7 @@ class TrainStudentConfig:
     run: RunConfig
     cache: Path | None = None           # teacher cache (stage 1 output); or use online_teacher
     online_teacher: Path | None = None  # baseline: run this teacher every step on fresh augmentations
+    expert: str | int | None = None     # ViTPose++ expert of the online teacher; None = COCO
     ann: Path | None = None             # ground truth for the online baseline
     images: Path | None = None
     alpha: float = 0.5          # weight of the teacher (KD) loss; 1 - alpha on ground-truth heatmaps

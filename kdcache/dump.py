@@ -37,7 +37,8 @@ from kdcache.config import DumpConfig, to_jsonable
 from kdcache.data import ViewDataset, heatmap_hw_for
 from kdcache.distributed import world_from_env
 from kdcache.errors import UserError
-from kdcache.teacher import load_teacher
+from kdcache.teacher import load_teacher, require_coco_keypoints
+from kdcache.teacher_formats import hf_weight_file
 from kdcache.transforms import to_input_tensor
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,11 @@ def _device(device: str) -> str:
     return device
 
 
+def _teacher_sha(path: Path) -> str:
+    """SHA-256 of the teacher's weights: the file, or a HuggingFace folder's weight file."""
+    return sha256_file(path if path.is_file() else hf_weight_file(path))
+
+
 def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, teacher_sha: str, num_views: int) -> dict[str, Any]:
     """Everything that decides the cache's content; a rerun must match it exactly to resume."""
     input_hw = tuple(teacher.config.input_hw)
@@ -103,7 +109,7 @@ def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, teacher_sha: str, n
         "heatmap_rel_error": cfg.heatmap_rel_error,
         "teacher_flip": cfg.teacher_flip,
         "teacher": {"arch": teacher.config.arch, "head": teacher.config.head, "sha256": teacher_sha,
-                    "config": teacher.config.to_dict()},
+                    "expert": cfg.expert, "config": teacher.config.to_dict()},
         "dump": dump,
         "total_views": num_views,
         "shard_size": cfg.shard_size,
@@ -146,8 +152,9 @@ def dump_teacher(cfg: DumpConfig) -> Path:
     if not 0 < cfg.heatmap_rel_error < 0.5:
         raise UserError(f"--heatmap-error must be in (0, 0.5) (got {cfg.heatmap_rel_error})")
     out = Path(cfg.run.out)
-    teacher = load_teacher(cfg.teacher, _device(cfg.run.device))
-    teacher_sha = sha256_file(cfg.teacher) if Path(cfg.teacher).is_file() else "directory"
+    teacher = load_teacher(cfg.teacher, _device(cfg.run.device), expert=cfg.expert)
+    require_coco_keypoints(teacher, cfg.teacher, cfg.expert)
+    teacher_sha = _teacher_sha(Path(cfg.teacher))
     instances = load_instances(cfg.ann)
     if not instances:
         raise UserError(f"{cfg.ann} has no usable person instances (non-crowd, with keypoints, positive area)")

@@ -23,6 +23,7 @@ from torch import nn
 
 from kdcache import teacher_formats as formats
 from kdcache.errors import UserError
+from kdcache.keypoints import NUM_KEYPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +383,13 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", input_hw:
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist")
     return teacher_from_checkpoint(read_checkpoint(path), path, device, input_hw, expert)
+
+
+def require_coco_keypoints(teacher: ViTPose, path: Path, expert: str | int | None) -> None:
+    """Refuse a teacher (e.g. the AIC or MPII expert of a ViTPose++ file) whose joints are not COCO's 17."""
+    if teacher.config.num_keypoints != NUM_KEYPOINTS:
+        raise UserError(f"{path} (expert {expert!r}) predicts {teacher.config.num_keypoints} keypoints, not COCO's "
+                        f"{NUM_KEYPOINTS}: choose a COCO-keypoint expert (the default, 'coco')")
 
 
 def teacher_from_checkpoint(obj: object, path: Path, device: str | torch.device = "cpu",

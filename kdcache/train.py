@@ -36,7 +36,7 @@ from kdcache.distributed import barrier, close_world, init_world
 from kdcache.errors import UserError
 from kdcache.losses import distillation_loss, heatmap_mse
 from kdcache.student import build_student
-from kdcache.teacher import build_vitpose, load_teacher, vitpose_config
+from kdcache.teacher import build_vitpose, load_teacher, require_coco_keypoints, vitpose_config
 from kdcache.transforms import to_input_tensor
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def train_student(cfg: TrainStudentConfig) -> Path:
     model = build_student(cfg.student)
 
     if cfg.cache is not None:
-        dataset = CachedDataset(cfg.cache, cfg.sigma, cfg.flip_prob, cfg.run.seed)
+        dataset = CachedDataset(cfg.cache, cfg.sigma, cfg.flip_prob, cfg.run.seed, images=cfg.images)
         cache_hw = dataset.cache.input_hw
         if tuple(cache_hw) != tuple(cfg.student.input_hw):
             raise UserError(f"cache {cfg.cache} holds {cache_hw[0]}x{cache_hw[1]} crops but the student is set "
@@ -81,7 +81,8 @@ def train_student(cfg: TrainStudentConfig) -> Path:
     else:
         if cfg.ann is None or cfg.images is None:
             raise UserError("--online-teacher needs --ann and --images (the ground truth to augment)")
-        teacher = load_teacher(cfg.online_teacher, cfg.run.device)
+        teacher = load_teacher(cfg.online_teacher, cfg.run.device, expert=cfg.expert)
+        require_coco_keypoints(teacher, cfg.online_teacher, cfg.expert)
         if tuple(teacher.config.input_hw) != tuple(cfg.student.input_hw):
             raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
                             "pass --input-size to match them")

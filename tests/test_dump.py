@@ -175,6 +175,19 @@ def test_crop_none_replays_the_same_crops(setup, tmp_path):
     np.testing.assert_array_equal(item["crop"], png[1]["crop"])
 
 
+def test_crop_none_cache_trains_from_moved_images(setup, tmp_path, capsys):
+    shutil.copytree(setup["images"], tmp_path / "orig")
+    assert main(_args(setup, tmp_path / "none", tmp_path / "orig", "--crop", "none")) == 0
+    (tmp_path / "orig").rename(tmp_path / "moved")
+    student = ["train-student", "--cache", str(tmp_path / "none"), "--student", "mobilenetv3_small_100",
+               "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--no-progress"]
+    assert main([*student, "--out", str(tmp_path / "lost")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "orig" in err
+    assert main([*student, "--images", str(tmp_path / "moved"), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run/last.pt").is_file()
+
+
 def test_train_student_refuses_damaged_or_mismatched_caches(setup, reference, tmp_path, capsys):
     cache = tmp_path / "cache"
     shutil.copytree(reference, cache)

@@ -227,6 +227,7 @@ def test_huggingface_folder_safetensors(tmp_path, head):
     assert model.config.head == head and model.config.input_hw == INPUT_HW
     assert torch.equal(run(model), run(load_teacher(tmp_path / "official.pth")))
     assert torch.equal(run(load_teacher(folder / "model.safetensors")), run(model))
+    assert torch.equal(run(load_model(folder / "model.safetensors")), run(model))  # what eval/bench/export use
 
 
 def test_huggingface_bin_through_load_model_and_sharded_index(classic, tmp_path):
@@ -299,3 +300,41 @@ def test_huggingface_bin_that_runs_code_is_refused(classic, tmp_path):
     torch.save({**to_hf(classic[0]), "x": Payload()}, folder / "pytorch_model.bin")
     with pytest.raises(UserError, match="refused"):
         load_teacher(folder)
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def test_dump_teacher_uses_the_chosen_expert_and_hashes_hf_weights(plus, tmp_path, capsys):
+    """`dump-teacher --expert ap10k` caches that expert's heatmaps and records it; an expert whose joints are
+    not COCO's is refused; an HF folder is hashed by its weight file, so two folders never look alike."""
+    import numpy as np
+
+    from kdcache.cache import open_cache, read_manifest
+    from kdcache.checkpoint import sha256_file
+    from kdcache.cli import main
+    from kdcache.synth import SynthConfig, synthesize
+    from kdcache.transforms import to_input_tensor
+
+    data = synthesize(SynthConfig(out=tmp_path / "data", train_images=2, val_images=0, seed=1, max_people=1))
+    torch.save({"state_dict": plus}, tmp_path / "plus.pth")
+    common = ["--ann", str(data / "annotations/person_keypoints_train.json"), "--images", str(data / "train"),
+              "--views", "2", "--workers", "0", "--no-progress", "--crop", "none"]
+    assert main(["dump-teacher", "--teacher", str(tmp_path / "plus.pth"), "--expert", "aic",
+                 "--out", str(tmp_path / "aic"), *common]) == 2
+    assert "predicts 14 keypoints, not COCO's 17" in capsys.readouterr().err
+    assert main(["dump-teacher", "--teacher", str(tmp_path / "plus.pth"), "--expert", "ap10k",
+                 "--out", str(tmp_path / "ap10k"), *common]) == 0  # AP-10K: 17 (animal) joints
+    cache = open_cache(tmp_path / "ap10k", images=data / "train")
+    assert read_manifest(tmp_path / "ap10k")["teacher"]["expert"] == "ap10k"
+    row = cache[1]
+    x = to_input_tensor(row["crop"][None])
+    with torch.no_grad():
+        chosen = load_teacher(tmp_path / "plus.pth", expert="ap10k")(x)[0].numpy()
+        coco = load_teacher(tmp_path / "plus.pth")(x)[0].numpy()
+    assert np.linalg.norm(row["heatmaps"] - chosen) / np.linalg.norm(chosen) < 0.01
+    assert np.linalg.norm(row["heatmaps"] - coco) / np.linalg.norm(coco) > 0.05
+
+    folder = write_hf(tmp_path / "hf", random_official(seed=9), hf_config(False))
+    assert main(["dump-teacher", "--teacher", str(folder), "--out", str(tmp_path / "hf-cache"), *common]) == 0
+    assert read_manifest(tmp_path / "hf-cache")["teacher"]["sha256"] == sha256_file(folder / "model.safetensors")

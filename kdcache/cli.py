@@ -15,7 +15,7 @@ from kdcache import __version__
 from kdcache.errors import UserError
 
 if TYPE_CHECKING:
-    from kdcache.cache import Cache
+    from kdcache.cache_reader import Cache
     from kdcache.config import TrainStudentConfig
 
 log = logging.getLogger("kdcache")

@@ -67,7 +67,7 @@ def heatmap_option(heat: np.ndarray, encoding: str, eps: float, level: int) -> d
     decoded = []
     for i, chunk in enumerate(chunks):
         raw = zlib.decompress(chunk)
-        stored = (cachefmt._unshuffle(raw, itemsize) if itemsize > 1 else np.frombuffer(raw, np.uint8))
+        stored = (cachefmt.unshuffle_bytes(raw, itemsize) if itemsize > 1 else np.frombuffer(raw, np.uint8))
         decoded.append(enc.decode(stored.view(enc.dtype).reshape(heat.shape[1:]), None if side is None else side[i]))
     decode_us = (time.perf_counter() - start) / len(chunks) * 1e6
     decoded = np.stack(decoded)

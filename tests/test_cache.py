@@ -98,7 +98,7 @@ def test_int16_step_error_is_the_budget_per_joint():
     heat = _teacher_like(64, rng)
     chunks, step = cachefmt.encode_heatmap_rows(heat, "int16-step", 0.005)
     import zlib
-    stored = np.stack([cachefmt._unshuffle(zlib.decompress(c), 2).view(np.uint16).reshape(K, H, W)
+    stored = np.stack([cachefmt.unshuffle_bytes(zlib.decompress(c), 2).view(np.uint16).reshape(K, H, W)
                        for c in chunks])
     back = cachefmt.HEATMAP_ENCODINGS["int16-step"].decode(stored, step)
     live = np.ones(K, bool)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdcache.augment import StudentAugConfig
 from kdcache.student import StudentConfig
 from kdcache.transforms import AugmentConfig
 
@@ -84,17 +85,20 @@ class DumpConfig:
 class TrainStudentConfig:
     student: StudentConfig
     run: RunConfig
-    cache: Path | None = None           # teacher cache (stage 1 output); or use online_teacher
-    online_teacher: Path | None = None  # baseline: run this teacher every step on fresh augmentations
+    cache: Path | None = None           # teacher cache (stage 1 output)
+    online_teacher: Path | None = None  # baseline: run this teacher every step; neither = ground truth only
     expert: str | int | None = None     # ViTPose++ expert of the online teacher; None = COCO
     ann: Path | None = None             # ground truth for the online baseline
     images: Path | None = None
     alpha: float = 0.5          # weight of the teacher (KD) loss; 1 - alpha on ground-truth heatmaps
     kd_loss: str = "mse"        # teacher term: "mse" on heatmaps or "kl" on spatially softmaxed heatmaps
+    kd_temperature: float = 1.0  # "kl": softmax temperature (the loss is scaled by T^2)
+    confidence_weights: bool = False  # weight each joint's teacher term by the teacher's confidence (peak)
     sigma: float = 2.0          # ground-truth Gaussian sigma in heatmap pixels
     flip_prob: float = 0.5      # train-time mirror of cached views (heatmaps flipped with pairs swapped)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)  # view sampling (online and ground-truth runs)
+    student_aug: StudentAugConfig = field(default_factory=StudentAugConfig)  # photometric/occlusion/jitter
     val: ValConfig = field(default_factory=ValConfig)
 
 
@@ -112,6 +116,8 @@ class EvalConfig:
     device: str = "cpu"
     metrics_out: Path | None = None
     results_out: Path | None = None
+    vis_dir: Path | None = None  # PNGs of predictions over ground truth for the first vis_count images (None = off)
+    vis_count: int = 20         # images drawn into vis_dir
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -13,8 +13,10 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from kdcache import heatmaps as codec
+from kdcache.augment import StudentAugConfig, jitter, photometric
 from kdcache.cache import open_cache
 from kdcache.coco import Instance, read_image
+from kdcache.errors import UserError
 from kdcache.keypoints import FLIP_INDEX
 from kdcache.transforms import AugmentConfig, flip_crop, keypoints_to_crop, sample_view, warp_crop
 
@@ -48,11 +50,15 @@ class ViewDataset(Dataset):
 
     def __init__(self, instances: list[Instance], images_dir: Path, input_hw: tuple[int, int],
                  aug: AugmentConfig, seed: int, items: list[tuple[int, int]] | None = None,
-                 sigma: float | None = None):
+                 sigma: float | None = None, student_aug: StudentAugConfig | None = None,
+                 keep_clean: bool = False):
         """
         Args:
             items: (instance index, view) pairs; None = one view per instance, chosen by `set_epoch`.
             sigma: when given, items carry ground-truth `target` heatmaps [K, h, w] and `target_weight` [K].
+            student_aug: photometric changes and occlusion of the crop (its jitter is for cached views only).
+            keep_clean: with `student_aug`, keep `crop` as warped (the online teacher's input) and put the
+                changed one in `student_crop`.
         """
         self.instances = instances
         self.items = items
@@ -60,6 +66,8 @@ class ViewDataset(Dataset):
         self.aug = aug
         self.seed = seed
         self.sigma = sigma
+        self.student_aug = student_aug or StudentAugConfig()
+        self.keep_clean = keep_clean
         self.epoch = 0
         self._images = _ImageMemo(images_dir)
 
@@ -81,45 +89,68 @@ class ViewDataset(Dataset):
         if self.sigma is not None:
             item["target"], item["target_weight"] = codec.encode(
                 keypoints, self.input_hw, heatmap_hw_for(self.input_hw), self.sigma)
+        if self.student_aug.changes_pixels:
+            changed = photometric(crop, np.random.default_rng([self.seed, inst.ann_id, view, 1]), self.student_aug)
+            item["student_crop" if self.keep_clean else "crop"] = changed
         return item
 
 
 class CachedDataset(Dataset):
-    """Views of a teacher cache with targets kept true under train-time augmentation.
+    """Cached views, one per instance per epoch, with targets kept true under train-time augmentation.
 
-    A mirror (probability `flip_prob`, decided by (seed, epoch, index)) flips crop and teacher heatmaps
-    together and swaps keypoint pairs; UDP makes the heatmap mirror exact, with no shift. A cache dumped
-    with no crops (crop encoding "none") replays each crop from its image with the stored affine.
+    Epoch e reads view 1 + e mod (K - 1) of every instance (view 0, the plain crop, when K = 1): the views
+    an online run draws in epochs 0 .. K - 2, then the same again, so "epochs" mean the same with and
+    without the cache. A mirror (probability `flip_prob`, decided by (seed, epoch, index)) flips crop and
+    teacher heatmaps together and swaps keypoint pairs; UDP makes the heatmap mirror exact, with no shift.
+    `student_aug` adds photometric changes and occlusion (targets unchanged) and, optionally, a small
+    affine jitter of crop, heatmaps and keypoints together. A cache dumped with no crops (crop encoding
+    "none") replays each crop from its image with the stored affine.
     """
 
-    def __init__(self, cache_path: Path, sigma: float, flip_prob: float, seed: int, images: Path | None = None):
+    def __init__(self, cache_path: Path, sigma: float, flip_prob: float, seed: int, images: Path | None = None,
+                 student_aug: StudentAugConfig | None = None):
         """
         Args:
             images: image folder for crop replay (default: the one the cache was dumped from).
         """
         self.cache = open_cache(cache_path, images=images)
+        self.views = int(self.cache.manifest.get("dump", {}).get("views") or 1)
+        if len(self.cache) % self.views:
+            raise UserError(f"cache {cache_path} holds {len(self.cache)} rows, not a multiple of its "
+                            f"{self.views} views per instance; dump it again")
         self.sigma = sigma
         self.flip_prob = flip_prob
         self.seed = seed
+        self.student_aug = student_aug or StudentAugConfig()
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return len(self.cache) // self.views
+
+    def row_of(self, index: int) -> int:
+        """Cache row of instance `index` in the current epoch (rows are instance-major, views inner)."""
+        view = 1 + self.epoch % (self.views - 1) if self.views > 1 else 0
+        return index * self.views + view
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.cache[index]
+        row = self.cache[self.row_of(index)]
         crop, teacher, keypoints = row["crop"], row["heatmaps"], row["keypoints"]
+        confidence = row["confidence"] if "confidence" in row else teacher.max(axis=(1, 2))  # schema 1: none
         rng = np.random.default_rng([self.seed, self.epoch, index])
         if rng.random() < self.flip_prob:
             crop = flip_crop(crop)
             teacher = codec.flip_heatmaps(teacher)
+            confidence = confidence[list(FLIP_INDEX)]
             width = crop.shape[1]
             keypoints = keypoints[list(FLIP_INDEX)].copy()
             keypoints[:, 0] = (width - 1) - keypoints[:, 0]
+        crop, teacher, keypoints = jitter(crop, teacher, keypoints, rng, self.student_aug)
+        crop = photometric(crop, rng, self.student_aug)
         input_hw = crop.shape[:2]
         target, weight = codec.encode(keypoints, input_hw, teacher.shape[-2:], self.sigma)
         return {"crop": np.ascontiguousarray(crop), "teacher": np.ascontiguousarray(teacher),
+                "teacher_confidence": np.ascontiguousarray(confidence, dtype=np.float32),
                 "target": target, "target_weight": weight}

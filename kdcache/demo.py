@@ -41,9 +41,9 @@ class DemoConfig:
     input_hw: tuple[int, int] = (128, 96)  # crop (H, W); heatmaps 32x24
     teacher_arch: str = "vitpose-nano"
     teacher_epochs: int = 54              # ~2,500 steps of 32 crops
-    views: int = 4                        # cached views per instance
+    views: int = 9                        # cached views per instance: view 0 plus one per student epoch
     student: str = "mobilenetv3_large_100"
-    student_epochs: int = 2
+    student_epochs: int = 8               # an epoch is one view of every instance
     alpha: float = 0.5
     workers: int = 2
     seed: int = 0

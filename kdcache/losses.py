@@ -36,19 +36,26 @@ def heatmap_kl(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
     return kl.mean() * temperature ** 2
 
 
-KD_LOSSES = {"mse": heatmap_mse, "kl": heatmap_kl}
-
-
 def distillation_loss(pred: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
-                      target_weight: torch.Tensor, alpha: float, kind: str = "mse") -> torch.Tensor:
+                      target_weight: torch.Tensor, alpha: float, kind: str = "mse", temperature: float = 1.0,
+                      kd_weight: torch.Tensor | None = None) -> torch.Tensor:
     """alpha * KD(pred, teacher) + (1 - alpha) * MSE(pred, ground truth).
 
     The teacher term covers every joint (the teacher has an opinion on unlabelled ones too); the
     ground-truth term uses the target weights.
+
+    Args:
+        pred, teacher, target: [N, K, h, w] heatmaps; target_weight: [N, K].
+        temperature: of the "kl" term.
+        kd_weight: [N, K] factor on each joint's teacher term (e.g. the teacher's confidence); None = 1.
     """
     loss = pred.new_zeros((), dtype=torch.float32)
     if alpha > 0:
-        loss = loss + alpha * KD_LOSSES[kind](pred, teacher)
+        if kind == "kl":
+            kd = heatmap_kl(pred, teacher, kd_weight, temperature)
+        else:  # heatmap_mse squares its weight with the difference: sqrt keeps the factor linear
+            kd = heatmap_mse(pred, teacher, None if kd_weight is None else kd_weight.clamp(min=0).sqrt())
+        loss = loss + alpha * kd
     if alpha < 1:
         loss = loss + (1 - alpha) * heatmap_mse(pred, target, target_weight)
     return loss

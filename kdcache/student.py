@@ -2,9 +2,9 @@
 
 The backbone is a plain timm name, never a registry of ours: `StudentConfig("mobilenetv3_large_100")`.
 Its deepest feature map (stride 32, or 16 for plain ViTs) is brought to stride 4 by ×2 upsampling
-blocks, then a 1×1 conv gives one heatmap per keypoint. Attention backbones (EfficientFormerV2, ViT) are
-built for `input_hw` and only run at that size. ImageNet weights come from local files only, never a
-download; weights learnt at 224×224 have their relative-position attention tables fitted to `input_hw`.
+blocks, then a 1×1 conv gives one heatmap per keypoint. Attention backbones (EfficientFormer v1 and V2,
+ViT) are built for `input_hw` and only run at that size. ImageNet weights come from local files only, never
+a download; weights learnt at 224×224 have their relative-position attention tables fitted to `input_hw`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models.efficientformer import Attention as _FlatAttention
 from torch import nn
 
 from kdcache.errors import UserError
@@ -123,7 +124,7 @@ def build_student(cfg: StudentConfig, load_pretrained: bool = True) -> PoseStude
 
 def _probe(backbone: nn.Module, cfg: StudentConfig, stride: int) -> int:
     """One batch-1 forward at input_hw: fail at build time, not mid-training, on backbones whose layers are
-    tied to another input size (e.g. EfficientFormer v1's 7x7 attention), and check the map is input/stride.
+    tied to another input size (e.g. fixed position embeddings), and check the map is input/stride.
 
     Returns the channels of the deepest map.
     """
@@ -214,6 +215,7 @@ def _create_backbone(cfg: StudentConfig, pretrained_sd: dict | None) -> nn.Modul
                 attempt["pretrained_cfg_overlay"] = dict(state_dict=_fit_attention_biases(pretrained_sd, cfg, attempt))
             with _missing_keys_watch() as missing:
                 model = timm.create_model(cfg.backbone, **attempt)
+            _fit_flat_attention(model, cfg.input_hw)
             classifiers = tuple(c + "." for c in _classifier_names(cfg.backbone))
             missing = [k for k in missing if not k.startswith(classifiers)]
             if missing:
@@ -264,11 +266,8 @@ def _classifier_names(name: str) -> tuple[str, ...]:
 
 
 def _fit_attention_biases(sd: dict, cfg: StudentConfig, create_kwargs: dict) -> dict:
-    """Crop / edge-pad relative-position attention biases learnt at 224×224 (7×7 grid) to this input's grid.
-
-    The tables are indexed by (|dy|, |dx|), so keeping each distance's learnt value (rather than resampling)
-    preserves their meaning; distances the source never saw repeat the largest one.
-    """
+    """EfficientFormerV2 (built for img_size): fit the 7×7 attention biases of a 224×224 state dict to the
+    grids of the model built for this input (see `_fit_distance_table`)."""
     keys = [k for k, v in sd.items() if k.endswith("attention_biases") and v.ndim == 2]
     if not keys:
         return sd
@@ -285,13 +284,54 @@ def _fit_attention_biases(sd: dict, cfg: StudentConfig, create_kwargs: dict) -> 
         side = math.isqrt(n_old)
         if resolution is None or side * side != n_old or target[key].shape != (heads, resolution[0] * resolution[1]):
             continue  # leave it to timm's loader, which reports the mismatch
-        h, w = resolution
-        grid = sd[key].reshape(heads, side, side)[:, :h, :w]
-        grid = torch.cat([grid, grid[:, -1:].expand(heads, h - grid.shape[1], grid.shape[2])], dim=1)
-        grid = torch.cat([grid, grid[:, :, -1:].expand(heads, h, w - grid.shape[2])], dim=2)
-        sd[key] = grid.reshape(heads, h * w).contiguous()
-        log.info("attention biases %s: %dx%d grid fitted to %dx%d", key, side, side, h, w)
+        sd[key] = _fit_distance_table(sd[key], tuple(resolution))
+        log.info("attention biases %s: %dx%d grid fitted to %dx%d", key, side, side, *resolution)
     return sd
+
+
+def _fit_flat_attention(model: nn.Module, input_hw: tuple[int, int]) -> None:
+    """EfficientFormer v1 (L1, L3, L7): re-size the last stage's attention to this input's stride-32 grid,
+    in place, keeping the weights already loaded.
+
+    timm builds that attention for a 7×7 grid (224 input) whatever `img_size` says: `attention_biases`
+    [heads, 49] is a table over (|dy|, |dx|) token offsets, gathered through the buffer
+    `attention_bias_idxs` [49, 49] (query token, key token) -> |dy| * 7 + |dx|. Both are rebuilt for the
+    (h, w) grid: biases [heads, h*w] from `_fit_distance_table`, index [h*w, h*w] -> |dy| * w + |dx|.
+    """
+    h, w = -(-input_hw[0] // 32), -(-input_hw[1] // 32)  # each stride-2 conv (k3, p1) rounds up
+    for module in model.modules():
+        if not isinstance(module, _FlatAttention):
+            continue
+        n_old = module.attention_biases.shape[1]
+        if n_old == h * w and module.attention_bias_idxs.shape == (h * w, h * w):
+            continue
+        yx = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # [2, h*w]
+        offsets = (yx[:, :, None] - yx[:, None, :]).abs()  # [2, h*w, h*w]: |dy|, |dx| per (query, key)
+        with torch.no_grad():
+            table = _fit_distance_table(module.attention_biases.detach(), (h, w))
+        module.attention_biases = nn.Parameter(table.to(module.attention_biases))
+        module.attention_bias_idxs = (offsets[0] * w + offsets[1]).to(module.attention_bias_idxs.device)
+        module.attention_bias_cache = {}  # eval-mode cache of the gathered [heads, N, N] biases
+        log.debug("EfficientFormer attention: %d-token bias table fitted to a %dx%d grid", n_old, h, w)
+
+
+def _fit_distance_table(table: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Crop / edge-pad a relative-position bias table learnt on a square grid to an (h, w) grid.
+
+    table: [heads, side*side], entry |dy| * side + |dx| -> [heads, h*w], entry |dy| * w + |dx|.
+
+    Cropping rather than interpolating (as LeViT / TinyViT do): a token is 32 pixels at any input size, so an
+    offset of d tokens means the same image distance at 224 and at 256×192; resampling the 7×7 table to 8×6
+    would stretch rows and squeeze columns by different factors, and at 4×3 or 2×2 it would give
+    neighbours the bias learnt for tokens six apart. Offsets beyond the learnt ones repeat the largest.
+    """
+    heads, n_old = table.shape
+    side = math.isqrt(n_old)
+    h, w = hw
+    grid = table.reshape(heads, side, side)[:, :h, :w]
+    grid = torch.cat([grid, grid[:, -1:].expand(heads, h - grid.shape[1], grid.shape[2])], dim=1)
+    grid = torch.cat([grid, grid[:, :, -1:].expand(heads, h, w - grid.shape[2])], dim=2)
+    return grid.reshape(heads, h * w).contiguous()
 
 
 def _timm_cache_file(name: str) -> Path:

@@ -61,14 +61,23 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
 
 
 def train_student(cfg: TrainStudentConfig) -> Path:
-    """Train a student from a teacher cache, or online from a teacher checkpoint; returns the run folder."""
-    if (cfg.cache is None) == (cfg.online_teacher is None):
-        raise UserError("give exactly one of --cache CACHE or --online-teacher CKPT")
+    """Train a student from a teacher cache, online from a teacher checkpoint, or (neither given) on ground
+    truth only; returns the run folder."""
+    if cfg.cache is not None and cfg.online_teacher is not None:
+        raise UserError("give one of --cache CACHE or --online-teacher CKPT, not both")
+    if cfg.kd_loss not in ("mse", "kl"):
+        raise UserError(f"unknown --kd-loss {cfg.kd_loss!r}; choose mse or kl")
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_student(cfg.student)
 
+    def kd(pred: torch.Tensor, teacher: torch.Tensor, confidence: torch.Tensor,
+           batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return distillation_loss(pred, teacher, batch["target"], batch["target_weight"], cfg.alpha, cfg.kd_loss,
+                                 cfg.kd_temperature, confidence if cfg.confidence_weights else None)
+
     if cfg.cache is not None:
-        dataset = CachedDataset(cfg.cache, cfg.sigma, cfg.flip_prob, cfg.run.seed, images=cfg.images)
+        dataset = CachedDataset(cfg.cache, cfg.sigma, cfg.flip_prob, cfg.run.seed, images=cfg.images,
+                                student_aug=cfg.student_aug)
         cache_hw = dataset.cache.input_hw
         if tuple(cache_hw) != tuple(cfg.student.input_hw):
             raise UserError(f"cache {cfg.cache} holds {cache_hw[0]}x{cache_hw[1]} crops but the student is set "
@@ -76,24 +85,30 @@ def train_student(cfg: TrainStudentConfig) -> Path:
                             f"{cache_hw[0]}x{cache_hw[1]} or dump a cache at the student's size")
 
         def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return distillation_loss(model(x), batch["teacher"], batch["target"], batch["target_weight"],
-                                     cfg.alpha, cfg.kd_loss)
+            return kd(model(x), batch["teacher"], batch["teacher_confidence"], batch)
     else:
         if cfg.ann is None or cfg.images is None:
-            raise UserError("--online-teacher needs --ann and --images (the ground truth to augment)")
-        teacher = load_teacher(cfg.online_teacher, cfg.run.device, expert=cfg.expert)
-        require_coco_keypoints(teacher, cfg.online_teacher, cfg.expert)
-        if tuple(teacher.config.input_hw) != tuple(cfg.student.input_hw):
-            raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
-                            "pass --input-size to match them")
-        dataset = ViewDataset(load_instances(cfg.ann), cfg.images, cfg.student.input_hw, cfg.aug,
-                              cfg.run.seed, sigma=cfg.sigma)
+            raise UserError("training without --cache needs --ann and --images (the ground truth to augment)")
+        teacher = None
+        if cfg.online_teacher is not None:
+            teacher = load_teacher(cfg.online_teacher, cfg.run.device, expert=cfg.expert)
+            require_coco_keypoints(teacher, cfg.online_teacher, cfg.expert)
+            if tuple(teacher.config.input_hw) != tuple(cfg.student.input_hw):
+                raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
+                                "pass --input-size to match them")
+        elif cfg.alpha > 0:
+            log.info("no --cache or --online-teacher: training on ground truth only (alpha ignored)")
+        dataset = ViewDataset(load_instances(cfg.ann), cfg.images, cfg.student.input_hw, cfg.aug, cfg.run.seed,
+                              sigma=cfg.sigma, student_aug=cfg.student_aug, keep_clean=teacher is not None)
 
         def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            if teacher is None:
+                return heatmap_mse(model(x), batch["target"], batch["target_weight"])
+            # x is the student's input; the teacher sees the crop before photometric changes, as in the dump.
+            clean = to_input_tensor(batch["crop"]) if "student_crop" in batch else x
             with torch.no_grad():
-                target = teacher(x).float()
-            return distillation_loss(model(x), target, batch["target"], batch["target_weight"],
-                                     cfg.alpha, cfg.kd_loss)
+                target = teacher(clean).float()
+            return kd(model(x), target, target.amax(dim=(2, 3)), batch)
 
     return _fit(model, dataset, loss_fn, cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
 
@@ -165,7 +180,8 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
              f", rank {world.rank} of {world.size}" if world.size > 1 else "")
 
     metrics = open(out / "metrics.csv", "a" if first_epoch else "w", newline="") if world.is_main else None
-    with metrics or contextlib.nullcontext():
+    board = _tensorboard(out) if world.is_main else None
+    with metrics or contextlib.nullcontext(), board or contextlib.nullcontext():
         writer = csv.writer(metrics) if metrics else None
         if writer and not first_epoch:
             writer.writerow(["epoch", "step", "loss", "lr", "seconds", "crops_per_s", "val_AP"])
@@ -181,9 +197,10 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not (run.progress and world.is_main),
                        leave=False)
             for batch in bar:
-                x = to_input_tensor(batch["crop"]).to(device, non_blocking=True)
+                student_crop = batch.get("student_crop", batch["crop"])  # photometric changes, if any
+                x = to_input_tensor(student_crop.to(device, non_blocking=True))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-                         if isinstance(v, torch.Tensor) and k != "crop"}
+                         if isinstance(v, torch.Tensor) and (k != "crop" or "student_crop" in batch)}
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     loss = loss_fn(trained, batch, x)
                 opt.zero_grad(set_to_none=True)
@@ -198,6 +215,9 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
                 seen += x.shape[0]
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.2e}", lr=f"{sched.get_last_lr()[0]:.1e}")
+                if board is not None:
+                    board.add_scalar("train/loss", losses[-1], step)
+                    board.add_scalar("train/lr", sched.get_last_lr()[0], step)
                 if step >= total:
                     break
             seconds = time.perf_counter() - start
@@ -209,6 +229,10 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
             writer.writerow([epoch + 1, step, f"{np.mean(losses):.6g}", f"{sched.get_last_lr()[0]:.6g}",
                              f"{seconds:.2f}", f"{seen / seconds:.2f}", "" if ap is None else f"{ap:.3f}"])
             metrics.flush()
+            if board is not None:
+                board.add_scalar("train/crops_per_s", seen / seconds, step)
+                if ap is not None:
+                    board.add_scalar("val/AP", ap, step)
             log.info("epoch %d: loss %.4g, %.1f crops/s%s", epoch + 1, np.mean(losses), seen / seconds,
                      "" if ap is None else f", val AP {ap:.2f}")
             improved = ap is not None and ap > best_ap
@@ -226,6 +250,15 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
         shutil.copyfile(out / "last.pt", out / "best.pt")
     close_world(world)
     return out
+
+
+def _tensorboard(out: Path) -> Any:
+    """A TensorBoard writer logging to out/tensorboard when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: `pip install tensorboard`
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
 def _validate(model: nn.Module, val: ValConfig, epoch: int, last: bool) -> float | None:

@@ -171,8 +171,9 @@ def test_crop_none_replays_the_same_crops(setup, tmp_path):
         np.testing.assert_array_equal(none[i]["heatmaps"], png[i]["heatmaps"])
     with h5py.File(tmp_path / "none/shard-00000.h5", "r") as f:
         assert "crop" not in f and f["image_file"][0].decode() == setup["instances"][0].file_name
-    item = CachedDataset(tmp_path / "none", sigma=2.0, flip_prob=0.0, seed=0)[1]
-    np.testing.assert_array_equal(item["crop"], png[1]["crop"])
+    dataset = CachedDataset(tmp_path / "none", sigma=2.0, flip_prob=0.0, seed=0)
+    assert dataset.row_of(0) == 1  # epoch 0: view 1 of instance 0
+    np.testing.assert_array_equal(dataset[0]["crop"], png[1]["crop"])
 
 
 def test_crop_none_cache_trains_from_moved_images(setup, tmp_path, capsys):

@@ -17,9 +17,12 @@ BACKBONES = [
     "mobilenetv3_small_100",
     "mobilenetv3_large_100",
     "mobilenetv4_conv_small",
+    "mobilenetv4_conv_medium",
+    "efficientformer_l1",
+    "efficientformer_l3",
     "efficientformerv2_s0",
-    pytest.param("efficientformer_l1", marks=pytest.mark.xfail(  # remove the mark once the 8x6 adaptation lands
-        raises=UserError, strict=True, reason="timm fixes EfficientFormer v1 attention to 7x7 (224 input)")),
+    "efficientformerv2_s1",
+    "efficientformerv2_s2",
 ]
 
 
@@ -81,6 +84,11 @@ def test_bad_configs_raise_user_errors():
         build_student(StudentConfig("mobilenetv3_small_100", head="fpn"))
     with pytest.raises(UserError, match="not divisible"):
         build_student(StudentConfig("mobilenetv3_small_100", input_hw=(250, 192)))
+    with pytest.raises(UserError, match="ends at stride 7") as stride_7:  # patch 7 convolutions, no pyramid
+        build_student(StudentConfig("convmixer_768_32"))
+    with pytest.raises(UserError, match=r"\(1, 2048, 6, 4\) feature map") as unpadded:  # valid convs lose pixels
+        build_student(StudentConfig("inception_v3"))
+    assert "\n" not in str(stride_7.value) + str(unpadded.value)
 
 
 def test_pretrained_from_files(tmp_path):
@@ -121,6 +129,38 @@ def test_efficientformerv2_224_weights_fit_256x192(tmp_path):
     assert torch.equal(new[:, 7, :], old[:, 6, :6])  # |dy| = 7 never seen at 224: repeats |dy| = 6
     with torch.no_grad():
         assert student.eval()(torch.randn(1, 3, *INPUT_HW)).shape == (1, 17, 64, 48)
+
+
+@pytest.mark.parametrize("input_hw", [(256, 192), (128, 96), (64, 64)])
+def test_efficientformer_v1_224_weights_fit_other_grids(tmp_path, input_hw):
+    """v1's last-stage attention (7x7 at 224) is rebuilt for the stride-32 grid: every (query, key) token
+    pair gets the bias learnt for its (|dy|, |dx|) offset, offsets past 6 repeat 6; other weights load as is."""
+    imagenet = timm.create_model("efficientformer_l1")
+    with torch.no_grad():
+        imagenet.stages[3].blocks[4].token_mixer.attention_biases.copy_(torch.randn(8, 49))
+    torch.save(imagenet.state_dict(), tmp_path / "in1k.pth")
+    student = build_student(StudentConfig("efficientformer_l1", input_hw=input_hw,
+                                          pretrained=str(tmp_path / "in1k.pth"))).eval()
+    old, new = imagenet.stages[3].blocks[4].token_mixer, student.backbone.model.stages[3].blocks[4].token_mixer
+    h, w = input_hw[0] // 32, input_hw[1] // 32
+    assert new.attention_biases.shape == (8, h * w) and new.attention_bias_idxs.shape == (h * w, h * w)
+    assert torch.equal(new.qkv.weight, old.qkv.weight)
+    table = old.attention_biases.detach().reshape(8, 7, 7)
+    gathered = new.attention_biases[:, new.attention_bias_idxs].detach()  # [heads, N, N] as in forward
+    for q in range(h * w):
+        for k in range(h * w):
+            dy, dx = abs(q // w - k // w), abs(q % w - k % w)
+            assert torch.equal(gathered[:, q, k], table[:, min(dy, 6), min(dx, 6)]), (q, k)
+    x = torch.randn(1, 3, *input_hw)
+    with torch.no_grad():
+        out = student(x)
+    assert out.shape == (1, 17, input_hw[0] // 4, input_hw[1] // 4) and torch.isfinite(out).all()
+
+    # A trained student's checkpoint holds the fitted shapes: it loads strictly into a rebuilt student.
+    rebuilt = build_student(student.config, load_pretrained=False)
+    rebuilt.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), out)
 
 
 def test_pretrained_timm_reads_only_the_local_cache(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -61,3 +63,120 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ema
             assert torch.equal(value, b["train_state_dict"][key]), key
     rows = (tmp_path / "b/metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2", "3"]
+
+
+# ------------------------------------------------------------------------------------------- students
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Six instances, a nano teacher, and its cache of 3 views per instance (128x96)."""
+    from kdcache.checkpoint import checkpoint_dict
+    from kdcache.config import DumpConfig
+    from kdcache.dump import dump_teacher
+    from kdcache.teacher import build_vitpose, vitpose_config
+
+    root = tmp_path_factory.mktemp("students")
+    data = synthesize(SynthConfig(out=root / "data", train_images=6, val_images=0, seed=4, max_people=1))
+    torch.manual_seed(0)
+    torch.save(checkpoint_dict(build_vitpose(vitpose_config("vitpose-nano", input_hw=(128, 96))), epoch=0, step=0),
+               root / "teacher.pt")
+    ann, images = data / "annotations/person_keypoints_train.json", data / "train"
+    cache = dump_teacher(DumpConfig(teacher=root / "teacher.pt", ann=ann, images=images, views=3,
+                                    run=RunConfig(out=root / "cache", workers=0, progress=False)))
+    return {"root": root, "ann": ann, "images": images, "cache": cache, "teacher": root / "teacher.pt"}
+
+
+def test_a_cached_epoch_is_one_view_per_instance_cycling_the_augmented_views(tiny):
+    from kdcache.cache import open_cache
+    from kdcache.data import CachedDataset
+
+    rows = open_cache(tiny["cache"])
+    dataset = CachedDataset(tiny["cache"], sigma=2.0, flip_prob=0.0, seed=0)
+    assert len(dataset) == len(rows) // 3 == 6
+    views = []
+    for epoch in range(5):
+        dataset.set_epoch(epoch)
+        row = rows[dataset.row_of(4)]
+        assert row["ann_id"] == rows[4 * 3]["ann_id"]
+        np.testing.assert_array_equal(dataset[4]["crop"], row["crop"])
+        np.testing.assert_array_equal(dataset[4]["teacher_confidence"], row["confidence"])
+        views.append(int(row["view"]))
+    assert views == [1, 2, 1, 2, 1]  # the views an online run draws first; never the plain view 0
+
+
+def _student_cfg(tiny, out, **kwargs):
+    from kdcache.config import TrainStudentConfig
+    from kdcache.student import StudentConfig
+
+    return TrainStudentConfig(student=StudentConfig("mobilenetv3_small_100", input_hw=(128, 96), head_channels=16),
+                              run=RunConfig(out=out, workers=0, progress=False),
+                              optim=OptimConfig(epochs=1, batch_size=3, warmup_steps=1), **kwargs)
+
+
+def test_ground_truth_only_student_never_calls_the_teacher_loss(tiny, tmp_path, monkeypatch):
+    from kdcache.train import train_student
+
+    def no_kd(*args, **kwargs):
+        raise AssertionError("distillation loss used without a teacher")
+
+    monkeypatch.setattr(train_mod, "distillation_loss", no_kd)
+    run = train_student(_student_cfg(tiny, tmp_path / "gt", ann=tiny["ann"], images=tiny["images"], alpha=0.5))
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_online_teacher_sees_clean_crops_while_the_student_sees_photometric_changes(tiny, tmp_path, monkeypatch):
+    from kdcache.augment import StudentAugConfig
+    from kdcache.data import ViewDataset
+    from kdcache.teacher import load_teacher
+    from kdcache.train import train_student
+    from kdcache.transforms import AugmentConfig, to_input_tensor
+
+    seen = {"teacher": [], "student": []}
+    teacher = load_teacher(tiny["teacher"])
+    teacher.register_forward_hook(lambda m, args, out: seen["teacher"].append(args[0].clone()))
+    monkeypatch.setattr(train_mod, "load_teacher", lambda *a, **k: teacher)
+    real_build = train_mod.build_student
+
+    def build(cfg):
+        model = real_build(cfg)
+        model.register_forward_hook(lambda m, args, out: seen["student"].append(args[0].clone()))
+        return model
+
+    monkeypatch.setattr(train_mod, "build_student", build)
+    aug = StudentAugConfig(color_prob=1.0, noise_prob=1.0)
+    train_student(_student_cfg(tiny, tmp_path / "online", online_teacher=tiny["teacher"], ann=tiny["ann"],
+                               images=tiny["images"], student_aug=aug))
+    plain = ViewDataset(train_mod.load_instances(tiny["ann"]), tiny["images"], (128, 96), AugmentConfig(), 0)
+    clean = to_input_tensor(np.stack([plain[i]["crop"] for i in range(len(plain))]))
+    key = lambda x: sorted(round(float(v), 3) for v in x.sum(dim=(1, 2, 3)))  # noqa: E731  order-free
+    assert key(torch.cat(seen["teacher"])) == key(clean)
+    assert key(torch.cat(seen["student"])) != key(clean)
+
+
+def test_tensorboard_scalars_when_installed(tiny, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from kdcache.train import train_student
+
+    logged = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            logged.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            logged.append((tag, step))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            logged.append(("closed", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train_student(_student_cfg(tiny, tmp_path / "tb", cache=tiny["cache"]))
+    assert logged[0] == ("dir", str(tmp_path / "tb/tensorboard")) and logged[-1] == ("closed", None)
+    assert [s for tag, s in logged if tag == "train/loss"] == [1, 2]
+    assert ("train/crops_per_s", 2) in logged

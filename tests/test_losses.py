@@ -1,0 +1,49 @@
+"""Losses: mmpose's weighted MSE, the KL teacher term with temperature, alpha mixing, confidence weights."""
+
+import pytest
+import torch
+
+from kdcache.losses import distillation_loss, heatmap_kl, heatmap_mse
+
+torch.manual_seed(0)
+PRED, TEACHER, TARGET = torch.rand(3, 17, 8, 6), torch.rand(3, 17, 8, 6), torch.rand(3, 17, 8, 6)
+WEIGHT = torch.ones(3, 17)
+
+
+def test_mse_is_half_mean_square_with_weights_on_the_difference():
+    assert heatmap_mse(PRED, TARGET) == pytest.approx(0.5 * ((PRED - TARGET) ** 2).mean().item())
+    w = torch.zeros(3, 17)
+    w[:, 0] = 1
+    assert heatmap_mse(PRED, TARGET, w) == pytest.approx(0.5 * ((PRED - TARGET)[:, 0] ** 2).sum().item() / PRED.numel())
+
+
+def test_kl_is_zero_on_the_teacher_and_matches_the_definition():
+    assert heatmap_kl(TEACHER, TEACHER) == pytest.approx(0.0, abs=1e-6)
+    t = 2.0
+    p = torch.softmax(PRED.reshape(3, 17, -1) / (t * 0.05), -1)
+    q = torch.softmax(TEACHER.reshape(3, 17, -1) / (t * 0.05), -1)
+    want = (q * (q.log() - p.log())).sum(-1).mean() * t * t
+    assert heatmap_kl(PRED, TEACHER, temperature=t) == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mse", "kl"])
+def test_alpha_mixes_teacher_and_ground_truth(kind):
+    kd = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 1.0, kind)
+    gt = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 0.0, kind)
+    assert gt == pytest.approx(heatmap_mse(PRED, TARGET, WEIGHT).item())
+    assert distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 0.3, kind) == pytest.approx(
+        (0.3 * kd + 0.7 * gt).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mse", "kl"])
+def test_confidence_weights_scale_each_joints_teacher_term_linearly(kind):
+    def per_joint(k, w):
+        conf = torch.zeros(3, 17)
+        conf[:, k] = w
+        return distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 1.0, kind, kd_weight=conf).item()
+
+    assert per_joint(4, 0.0) == 0.0
+    assert per_joint(4, 0.5) == pytest.approx(0.5 * per_joint(4, 1.0), rel=1e-5)
+    ones = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 1.0, kind, kd_weight=torch.ones(3, 17)).item()
+    assert ones == pytest.approx(distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 1.0, kind).item(), rel=1e-6)
+    assert sum(per_joint(k, 1.0) for k in range(17)) == pytest.approx(ones, rel=1e-5)

@@ -1,7 +1,7 @@
 """Cost of pose models side by side: parameters, GFLOPs, latency and throughput, in one run.
 
 All numbers are for one forward of the network alone (no decoding, no data loading), in eval mode under
-`torch.inference_mode`, on random input of the model's crop size.
+`torch.inference_mode`, on random input of the model's crop size; CPU and GPU side by side in one table.
 """
 
 from __future__ import annotations
@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from kdcache.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +40,46 @@ def count_gflops(model: nn.Module, input_hw: tuple[int, int], batch: int = 1) ->
     return counter.get_total_flops() / batch / 1e9
 
 
+def resolve_devices(spec: str | None) -> list[str]:
+    """The devices to time, in column order: "cpu,cuda" -> ["cpu", "cuda"]; None -> cpu, plus cuda if present.
+
+    Raises:
+        UserError: a name that is not cpu/cuda/cuda:N, or a CUDA device PyTorch does not see.
+    """
+    if spec is None:
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = list(dict.fromkeys(d.strip() for d in spec.split(",") if d.strip()))
+    if not devices:
+        raise UserError("--device is empty; pass cpu, cuda or both as cpu,cuda")
+    for name in devices:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise UserError(f"--device {name}: not a device bench knows; use cpu, cuda or cuda:N (comma-separated)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: PyTorch sees no CUDA device here; use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return devices
+
+
 def measure_latency(
-    model: nn.Module, input_hw: tuple[int, int], device: str = "cpu", batch: int = 1, warmup: int = 3, iters: int = 10
+    model: nn.Module, input_hw: tuple[int, int], device: str = "cpu", batch: int = 1, warmup: int = 3,
+    iters: int = 10, bf16: bool = False,
 ) -> float:
     """Median wall time of one forward of a `[batch, 3, H, W]` input, in milliseconds.
 
-    The model is moved to `device` (and stays there). On CUDA each call is synchronised before the clock stops.
+    The model is moved to `device` (and stays there). On CUDA each call is synchronised before the clock
+    starts and before it stops. `bf16` runs the forward under `torch.autocast(dtype=torch.bfloat16)`.
     """
     model.to(device)
+    device_type = torch.device(device).type
     x = torch.randn(batch, 3, *input_hw, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device_type == "cuda" else (lambda: None)
     times = []
-    with _eval(model), torch.inference_mode():
+    with _eval(model), torch.inference_mode(), torch.autocast(device_type, torch.bfloat16, enabled=bf16):
         for i in range(warmup + iters):
             sync()
             start = time.perf_counter()
@@ -59,45 +91,62 @@ def measure_latency(
 
 
 def bench_models(
-    models: dict[str, nn.Module], input_hw: tuple[int, int], device: str = "cpu", batch: int = 32, iters: int = 10
-) -> list[dict]:
-    """Benchmark every model under the same conditions.
+    models: dict[str, nn.Module], input_hw: tuple[int, int], devices: Sequence[str] = ("cpu",), batch: int = 32,
+    iters: int = 10, bf16: bool = False,
+) -> list[dict[str, Any]]:
+    """Benchmark every model under the same conditions on each device.
+
+    Each model visits the devices in turn and is moved back to where it was afterwards. `bf16` applies to
+    CUDA devices only: CPU numbers stay fp32 (bf16 autocast is slower than fp32 on most CPUs).
 
     Returns:
-        One row per model: name, params_m (millions), gflops (per crop), latency_ms_b1 (median ms at batch 1),
-        crops_per_s (throughput at `batch`), batch, device.
+        One row per model: name, params_m (millions), gflops (per crop, device-independent), batch, and
+        timings: {device: {latency_ms_b1 (median ms at batch 1), crops_per_s (throughput at `batch`),
+        precision ("fp32" or "bf16"), hardware (CPU threads or GPU name)}}.
     """
     rows = []
     for name, model in models.items():
-        log.info("bench %s on %s", name, device)
-        gflops = count_gflops(model, input_hw)
-        latency_b1 = measure_latency(model, input_hw, device=device, batch=1, iters=iters)
-        latency_batch = measure_latency(model, input_hw, device=device, batch=batch, warmup=2, iters=max(3, iters // 3))
-        rows.append(
-            dict(
-                name=name,
-                params_m=count_params(model) / 1e6,
-                gflops=gflops,
-                latency_ms_b1=latency_b1,
-                crops_per_s=batch / (latency_batch / 1000.0),
-                batch=batch,
-                device=device,
-            )
-        )
+        home = _device_of(model)
+        row: dict[str, Any] = {"name": name, "params_m": count_params(model) / 1e6,
+                               "gflops": count_gflops(model, input_hw), "batch": batch, "timings": {}}
+        try:
+            for device in devices:
+                half = bf16 and torch.device(device).type == "cuda"
+                log.info("bench %s on %s%s", name, device, " (bf16)" if half else "")
+                latency_b1 = measure_latency(model, input_hw, device=device, batch=1, iters=iters, bf16=half)
+                latency_batch = measure_latency(model, input_hw, device=device, batch=batch, warmup=2,
+                                                iters=max(3, iters // 3), bf16=half)
+                row["timings"][device] = {"latency_ms_b1": latency_b1, "crops_per_s": batch / (latency_batch / 1e3),
+                                          "precision": "bf16" if half else "fp32", "hardware": _hardware(device)}
+        finally:
+            model.to(home)
+        rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of `bench_models` rows."""
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of `bench_models` rows, devices side by side, then one line per device's hardware."""
     batch = rows[0]["batch"] if rows else ""
-    lines = [
-        f"| model | params (M) | GFLOPs | latency b1 (ms) | crops/s @ b{batch} |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    columns = list(dict.fromkeys((d, t["precision"]) for r in rows for d, t in r["timings"].items()))
+    head = "| model | params (M) | GFLOPs |"
+    for device, precision in columns:
+        label = device if precision == "fp32" else f"{device} {precision}"
+        head += f" {label} b1 (ms) | {label} crops/s @ b{batch} |"
+    lines = [head, "|---|---:|---:|" + "---:|---:|" * len(columns)]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['params_m']:.2f} | {r['gflops']:.2f} | {r['latency_ms_b1']:.1f} "
-                     f"| {r['crops_per_s']:.0f} |")
-    return "\n".join(lines)
+        line = f"| {r['name']} | {r['params_m']:.2f} | {r['gflops']:.2f} |"
+        for device, _ in columns:
+            t = r["timings"].get(device)
+            line += f" {t['latency_ms_b1']:.1f} | {t['crops_per_s']:.0f} |" if t else " - | - |"
+        lines.append(line)
+    hardware = dict.fromkeys(f"{d}: {t['hardware']}" for r in rows for d, t in r["timings"].items())
+    return "\n".join(lines + ([""] + list(hardware) if hardware else []))
+
+
+def _hardware(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{torch.get_num_threads()} threads"
 
 
 class _eval:

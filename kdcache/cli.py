@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="go on past missing or unreadable images and list them in manifest.json")
     _expert_flag(p)
 
-    p = sub.add_parser("train-student", help="stage 2: train a student from the cache (or online)")
+    p = sub.add_parser("train-student", help="stage 2: train a student from the cache (or online, or on "
+                       "ground truth only when neither --cache nor --online-teacher is given)")
     p.add_argument("--cache", type=Path, help="teacher cache from dump-teacher")
     p.add_argument("--online-teacher", type=Path, help="baseline: run this teacher every step instead")
     _expert_flag(p)
@@ -128,7 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _optim(p, epochs=10, lr=1e-3, wd=1e-4)
     p.add_argument("--alpha", type=float, default=0.5, help="teacher-loss weight; 1-alpha on ground truth")
-    p.add_argument("--kd-loss", choices=("mse", "kl"), default="mse")
+    p.add_argument("--kd-loss", choices=("mse", "kl"), default="mse",
+                   help="teacher term: heatmap MSE, or KL of spatially softmaxed heatmaps")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="--kd-loss kl: temperature (default: 1)")
+    p.add_argument("--confidence-weights", action="store_true",
+                   help="weight each joint's teacher term by the teacher's confidence (its peak)")
+    for name, what in (("color", "brightness/contrast/saturation"), ("blur", "Gaussian blur"),
+                       ("noise", "Gaussian pixel noise"), ("grayscale", "grayscale"),
+                       ("occlusion", "random occluding rectangles"),
+                       ("jitter", "cached views: extra rotation/scale/shift of crop and heatmaps together")):
+        p.add_argument(f"--{name}", type=float, default=0.0, metavar="P",
+                       help=f"probability of {what} on the student's crop (default: 0, off)")
 
     p = sub.add_parser("eval", help="stage 3: COCO keypoint AP of any checkpoint")
     p.add_argument("--model", type=Path, required=True)
@@ -138,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored crop")
     p.add_argument("--metrics-out", type=Path)
     p.add_argument("--results-out", type=Path)
+    p.add_argument("--vis", type=Path, metavar="DIR",
+                   help="write PNGs of the predictions (orange, score >= 0.3) over the ground truth (green)")
+    p.add_argument("--vis-count", type=int, default=20, help="images drawn by --vis (default: 20)")
     _expert_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
@@ -152,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="params, GFLOPs, latency and throughput side by side")
     p.add_argument("models", type=Path, nargs="+")
     _expert_flag(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", help="comma-separated devices, side by side, e.g. cpu,cuda (default: cpu, "
+                   "plus cuda when available)")
+    p.add_argument("--batch-size", type=int, default=32, help="throughput batch (default: 32)")
+    p.add_argument("--bf16", action="store_true", help="time CUDA under bf16 autocast (CPU stays fp32)")
 
     p = sub.add_parser("export", help="ONNX export checked against PyTorch")
     p.add_argument("--model", type=Path, required=True)
@@ -229,6 +245,7 @@ def cmd_dump_teacher(a: argparse.Namespace) -> int:
 
 
 def cmd_train_student(a: argparse.Namespace) -> int:
+    from kdcache.augment import StudentAugConfig
     from kdcache.config import TrainStudentConfig
     from kdcache.student import StudentConfig
     from kdcache.train import train_student
@@ -240,9 +257,17 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     optim, val = _optim_config(a)
     if not 0.0 <= a.alpha <= 1.0:
         raise UserError(f"--alpha must be within [0, 1] (got {a.alpha})")
+    probs = {"color_prob": a.color, "blur_prob": a.blur, "noise_prob": a.noise, "gray_prob": a.grayscale,
+             "occlusion_prob": a.occlusion, "jitter_prob": a.jitter}
+    bad = [f"--{k.split('_')[0].replace('gray', 'grayscale')}" for k, v in probs.items() if not 0.0 <= v <= 1.0]
+    if bad:
+        raise UserError(f"{', '.join(bad)} must be a probability in [0, 1]")
+    if a.kd_temperature <= 0:
+        raise UserError(f"--kd-temperature must be positive (got {a.kd_temperature})")
     cfg = TrainStudentConfig(student=student, run=_run_config(a), cache=a.cache, online_teacher=a.online_teacher,
                              expert=a.expert, ann=a.ann, images=a.images, alpha=a.alpha, kd_loss=a.kd_loss,
-                             optim=optim, val=val)
+                             kd_temperature=a.kd_temperature, confidence_weights=a.confidence_weights,
+                             student_aug=StudentAugConfig(**probs), optim=optim, val=val)
     if cache is not None:
         _check_cache_fits(cache, cfg)
     print(f"wrote {train_student(cfg)}")
@@ -279,11 +304,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from kdcache.config import EvalConfig
     from kdcache.evaluate import evaluate, format_metrics
 
+    if a.vis is not None and a.vis_count < 1:
+        raise UserError(f"--vis-count must be at least 1 (got {a.vis_count})")
     cfg = EvalConfig(model=a.model, ann=a.ann, images=a.images, boxes=a.boxes, expert=a.expert,
                      flip_test=a.flip_test,
                      box_score_thr=a.box_score_thr, batch_size=a.batch_size, workers=a.workers, device=a.device,
-                     metrics_out=a.metrics_out, results_out=a.results_out)
+                     metrics_out=a.metrics_out, results_out=a.results_out, vis_dir=a.vis, vis_count=a.vis_count)
     print(format_metrics(evaluate(cfg)))
+    if a.vis is not None:
+        print(f"wrote {a.vis} (predictions over ground truth, first {a.vis_count} images)")
     return 0
 
 
@@ -307,14 +336,17 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from kdcache.bench import bench_models, format_table
+    from kdcache.bench import bench_models, format_table, resolve_devices
     from kdcache.checkpoint import load_model, model_input_hw
 
-    models = {str(path): load_model(path, a.device, expert=a.expert) for path in a.models}
+    devices = resolve_devices(a.device)
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {a.batch_size})")
+    models = {str(path): load_model(path, "cpu", expert=a.expert) for path in a.models}
     sizes = {model_input_hw(m) for m in models.values()}
     if len(sizes) != 1:
         raise UserError(f"models take different crop sizes {sorted(sizes)}; bench compares one size at a time")
-    print(format_table(bench_models(models, sizes.pop(), device=a.device, batch=a.batch_size)))
+    print(format_table(bench_models(models, sizes.pop(), devices=devices, batch=a.batch_size, bf16=a.bf16)))
     return 0
 
 

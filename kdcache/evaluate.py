@@ -2,7 +2,9 @@
 
 Pipeline as ViTPose evaluates: person boxes (ground truth, or detections with scores) -> UDP crop
 -> model (optionally flip-averaged) -> argmax + DARK-UDP decode -> image coordinates -> instance
-score = box score x mean keypoint score over keypoints above 0.2 -> OKS-NMS at 0.9 per image -> COCOeval.
+score = box score x mean keypoint score over keypoints above 0.2 -> OKS-NMS at 0.9 per image -> COCOeval
+(mmpose 0.x `TopDownCocoDataset.evaluate` with use_nms, vis_thr 0.2, oks_thr 0.9). `--vis` draws the
+scored predictions over the ground truth.
 """
 
 from __future__ import annotations
@@ -22,17 +24,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdcache import heatmaps as codec
 from kdcache.checkpoint import load_model, model_input_hw
-from kdcache.coco import load_coco, load_instances, read_image
+from kdcache.coco import instances_from_coco, load_coco, load_instances, read_image
 from kdcache.config import EvalConfig
 from kdcache.errors import UserError
 from kdcache.keypoints import NUM_KEYPOINTS, OKS_SIGMAS
 from kdcache.transforms import bbox_to_center_scale, crop_to_image, to_input_tensor, udp_affine, warp_crop
+from kdcache.viz import draw_predictions, write_png
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 KEYPOINT_SCORE_THR = 0.2   # keypoints counted in the instance score (ViTPose's vis_thr)
 OKS_NMS_THR = 0.9          # ViTPose's oks_thr
+VIS_KEYPOINT_THR = 0.3     # predicted joints drawn by --vis (mmpose's kpt_score_thr for pictures)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,13 @@ def gt_person_boxes(ann: Path) -> list[PersonBox]:
 
 
 def detected_person_boxes(ann: Path, dets: Path, score_thr: float) -> list[PersonBox]:
-    """Person detections (COCO results format) on the images of `ann`, at or above `score_thr`."""
+    """Person detections (COCO results format) on the images of `ann`, as ViTPose reads them.
+
+    Kept, as mmpose 0.x `_load_coco_person_detection_results`: category_id 1 (entries without one count as
+    persons), score >= `score_thr` (its `det_bbox_thr`, default 0), boxes used as given (not clipped).
+    Also dropped, where mmpose would crash or crop nothing: images not in `ann`, boxes without positive area.
+    Sorted by image (stable), so each image is read once.
+    """
     coco = load_coco(ann)
     if not Path(dets).exists():
         raise UserError(f"detection file {dets} does not exist; pass COCO detection results JSON to --boxes")
@@ -57,18 +67,25 @@ def detected_person_boxes(ann: Path, dets: Path, score_thr: float) -> list[Perso
         entries = json.loads(Path(dets).read_text())
     except json.JSONDecodeError:
         raise UserError(f"{dets} is not valid JSON; --boxes takes COCO detection results") from None
-    if not isinstance(entries, list) or any("bbox" not in e or "image_id" not in e for e in entries[:10]):
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and "image_id" in e and isinstance(e.get("bbox"), list) and len(e["bbox"]) == 4
+            for e in entries):
         raise UserError(f"{dets} is not a COCO detection results list ([{{image_id, bbox, score, ...}}])")
-    boxes = []
+    boxes, dropped = [], {"category": 0, "score": 0, "image": 0, "empty": 0}
     for e in entries:
-        if e.get("category_id", 1) != 1 or e.get("score", 1.0) < score_thr or e["image_id"] not in coco.imgs:
-            continue
         bbox = np.asarray(e["bbox"], dtype=np.float32)
-        if bbox[2] <= 0 or bbox[3] <= 0:
+        reason = ("category" if e.get("category_id", 1) != 1 else "score" if e.get("score", 1.0) < score_thr
+                  else "image" if e["image_id"] not in coco.imgs else "empty" if bbox[2] <= 0 or bbox[3] <= 0
+                  else None)
+        if reason is not None:
+            dropped[reason] += 1
             continue
         boxes.append(PersonBox(int(e["image_id"]), coco.imgs[e["image_id"]]["file_name"], bbox,
                                float(e.get("score", 1.0))))
-    return boxes
+    log.info("%s: %d person boxes (dropped %d other categories, %d below score %g, %d on images not in %s, "
+             "%d empty)", dets, len(boxes), dropped["category"], dropped["score"], score_thr, dropped["image"],
+             ann, dropped["empty"])
+    return sorted(boxes, key=lambda b: b.image_id)
 
 
 class _BoxCrops(Dataset):
@@ -117,7 +134,8 @@ def predict_keypoints(model: nn.Module, boxes: list[PersonBox], images_dir: Path
     """Keypoints of each box in image pixels.
 
     Returns:
-        keypoints: [N, K, 3] float32 (x, y, score); areas: [N] float64, the crop region's area (for OKS-NMS).
+        keypoints: [N, K, 3] float32 (x, y, score); areas: [N] float64, the crop region's area in image
+        pixels (the box made 0.75 w/h and padded 1.25: mmpose's `np.prod(scale * 200)`), for OKS-NMS.
     """
     input_hw = model_input_hw(model)
     loader = DataLoader(_BoxCrops(boxes, images_dir, input_hw), batch_size=batch_size, num_workers=workers)
@@ -133,6 +151,9 @@ def predict_keypoints(model: nn.Module, boxes: list[PersonBox], images_dir: Path
 
 def oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray, thr: float = OKS_NMS_THR) -> list[int]:
     """Greedy non-maximum suppression by object keypoint similarity; returns kept indices, best first.
+
+    As mmpose 0.x `oks_nms` called by `TopDownCocoDataset.evaluate`: COCO sigmas, every joint counted
+    (no vis_thr), a candidate is dropped when its OKS to a kept one is above `thr`.
 
     keypoints: [N, K, 3] of one image; scores, areas: [N].
     """
@@ -201,8 +222,34 @@ def evaluate_model(model: nn.Module, ann: Path, images: Path, boxes: Path | None
     return coco_keypoint_metrics(ann, results), results
 
 
+def write_pictures(ann: Path, images: Path, results: list[dict[str, Any]], out_dir: Path, count: int,
+                   threshold: float = VIS_KEYPOINT_THR) -> list[Path]:
+    """One PNG per image for the first `count` images of `ann` (by image id): ground truth and predictions.
+
+    Ground truth is the evaluated instance set (labelled joints); predictions are `results` (what COCOeval
+    scores, after OKS-NMS), joints scoring >= `threshold`, each with its instance score. Files are
+    `out_dir/<image id, 12 digits>.png`, drawn on the full image.
+    """
+    coco = load_coco(ann)
+    gt: dict[int, list[np.ndarray]] = {}
+    for inst in instances_from_coco(coco, ann):
+        gt.setdefault(inst.image_id, []).append(inst.keypoints)
+    pred: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        pred.setdefault(r["image_id"], []).append(r)
+    paths = []
+    for image_id in sorted(coco.imgs)[:count]:
+        image = read_image(Path(images) / coco.imgs[image_id]["file_name"])
+        gt_kp = np.asarray(gt.get(image_id, []), np.float32).reshape(-1, NUM_KEYPOINTS, 3)
+        mine = pred.get(image_id, [])
+        pred_kp = np.asarray([r["keypoints"] for r in mine], np.float32).reshape(-1, NUM_KEYPOINTS, 3)
+        picture = draw_predictions(image, gt_kp, pred_kp, np.asarray([r["score"] for r in mine]), threshold)
+        paths.append(write_png(Path(out_dir) / f"{image_id:012d}.png", picture))
+    return paths
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
-    """Stage 3 as a command: load the model, score it, write --metrics-out / --results-out."""
+    """Stage 3 as a command: load the model, score it, write --metrics-out / --results-out / --vis pictures."""
     model = load_model(cfg.model, cfg.device, expert=cfg.expert)
     metrics, results = evaluate_model(model, cfg.ann, cfg.images, cfg.boxes, cfg.flip_test,
                                       cfg.box_score_thr, cfg.batch_size, cfg.workers)
@@ -212,6 +259,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     if cfg.results_out is not None:
         Path(cfg.results_out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.results_out).write_text(json.dumps(results))
+    if cfg.vis_dir is not None:
+        write_pictures(cfg.ann, cfg.images, results, cfg.vis_dir, cfg.vis_count)
     return metrics
 
 

@@ -1,4 +1,5 @@
-"""Pictures for people: crops with their heatmaps and decoded skeleton, tiled into one PNG contact sheet.
+"""Pictures for people: crops with their heatmaps and decoded skeleton, tiled into one PNG contact sheet;
+predictions drawn over the ground truth on whole images (`kdcache eval --vis`).
 
 Pure numpy + OpenCV, RGB throughout (converted to BGR only when the file is written).
 """
@@ -20,6 +21,9 @@ from kdcache.keypoints import KEYPOINT_NAMES, SKELETON
 LEFT_RGB = (255, 0, 255)
 RIGHT_RGB = (0, 255, 0)
 CENTER_RGB = (255, 255, 255)
+# Evaluation pictures (`draw_predictions`): one colour for the ground truth, one for the predictions.
+GT_RGB = (0, 255, 0)
+PRED_RGB = (255, 64, 0)
 HEAT_ALPHA = 0.6  # overlay opacity where the heatmap is 1; it fades to 0 with the heat, keeping the crop visible
 _SHIFT = 4  # OpenCV fixed-point bits: sub-pixel keypoints drawn where they are, not rounded
 
@@ -30,13 +34,16 @@ def _side_rgb(k: int) -> tuple[int, int, int]:
 
 
 def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarray,
-              threshold: float = 0.2) -> np.ndarray:
+              threshold: float = 0.2, color: tuple[int, int, int] | None = None,
+              radius: int | None = None) -> np.ndarray:
     """Skeleton on a copy of `image_rgb`: left limbs magenta, right green, the rest (head, torso bars) white.
 
     Args:
         image_rgb: uint8 [H, W, 3].
         keypoints_xy: float [K, 2] pixel coordinates (x, y) in `image_rgb`.
         scores: float [K]; keypoints below `threshold` (or not finite) are not drawn, nor their limbs.
+        color: RGB for every limb and joint instead of the left/right/centre colours.
+        radius: joint dot radius in pixels (default: line thickness + 1).
 
     Returns:
         uint8 [H, W, 3] RGB.
@@ -50,12 +57,72 @@ def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarra
         a, b = a - 1, b - 1
         if max(a, b) >= len(points) or points[a] is None or points[b] is None:
             continue
-        color = _side_rgb(a) if _side_rgb(a) == _side_rgb(b) else CENTER_RGB
-        cv2.line(out, points[a], points[b], color, thickness, cv2.LINE_AA, _SHIFT)
+        limb = color or (_side_rgb(a) if _side_rgb(a) == _side_rgb(b) else CENTER_RGB)
+        cv2.line(out, points[a], points[b], limb, thickness, cv2.LINE_AA, _SHIFT)
+    dot = (thickness + 1 if radius is None else radius) << _SHIFT
     for k, p in enumerate(points):
         if p is not None:
-            cv2.circle(out, p, (thickness + 1) << _SHIFT, _side_rgb(k), -1, cv2.LINE_AA, _SHIFT)
+            cv2.circle(out, p, dot, color or _side_rgb(k), -1, cv2.LINE_AA, _SHIFT)
     return out
+
+
+def draw_predictions(image_rgb: np.ndarray, gt_keypoints: np.ndarray, pred_keypoints: np.ndarray,
+                     pred_scores: np.ndarray, threshold: float = 0.3) -> np.ndarray:
+    """Ground-truth skeletons (green, larger dots) under predicted ones (orange) with each instance's score.
+
+    Args:
+        image_rgb: uint8 [H, W, 3].
+        gt_keypoints: float [G, K, 3] image pixels (x, y, COCO visibility); labelled (v > 0) joints are drawn.
+        pred_keypoints: float [P, K, 3] image pixels (x, y, score); joints scoring at least `threshold` are drawn.
+        pred_scores: float [P] instance scores, written at the top left of each drawn prediction.
+
+    Returns:
+        uint8 [H, W, 3] RGB, a new array.
+    """
+    out = np.ascontiguousarray(image_rgb, dtype=np.uint8).copy()
+    H, W = out.shape[:2]
+    thickness = max(1, round(min(H, W) / 128))
+    font_scale = max(0.4, min(H, W) / 600)
+    (_, th), base = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    _text(out, "ground truth", (2, 2), GT_RGB, font_scale)  # legend, under everything else
+    _text(out, "prediction", (2, 6 + th + base), PRED_RGB, font_scale)
+    for kp in np.asarray(gt_keypoints, dtype=np.float64):
+        out = draw_pose(out, kp[:, :2], kp[:, 2], threshold=1, color=GT_RGB, radius=thickness + 3)
+    preds = np.asarray(pred_keypoints, dtype=np.float64)
+    # Scores first, skeletons over them: a label never hides a predicted joint.
+    for kp, score in zip(preds, np.asarray(pred_scores, dtype=np.float64)):
+        shown = (kp[:, 2] >= threshold) & np.isfinite(kp[:, :2]).all(axis=1)
+        if shown.any():
+            x, y = kp[shown, :2].min(axis=0)
+            _text(out, f"{score:.2f}", (int(x), int(y) - 2 * thickness), PRED_RGB, font_scale, anchor="bottom")
+    for kp in preds:
+        out = draw_pose(out, kp[:, :2], kp[:, 2], threshold=threshold, color=PRED_RGB)
+    return out
+
+
+def _text(image: np.ndarray, text: str, xy: tuple[int, int], rgb: tuple[int, int, int], font_scale: float,
+          anchor: str = "top") -> None:
+    """`text` in place on a black box, the box's top-left (or bottom-left) corner at `xy`, kept inside `image`."""
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    H, W = image.shape[:2]
+    bw, bh = tw + 4, th + base + 4
+    x = min(max(xy[0], 0), max(0, W - bw))
+    y = min(max(xy[1] - bh if anchor == "bottom" else xy[1], 0), max(0, H - bh))
+    cv2.rectangle(image, (x, y), (x + bw - 1, y + bh - 1), (0, 0, 0), -1)
+    cv2.putText(image, text, (x + 2, y + 2 + th), cv2.FONT_HERSHEY_SIMPLEX, font_scale, rgb, 1, cv2.LINE_AA)
+
+
+def write_png(path: Path, image_rgb: np.ndarray) -> Path:
+    """Write uint8 [H, W, 3] RGB to `path` (PNG, or any extension cv2.imwrite knows); parents are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        written = cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR))
+    except cv2.error:  # unknown extension
+        written = False
+    if not written:
+        raise UserError(f"could not write the image {path}; use a .png path in a writable folder")
+    return path
 
 
 def heat_overlay(crop_rgb: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
@@ -118,12 +185,4 @@ def contact_sheet(crops: np.ndarray, heatmaps: np.ndarray, path: Path, cols: int
         sheet[r * H:(r + 1) * H, c * W:(c + 1) * W] = render_tile(
             crops[i].astype(np.uint8), heatmaps[i], titles[i] if titles else None
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        written = cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    except cv2.error:  # unknown extension
-        written = False
-    if not written:
-        raise UserError(f"could not write the image {path}; use a .png path in a writable folder")
-    return path
+    return write_png(path, sheet)

@@ -1,9 +1,10 @@
-"""Benchmark helpers: exact parameter and FLOP counts, sane timings, one table for all models."""
+"""Benchmark helpers: exact parameter and FLOP counts, sane timings, one table for all models and devices."""
 
 import pytest
 from torch import nn
 
-from kdcache.bench import bench_models, count_gflops, count_params, format_table, measure_latency
+from kdcache.bench import bench_models, count_gflops, count_params, format_table, measure_latency, resolve_devices
+from kdcache.errors import UserError
 
 
 def _tiny_net() -> nn.Module:
@@ -37,15 +38,70 @@ def test_latency_is_positive_and_keeps_training_mode():
     assert net[1].num_batches_tracked.item() == 0  # BatchNorm statistics untouched
 
 
+def test_latency_under_bf16_autocast():
+    net = _tiny_net()
+    assert measure_latency(net, (8, 6), batch=2, warmup=1, iters=2, bf16=True) > 0
+
+
 def test_bench_models_rows_and_table():
     models = {"tiny-a": _tiny_net(), "tiny-b": nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(96, 5))}
-    rows = bench_models(models, (8, 6), batch=4, iters=3)
+    # Two CPU spellings stand in for cpu + cuda: one column pair per device, side by side.
+    rows = bench_models(models, (8, 6), devices=["cpu", "cpu:0"], batch=4, iters=3)
     assert [r["name"] for r in rows] == ["tiny-a", "tiny-b"]
     assert rows[0]["params_m"] == pytest.approx(count_params(models["tiny-a"]) / 1e6)
     assert rows[1]["gflops"] == pytest.approx((2 * 48 * 2 * 3 + 2 * 96 * 5) / 1e9)
-    assert all(r["latency_ms_b1"] > 0 and r["crops_per_s"] > 0 and r["batch"] == 4 for r in rows)
-    table = format_table(rows)
-    lines = table.splitlines()
-    assert len(lines) == 2 + len(rows) and lines[0].startswith("| model |")
+    for r in rows:
+        assert list(r["timings"]) == ["cpu", "cpu:0"] and r["batch"] == 4
+        assert all(t["latency_ms_b1"] > 0 and t["crops_per_s"] > 0 and t["precision"] == "fp32"
+                   for t in r["timings"].values())
+    lines = format_table(rows).splitlines()
+    assert lines[0] == ("| model | params (M) | GFLOPs | cpu b1 (ms) | cpu crops/s @ b4 | cpu:0 b1 (ms) "
+                        "| cpu:0 crops/s @ b4 |")
     assert "tiny-a" in lines[2] and "tiny-b" in lines[3]
-    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert all(line.count("|") == lines[0].count("|") for line in lines[:4])
+    assert lines[4] == "" and lines[5].startswith("cpu: ") and lines[5].endswith(" threads")
+
+
+def test_bf16_applies_to_cuda_only_and_model_goes_home():
+    net = _tiny_net()
+    rows = bench_models({"n": net}, (8, 6), devices=["cpu"], batch=2, iters=2, bf16=True)
+    assert rows[0]["timings"]["cpu"]["precision"] == "fp32"  # CPU numbers stay fp32
+    assert next(net.parameters()).device.type == "cpu"
+
+
+def test_devices_default_and_refusals(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_devices(None) == ["cpu"]
+    assert resolve_devices("cpu, cpu") == ["cpu"]
+    for spec, needle in [("cuda", "no CUDA device"), ("cpu,cuda:1", "no CUDA device"), ("tpu", "not a device"),
+                         (",", "empty")]:
+        with pytest.raises(UserError, match=needle):
+            resolve_devices(spec)
+
+
+def test_bench_command_refuses_missing_cuda_in_one_line(monkeypatch, capsys):
+    import torch
+
+    from kdcache.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "nope.pt", "--device", "cpu,cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda" in err
+
+
+def test_bench_command_prints_one_table(tmp_path, capsys):
+    import torch
+
+    from kdcache.checkpoint import checkpoint_dict
+    from kdcache.cli import main
+    from kdcache.teacher import build_vitpose, vitpose_config
+
+    path = tmp_path / "nano.pt"
+    torch.save(checkpoint_dict(build_vitpose(vitpose_config("vitpose-nano", input_hw=(64, 48)))), path)
+    assert main(["bench", str(path), str(path), "--device", "cpu", "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| model | params (M) | GFLOPs | cpu b1 (ms) | cpu crops/s @ b2 |")
+    assert lines[2].startswith(f"| {path} |") and lines[-1].startswith("cpu: ")

@@ -43,8 +43,9 @@ def test_export_matches_pytorch_with_dynamic_batch(tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-def test_missing_extra_is_a_user_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+@pytest.mark.parametrize("module", ["onnx", "onnxruntime"])
+def test_missing_extra_is_a_user_error(tmp_path, monkeypatch, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"pip install 'kdcache\[export\]'"):
         export_onnx(torch.nn.Conv2d(3, 17, 1), tmp_path / "x.onnx", (8, 8))
 

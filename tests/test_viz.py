@@ -6,7 +6,7 @@ import pytest
 
 from kdcache.heatmaps import encode
 from kdcache.keypoints import KEYPOINT_NAMES
-from kdcache.viz import CENTER_RGB, LEFT_RGB, RIGHT_RGB, contact_sheet, draw_pose
+from kdcache.viz import CENTER_RGB, GT_RGB, LEFT_RGB, PRED_RGB, RIGHT_RGB, contact_sheet, draw_pose, draw_predictions
 
 INPUT_HW, HEATMAP_HW = (64, 48), (16, 12)
 GREY = 128
@@ -68,3 +68,25 @@ def test_skeleton_lands_on_the_decoded_peak(tmp_path):
     image = cv2.cvtColor(cv2.imread(str(sheet)), cv2.COLOR_BGR2RGB)
     assert tuple(image[100, 80]) == CENTER_RGB  # joint 0 (nose) is a centre joint; its dot has radius 2 px
     assert tuple(image[100, 77]) != CENTER_RGB
+
+
+def test_predictions_over_ground_truth_in_two_colours_with_scores():
+    image = np.full((240, 320, 3), GREY, np.uint8)
+    ls, le = KEYPOINT_NAMES.index("left_shoulder"), KEYPOINT_NAMES.index("left_elbow")
+    gt = np.zeros((1, 17, 3), np.float32)
+    gt[0, [ls, le]] = [(60, 100, 2), (60, 180, 1)]  # labelled (v=1 counts too); the rest v=0, not drawn
+    pred = np.zeros((2, 17, 3), np.float32)
+    pred[0, [ls, le]] = [(220, 100, 0.9), (220, 180, 0.8)]
+    pred[0, 0] = (250, 60, 0.29)  # below the 0.3 threshold: not drawn
+    pred[1, ls] = (150, 200, 0.1)  # a prediction with nothing above threshold: no skeleton, no score
+    out = draw_predictions(image, gt, pred, np.array([0.87, 0.05]), threshold=0.3)
+    assert tuple(out[100, 60]) == GT_RGB and tuple(out[140, 60]) == GT_RGB  # joint and limb
+    assert tuple(out[100, 220]) == PRED_RGB and tuple(out[140, 220]) == PRED_RGB
+    assert tuple(out[60, 250]) == (GREY,) * 3 and tuple(out[200, 150]) == (GREY,) * 3
+    assert (image == GREY).all()  # drew on a copy
+    # The score is written just above the prediction's top-left joint, in the prediction colour.
+    label = out[70:97, 215:260].reshape(-1, 3).astype(int)
+    assert (np.abs(label - PRED_RGB).max(axis=1) < 40).sum() > 10  # text is anti-aliased (OpenCV 5 always)
+    other = draw_predictions(image, gt, pred, np.array([0.12, 0.05]), threshold=0.3)
+    assert not np.array_equal(other[70:97, 215:260], out[70:97, 215:260])
+    assert np.array_equal(other[:, :200], out[:, :200])  # nothing else depends on the score

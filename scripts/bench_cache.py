@@ -25,7 +25,6 @@ import time
 import zlib
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 

@@ -1,7 +1,6 @@
 """dump-teacher end to end: kill -9 and rerun, bad images, torchrun ranks, teacher flip, crop replay, and
 train-student refusing damaged or mismatched caches. Real processes, real kills, real broken files."""
 
-import json
 import os
 import shutil
 import subprocess

@@ -9,21 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from kdcache.errors import UserError
-from kdcache.student import StudentConfig, build_student
+from kdcache.student import NAMED_STUDENTS, StudentConfig, build_student
 
 INPUT_HW = (256, 192)
-BACKBONES = [
-    "mobilenetv2_100",
-    "mobilenetv3_small_100",
-    "mobilenetv3_large_100",
-    "mobilenetv4_conv_small",
-    "mobilenetv4_conv_medium",
-    "efficientformer_l1",
-    "efficientformer_l3",
-    "efficientformerv2_s0",
-    "efficientformerv2_s1",
-    "efficientformerv2_s2",
-]
+BACKBONES = NAMED_STUDENTS
 
 
 def _train_step_reduces_loss(model: torch.nn.Module, input_hw: tuple[int, int]) -> None:

@@ -9,6 +9,7 @@ import torch
 
 import kdcache.train as train_mod
 from kdcache.config import OptimConfig, RunConfig, TrainTeacherConfig
+from kdcache.student import NAMED_STUDENTS
 from kdcache.synth import SynthConfig, synthesize
 from kdcache.train import lr_factor, train_teacher
 
@@ -67,10 +68,12 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ema
 
 # ------------------------------------------------------------------------------------------- students
 
+INPUT_HW = (64, 64)
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Six instances, a nano teacher, and its cache of 3 views per instance (128x96)."""
+    """Six instances, a nano teacher, and its cache of 3 views per instance (64x64: fast)."""
     from kdcache.checkpoint import checkpoint_dict
     from kdcache.config import DumpConfig
     from kdcache.dump import dump_teacher
@@ -79,7 +82,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("students")
     data = synthesize(SynthConfig(out=root / "data", train_images=6, val_images=0, seed=4, max_people=1))
     torch.manual_seed(0)
-    torch.save(checkpoint_dict(build_vitpose(vitpose_config("vitpose-nano", input_hw=(128, 96))), epoch=0, step=0),
+    torch.save(checkpoint_dict(build_vitpose(vitpose_config("vitpose-nano", input_hw=INPUT_HW)), epoch=0, step=0),
                root / "teacher.pt")
     ann, images = data / "annotations/person_keypoints_train.json", data / "train"
     cache = dump_teacher(DumpConfig(teacher=root / "teacher.pt", ann=ann, images=images, views=3,
@@ -105,11 +108,11 @@ def test_a_cached_epoch_is_one_view_per_instance_cycling_the_augmented_views(tin
     assert views == [1, 2, 1, 2, 1]  # the views an online run draws first; never the plain view 0
 
 
-def _student_cfg(tiny, out, **kwargs):
+def _student_cfg(tiny, out, backbone="mobilenetv3_small_100", **kwargs):
     from kdcache.config import TrainStudentConfig
     from kdcache.student import StudentConfig
 
-    return TrainStudentConfig(student=StudentConfig("mobilenetv3_small_100", input_hw=(128, 96), head_channels=16),
+    return TrainStudentConfig(student=StudentConfig(backbone, input_hw=INPUT_HW, head_channels=16),
                               run=RunConfig(out=out, workers=0, progress=False),
                               optim=OptimConfig(epochs=1, batch_size=3, warmup_steps=1), **kwargs)
 
@@ -147,7 +150,7 @@ def test_online_teacher_sees_clean_crops_while_the_student_sees_photometric_chan
     aug = StudentAugConfig(color_prob=1.0, noise_prob=1.0)
     train_student(_student_cfg(tiny, tmp_path / "online", online_teacher=tiny["teacher"], ann=tiny["ann"],
                                images=tiny["images"], student_aug=aug))
-    plain = ViewDataset(train_mod.load_instances(tiny["ann"]), tiny["images"], (128, 96), AugmentConfig(), 0)
+    plain = ViewDataset(train_mod.load_instances(tiny["ann"]), tiny["images"], INPUT_HW, AugmentConfig(), 0)
     clean = to_input_tensor(np.stack([plain[i]["crop"] for i in range(len(plain))]))
     key = lambda x: sorted(round(float(v), 3) for v in x.sum(dim=(1, 2, 3)))  # noqa: E731  order-free
     assert key(torch.cat(seen["teacher"])) == key(clean)
@@ -180,3 +183,16 @@ def test_tensorboard_scalars_when_installed(tiny, tmp_path, monkeypatch):
     assert logged[0] == ("dir", str(tmp_path / "tb/tensorboard")) and logged[-1] == ("closed", None)
     assert [s for tag, s in logged if tag == "train/loss"] == [1, 2]
     assert ("train/crops_per_s", 2) in logged
+
+
+@pytest.mark.parametrize("backbone", NAMED_STUDENTS)
+def test_every_named_student_trains_and_evaluates_from_a_cache(tiny, tmp_path, backbone):
+    from kdcache.checkpoint import load_model
+    from kdcache.evaluate import evaluate_model
+    from kdcache.train import train_student
+
+    run = train_student(_student_cfg(tiny, tmp_path / backbone, backbone, cache=tiny["cache"]))
+    model = load_model(run / "last.pt")
+    assert model.config.backbone == backbone
+    metrics, results = evaluate_model(model, tiny["ann"], tiny["images"], workers=0)
+    assert len(results) == 6 and 0.0 <= metrics["AP"] <= 100.0  # one scored instance per person

@@ -107,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = synthesize(SynthConfig(out=root / "data", train_images=a.instances, val_images=0, seed=0,
-                                      max_people=1, workers=a.workers))
+                                      max_people=1, workers=max(1, a.workers)))
         ann, images = data / "annotations/person_keypoints_train.json", data / "train"
         quiet = dict(workers=a.workers, progress=False)
         for arch in {"vitpose-nano", *a.teachers}:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> grey (ITU-R BT.601)
+
 
 @dataclass(frozen=True)
 class StudentAugConfig:
@@ -47,10 +49,10 @@ def photometric(crop: np.ndarray, rng: np.random.Generator, cfg: StudentAugConfi
         brightness, contrast, saturation = rng.uniform(1 - cfg.color, 1 + cfg.color, size=3)
         out = out * brightness
         out = (out - out.mean()) * contrast + out.mean()
-        gray = out @ np.array([0.299, 0.587, 0.114], np.float32)
+        gray = out @ LUMA
         out = (out - gray[..., None]) * saturation + gray[..., None]
     if rng.random() < cfg.gray_prob:
-        out = np.repeat((out @ np.array([0.299, 0.587, 0.114], np.float32))[..., None], 3, axis=2)
+        out = np.repeat((out @ LUMA)[..., None], 3, axis=2)
     if rng.random() < cfg.blur_prob:
         out = cv2.GaussianBlur(out, (0, 0), sigmaX=rng.uniform(0.3, cfg.blur_sigma))
     if rng.random() < cfg.noise_prob:

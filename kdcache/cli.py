@@ -32,6 +32,17 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+# train-student probability flags -> StudentAugConfig fields, with what each one does.
+STUDENT_AUG_FLAGS = (
+    ("color", "color_prob", "brightness/contrast/saturation"),
+    ("blur", "blur_prob", "Gaussian blur"),
+    ("noise", "noise_prob", "Gaussian pixel noise"),
+    ("grayscale", "gray_prob", "grayscale"),
+    ("occlusion", "occlusion_prob", "random occluding rectangles"),
+    ("jitter", "jitter_prob", "cached views: extra rotation/scale/shift of crop and heatmaps together"),
+)
+
+
 def _expert_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert", type=_expert, help="ViTPose++ expert by dataset name or index (default: coco)")
 
@@ -134,11 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-temperature", type=float, default=1.0, help="--kd-loss kl: temperature (default: 1)")
     p.add_argument("--confidence-weights", action="store_true",
                    help="weight each joint's teacher term by the teacher's confidence (its peak)")
-    for name, what in (("color", "brightness/contrast/saturation"), ("blur", "Gaussian blur"),
-                       ("noise", "Gaussian pixel noise"), ("grayscale", "grayscale"),
-                       ("occlusion", "random occluding rectangles"),
-                       ("jitter", "cached views: extra rotation/scale/shift of crop and heatmaps together")):
-        p.add_argument(f"--{name}", type=float, default=0.0, metavar="P",
+    for flag, _, what in STUDENT_AUG_FLAGS:
+        p.add_argument(f"--{flag}", type=float, default=0.0, metavar="P",
                        help=f"probability of {what} on the student's crop (default: 0, off)")
 
     p = sub.add_parser("eval", help="stage 3: COCO keypoint AP of any checkpoint")
@@ -257,9 +265,8 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     optim, val = _optim_config(a)
     if not 0.0 <= a.alpha <= 1.0:
         raise UserError(f"--alpha must be within [0, 1] (got {a.alpha})")
-    probs = {"color_prob": a.color, "blur_prob": a.blur, "noise_prob": a.noise, "gray_prob": a.grayscale,
-             "occlusion_prob": a.occlusion, "jitter_prob": a.jitter}
-    bad = [f"--{k.split('_')[0].replace('gray', 'grayscale')}" for k, v in probs.items() if not 0.0 <= v <= 1.0]
+    probs = {field: getattr(a, flag) for flag, field, _ in STUDENT_AUG_FLAGS}
+    bad = [f"--{flag}" for flag, field, _ in STUDENT_AUG_FLAGS if not 0.0 <= probs[field] <= 1.0]
     if bad:
         raise UserError(f"{', '.join(bad)} must be a probability in [0, 1]")
     if a.kd_temperature <= 0:

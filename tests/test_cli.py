@@ -163,6 +163,8 @@ def test_export_onnx(pipeline, capsys):
     (["eval", "--model", "nope.pt", "--ann", "nope.json", "--images", "."], "nope"),
     (["train-student", "--cache", "no_cache_here", "--student", "mobilenetv3_small_100", "--out", "x"], "no_cache_here"),
     (["inspect", "no_cache_here"], "no_cache_here"),
+    (["train-student", "--ann", "a.json", "--images", ".", "--student", "mobilenetv3_small_100", "--out", "x",
+      "--blur", "2", "--grayscale", "-1"], "--blur, --grayscale must be a probability in [0, 1]"),
 ])
 def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -36,6 +36,17 @@ def heatmap_kl(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
     return kl.mean() * temperature ** 2
 
 
+def kd_mse(pred: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None,
+           temperature: float = 1.0) -> torch.Tensor:
+    """Heatmap MSE as a teacher term: `weight` [N, K] multiplies each joint's loss (linearly; heatmap_mse
+    squares its weight with the difference, hence the square root). `temperature` is unused."""
+    return heatmap_mse(pred, teacher, None if weight is None else weight.clamp(min=0).sqrt())
+
+
+# Teacher terms by --kd-loss name: fn(pred, teacher, weight [N, K] or None, temperature) -> scalar.
+KD_LOSSES = {"mse": kd_mse, "kl": heatmap_kl}
+
+
 def distillation_loss(pred: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
                       target_weight: torch.Tensor, alpha: float, kind: str = "mse", temperature: float = 1.0,
                       kd_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,11 +62,7 @@ def distillation_loss(pred: torch.Tensor, teacher: torch.Tensor, target: torch.T
     """
     loss = pred.new_zeros((), dtype=torch.float32)
     if alpha > 0:
-        if kind == "kl":
-            kd = heatmap_kl(pred, teacher, kd_weight, temperature)
-        else:  # heatmap_mse squares its weight with the difference: sqrt keeps the factor linear
-            kd = heatmap_mse(pred, teacher, None if kd_weight is None else kd_weight.clamp(min=0).sqrt())
-        loss = loss + alpha * kd
+        loss = loss + alpha * KD_LOSSES[kind](pred, teacher, kd_weight, temperature)
     if alpha < 1:
         loss = loss + (1 - alpha) * heatmap_mse(pred, target, target_weight)
     return loss

@@ -34,7 +34,7 @@ from kdcache.config import OptimConfig, RunConfig, TrainStudentConfig, TrainTeac
 from kdcache.data import CachedDataset, ViewDataset
 from kdcache.distributed import barrier, close_world, init_world
 from kdcache.errors import UserError
-from kdcache.losses import distillation_loss, heatmap_mse
+from kdcache.losses import KD_LOSSES, distillation_loss, heatmap_mse
 from kdcache.student import build_student
 from kdcache.teacher import build_vitpose, load_teacher, require_coco_keypoints, vitpose_config
 from kdcache.transforms import to_input_tensor
@@ -65,8 +65,8 @@ def train_student(cfg: TrainStudentConfig) -> Path:
     truth only; returns the run folder."""
     if cfg.cache is not None and cfg.online_teacher is not None:
         raise UserError("give one of --cache CACHE or --online-teacher CKPT, not both")
-    if cfg.kd_loss not in ("mse", "kl"):
-        raise UserError(f"unknown --kd-loss {cfg.kd_loss!r}; choose mse or kl")
+    if cfg.kd_loss not in KD_LOSSES:
+        raise UserError(f"unknown --kd-loss {cfg.kd_loss!r}; choose one of {', '.join(KD_LOSSES)}")
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_student(cfg.student)
 

@@ -38,13 +38,13 @@ from kdcache.bench import count_params  # noqa: E402
 from kdcache.checkpoint import load_model  # noqa: E402
 from kdcache.config import (DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig,  # noqa: E402
                             TrainTeacherConfig, ValConfig, to_jsonable)
+from kdcache.demo import DEMO_AUG  # noqa: E402
 from kdcache.dump import dump_teacher  # noqa: E402
 from kdcache.evaluate import evaluate  # noqa: E402
 from kdcache.inspect_cache import cache_summary  # noqa: E402
 from kdcache.student import StudentConfig  # noqa: E402
 from kdcache.synth import SynthConfig, synthesize  # noqa: E402
 from kdcache.train import train_student, train_teacher  # noqa: E402
-from kdcache.transforms import AugmentConfig  # noqa: E402
 
 log = logging.getLogger("benchmark")
 ARMS = ("gt", "cache", "online")
@@ -71,7 +71,7 @@ class BenchmarkConfig:
 
 
 # Rotation and half-body augmentation need far longer training than a CPU report allows (README "The demo").
-AUG = AugmentConfig(rot_prob=0.0, half_body_prob=0.0)
+AUG = DEMO_AUG
 
 
 class Stages:

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from kdcache import cache as cachefmt
+from kdcache.coco import ImageMemo
 from kdcache.errors import UserError
 
 
@@ -104,7 +105,7 @@ class Cache:
     def _reset_handles(self) -> None:
         self._fds: dict[int, int] = {}
         self._h5: dict[int, h5py.File] = {}
-        self._image_memo: tuple[str, np.ndarray] | None = None
+        self._images = ImageMemo(self.images)  # crop replay ("none" crop encoding)
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -188,13 +189,10 @@ class Cache:
         return cachefmt.decode_crop(os.pread(self._fd(shard), stop - start, index.columns["crop"][0] + start))
 
     def _replay_crop(self, shard: int, row: int, affine: np.ndarray) -> np.ndarray:
-        from kdcache.coco import read_image
         from kdcache.transforms import warp_crop
 
         name = self._h5file(shard)["image_file"][row].decode()
-        if self._image_memo is None or self._image_memo[0] != name:
-            self._image_memo = (name, read_image(self.images / name))
-        return warp_crop(self._image_memo[1], affine, self.input_hw)
+        return warp_crop(self._images(name), affine, self.input_hw)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One view: crop [H,W,3] uint8 RGB, heatmaps [K,h,w] float32, confidence [K] (schema 2), affine [2,3],
@@ -236,5 +234,5 @@ class Cache:
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into workers without open handles
         state = self.__dict__.copy()
-        state.update(_fds={}, _h5={}, _image_memo=None, _pid=-1)
+        state.update(_fds={}, _h5={}, _images=ImageMemo(self.images), _pid=-1)
         return state

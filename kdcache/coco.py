@@ -174,3 +174,18 @@ def read_image(path: Path) -> np.ndarray:
         raise UserError(f"cannot decode image {path}: not a readable image file; check --images")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
+
+class ImageMemo:
+    """`read_image` of files under one folder, keeping the last decoded image: views and cache rows are
+    ordered by image, so neighbours share it."""
+
+    def __init__(self, images_dir: Path):
+        self.images_dir = Path(images_dir)
+        self._name: str | None = None
+        self._image: np.ndarray | None = None
+
+    def __call__(self, file_name: str) -> np.ndarray:
+        if file_name != self._name:
+            self._image = read_image(self.images_dir / file_name)
+            self._name = file_name
+        return self._image

@@ -15,25 +15,10 @@ from torch.utils.data import Dataset
 from kdcache import heatmaps as codec
 from kdcache.augment import StudentAugConfig, jitter, photometric
 from kdcache.cache import open_cache
-from kdcache.coco import Instance, read_image
+from kdcache.coco import ImageMemo, Instance
 from kdcache.errors import UserError
 from kdcache.keypoints import FLIP_INDEX
 from kdcache.transforms import AugmentConfig, flip_crop, keypoints_to_crop, sample_view, warp_crop
-
-
-class _ImageMemo:
-    """Keeps the last decoded image: views are ordered by image, so neighbours share it."""
-
-    def __init__(self, images_dir: Path):
-        self.images_dir = Path(images_dir)
-        self._name: str | None = None
-        self._image: np.ndarray | None = None
-
-    def __call__(self, file_name: str) -> np.ndarray:
-        if file_name != self._name:
-            self._image = read_image(self.images_dir / file_name)
-            self._name = file_name
-        return self._image
 
 
 def heatmap_hw_for(input_hw: tuple[int, int]) -> tuple[int, int]:
@@ -69,7 +54,7 @@ class ViewDataset(Dataset):
         self.student_aug = student_aug or StudentAugConfig()
         self.keep_clean = keep_clean
         self.epoch = 0
-        self._images = _ImageMemo(images_dir)
+        self._images = ImageMemo(images_dir)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

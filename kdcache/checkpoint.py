@@ -111,9 +111,10 @@ def load_model(path: Path, device: str = "cpu", expert: str | int | None = None)
     """Any model by path, in eval mode: a kdcache student or teacher checkpoint, or an official ViTPose file."""
     from kdcache.student import StudentConfig, build_student
     from kdcache.teacher import load_teacher, teacher_from_checkpoint
+    from kdcache.teacher_formats import is_huggingface_path
 
     path = Path(path)
-    if not path.is_file() or path.suffix == ".safetensors" or path.name.endswith(".index.json"):
+    if not path.is_file() or is_huggingface_path(path):
         return load_teacher(path, device=device, expert=expert)  # HuggingFace; missing paths: it says why
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "student":

@@ -375,7 +375,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", input_hw:
     from kdcache.checkpoint import read_checkpoint
 
     path = Path(path)
-    if path.is_dir() or path.suffix == ".safetensors" or path.name.endswith(".index.json"):
+    if formats.is_huggingface_path(path):
         weights_file = formats.hf_weight_file(path) if path.is_dir() else path
         tensors = formats.read_hf_tensors(weights_file)
         weights = formats.teacher_weights(tensors, path, expert, hf_config=formats.find_hf_config(path) or {})

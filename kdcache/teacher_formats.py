@@ -168,6 +168,12 @@ def _use_associate_head(sd: dict[str, torch.Tensor], index: int, name: str) -> N
 # HuggingFace VitPoseForPoseEstimation
 
 
+def is_huggingface_path(path: Path) -> bool:
+    """A HuggingFace VitPose folder, safetensors file or sharded-weights index (not a pickled checkpoint)."""
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".safetensors" or path.name.endswith(".index.json")
+
+
 def hf_weight_file(folder: Path) -> Path:
     for name in HF_WEIGHT_FILES:
         if (folder / name).is_file():

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-loss", choices=("mse", "kl"), default="mse",
                    help="teacher term: heatmap MSE, or KL of spatially softmaxed heatmaps")
     p.add_argument("--kd-temperature", type=float, default=1.0, help="--kd-loss kl: temperature (default: 1)")
+    p.add_argument("--train-views", type=int, default=0, metavar="K",
+                   help="train on the cache's first K augmented views only, epoch e reading view 1 + e mod K "
+                        "(0 = all of them; for measuring how many views a run needs)")
     p.add_argument("--confidence-weights", action="store_true",
                    help="weight each joint's teacher term by the teacher's confidence (its peak)")
     for flag, _, what in STUDENT_AUG_FLAGS:
@@ -274,6 +277,7 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     cfg = TrainStudentConfig(student=student, run=_run_config(a), cache=a.cache, online_teacher=a.online_teacher,
                              expert=a.expert, ann=a.ann, images=a.images, alpha=a.alpha, kd_loss=a.kd_loss,
                              kd_temperature=a.kd_temperature, confidence_weights=a.confidence_weights,
+                             train_views=a.train_views,
                              student_aug=StudentAugConfig(**probs), optim=optim, val=val)
     if cache is not None:
         _check_cache_fits(cache, cfg)

@@ -96,6 +96,7 @@ class TrainStudentConfig:
     confidence_weights: bool = False  # weight each joint's teacher term by the teacher's confidence (peak)
     sigma: float = 2.0          # ground-truth Gaussian sigma in heatmap pixels
     flip_prob: float = 0.5      # train-time mirror of cached views (heatmaps flipped with pairs swapped)
+    train_views: int = 0        # cached views 1..k only, epoch e reading view 1 + e mod k (0 = all K - 1)
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)  # view sampling (online and ground-truth runs)
     student_aug: StudentAugConfig = field(default_factory=StudentAugConfig)  # photometric/occlusion/jitter

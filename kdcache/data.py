@@ -83,9 +83,9 @@ class ViewDataset(Dataset):
 class CachedDataset(Dataset):
     """Cached views, one per instance per epoch, with targets kept true under train-time augmentation.
 
-    Epoch e reads view 1 + e mod (K - 1) of every instance (view 0, the plain crop, when K = 1): the views
-    an online run draws in epochs 0 .. K - 2, then the same again, so "epochs" mean the same with and
-    without the cache. A mirror (probability `flip_prob`, decided by (seed, epoch, index)) flips crop and
+    Epoch e reads view 1 + e mod k of every instance, k = K - 1 training views (view 0, the plain crop, when
+    K = 1), or the first `train_views` of them: the views an online run draws in epochs 0 .. k - 1, then the
+    same again, so "epochs" mean the same with and without the cache. A mirror (probability `flip_prob`, decided by (seed, epoch, index)) flips crop and
     teacher heatmaps together and swaps keypoint pairs; UDP makes the heatmap mirror exact, with no shift.
     `student_aug` adds photometric changes and occlusion (targets unchanged) and, optionally, a small
     affine jitter of crop, heatmaps and keypoints together. A cache dumped with no crops (crop encoding
@@ -93,16 +93,22 @@ class CachedDataset(Dataset):
     """
 
     def __init__(self, cache_path: Path, sigma: float, flip_prob: float, seed: int, images: Path | None = None,
-                 student_aug: StudentAugConfig | None = None):
+                 student_aug: StudentAugConfig | None = None, train_views: int = 0):
         """
         Args:
             images: image folder for crop replay (default: the one the cache was dumped from).
+            train_views: train on cached views 1 .. train_views only (0 = all K - 1 augmented views).
         """
         self.cache = open_cache(cache_path, images=images)
         self.views = int(self.cache.manifest.get("dump", {}).get("views") or 1)
         if len(self.cache) % self.views:
             raise UserError(f"cache {cache_path} holds {len(self.cache)} rows, not a multiple of its "
                             f"{self.views} views per instance; dump it again")
+        available = max(1, self.views - 1)
+        if not 0 <= train_views <= available:
+            raise UserError(f"--train-views {train_views}: cache {cache_path} holds {available} augmented views "
+                            f"per instance; pass 1..{available}, or 0 for all of them")
+        self.train_views = train_views or available
         self.sigma = sigma
         self.flip_prob = flip_prob
         self.seed = seed
@@ -117,7 +123,7 @@ class CachedDataset(Dataset):
 
     def row_of(self, index: int) -> int:
         """Cache row of instance `index` in the current epoch (rows are instance-major, views inner)."""
-        view = 1 + self.epoch % (self.views - 1) if self.views > 1 else 0
+        view = 1 + self.epoch % self.train_views if self.views > 1 else 0
         return index * self.views + view
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def train_student(cfg: TrainStudentConfig) -> Path:
 
     if cfg.cache is not None:
         dataset = CachedDataset(cfg.cache, cfg.sigma, cfg.flip_prob, cfg.run.seed, images=cfg.images,
-                                student_aug=cfg.student_aug)
+                                student_aug=cfg.student_aug, train_views=cfg.train_views)
         cache_hw = dataset.cache.input_hw
         if tuple(cache_hw) != tuple(cfg.student.input_hw):
             raise UserError(f"cache {cfg.cache} holds {cache_hw[0]}x{cache_hw[1]} crops but the student is set "

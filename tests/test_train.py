@@ -108,6 +108,23 @@ def test_a_cached_epoch_is_one_view_per_instance_cycling_the_augmented_views(tin
     assert views == [1, 2, 1, 2, 1]  # the views an online run draws first; never the plain view 0
 
 
+def test_train_views_restricts_epochs_to_the_first_k_views(tiny):
+    from kdcache.cache import open_cache
+    from kdcache.data import CachedDataset
+    from kdcache.errors import UserError
+
+    rows = open_cache(tiny["cache"])
+    dataset = CachedDataset(tiny["cache"], sigma=2.0, flip_prob=0.0, seed=0, train_views=1)
+    views = []
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        views.append(int(rows[dataset.row_of(2)]["view"]))
+    assert views == [1, 1, 1, 1]
+    for bad in (3, -1):  # the cache has 2 augmented views
+        with pytest.raises(UserError, match=r"holds 2 augmented views per instance; pass 1\.\.2"):
+            CachedDataset(tiny["cache"], sigma=2.0, flip_prob=0.0, seed=0, train_views=bad)
+
+
 def _student_cfg(tiny, out, backbone="mobilenetv3_small_100", **kwargs):
     from kdcache.config import TrainStudentConfig
     from kdcache.student import StudentConfig

@@ -57,7 +57,7 @@ def resolve_devices(spec: str | None) -> list[str]:
         except RuntimeError:
             device = None
         if device is None or device.type not in ("cpu", "cuda"):
-            raise UserError(f"--device {name}: not a device bench knows; use cpu, cuda or cuda:N (comma-separated)")
+            raise UserError(f"--device {name}: not a device kdcache knows; use cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {name}: PyTorch sees no CUDA device here; use --device cpu")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

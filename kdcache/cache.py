@@ -13,6 +13,10 @@ them with h5py alone):
     crop_offset     int64 [N + 1]         concatenated: row i is crop[crop_offset[i]:crop_offset[i + 1]]
                                           (both absent with crop encoding "none": replay from the images)
     image_file      str [N]               the image a row was cut from (crop encoding "none" only)
+    image_hw        int32 [N, 2]          ("none" only) that image's (H, W) in pixels when it was dumped
+    image_sha256    uint8 [N, 32]         ("none" only) SHA-256 of that image file's bytes (full digest);
+                                          replay refuses an image whose size or bytes differ. Older
+                                          "none" caches lack both: they replay unchecked.
     heatmaps        [N, K, h, w]          teacher heatmaps in the manifest's heatmap encoding, one chunk
                                           per row, deflate (after byte-shuffle for 16-bit dtypes):
         "int16-step":   uint16 zigzag z, q = (z >> 1) ^ -(z & 1), value = q * heatmap_step[n, k]
@@ -36,13 +40,16 @@ where the map is flat). A clean teacher's flat background rounds to zeros that d
 Schema 1 (kdcache 0.1) stored crops as a vlen uint8 dataset, "uint8-minmax-per-joint" heatmaps and no
 confidence; it is still read. Writes are crash-safe: a shard is written as `NAME.tmp` and renamed
 when complete, and the manifest is updated under a file lock and replaced atomically, so a killed
-dump leaves only complete shards listed, and concurrent ranks never lose each other's entries.
+dump leaves only complete shards listed, and concurrent ranks never lose each other's entries. A write
+that fails (a full disk) removes its temporary file and raises the OSError with the file's name; what
+was complete before stays listed and intact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import zlib
@@ -55,7 +62,6 @@ import cv2
 import h5py
 import numpy as np
 
-from kdcache.checkpoint import sha256_file
 from kdcache.errors import UserError
 
 if TYPE_CHECKING:
@@ -68,6 +74,10 @@ LOCK = "manifest.lock"
 META_COLUMNS = ("confidence", "affine", "flip", "image_id", "ann_id", "view", "keypoints")
 META_DTYPES = {"confidence": np.float32, "affine": np.float64, "flip": np.bool_, "image_id": np.int64,
                "ann_id": np.int64, "view": np.int32, "keypoints": np.float32}
+# Crop encoding "none": what identifies each row's image, checked when the crop is replayed.
+REPLAY_COLUMNS = ("image_hw", "image_sha256")
+REPLAY_DTYPES = {"image_hw": np.int32, "image_sha256": np.uint8}
+REPLAY_SHAPES = {"image_hw": (2,), "image_sha256": (32,)}
 DEFAULT_CROP_ENCODING = "jpeg90"
 DEFAULT_HEATMAP_ENCODING = "int16-step"
 DEFAULT_REL_ERROR = 0.008
@@ -76,6 +86,32 @@ DEFAULT_GZIP_LEVEL = 2
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes (hashlib releases the GIL: several threads hash at once)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _temporary(tmp: Path) -> Iterator[None]:
+    """Remove `tmp` if the block fails, and name it in an OSError that does not name a file.
+
+    A full disk (ENOSPC) or a lost permission must not leave a half-written `.tmp` behind, and the
+    caller's one-line report needs the file: h5py's OSErrors carry an errno but a multi-line message.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            raise OSError(exc.errno, os.strerror(exc.errno), str(tmp)) from exc
+        raise
 
 
 # ---- crops ---------------------------------------------------------------------------------
@@ -204,14 +240,15 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
-    """Atomic rewrite: a kill leaves either the old or the new manifest, never half of one."""
+    """Atomic rewrite: a kill or a failed write leaves the old manifest, or the new one, never half of one."""
     path = Path(cache_dir) / MANIFEST
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(manifest, indent=1, sort_keys=True))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with _temporary(tmp):
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(manifest, indent=1, sort_keys=True))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -225,16 +262,26 @@ def manifest_lock(cache_dir: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def add_shard(cache_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """Record a complete shard in the manifest (under the lock); returns the updated manifest."""
+def _update_shards(cache_dir: Path, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+                   ) -> dict[str, Any]:
+    """Apply `change` to the manifest's shard list under the lock; the derived fields follow."""
     with manifest_lock(cache_dir):
         manifest = read_manifest(cache_dir)
-        shards = [s for s in manifest["shards"] if s["index"] != entry["index"]] + [entry]
-        manifest["shards"] = sorted(shards, key=lambda s: s["index"])
+        manifest["shards"] = sorted(change(manifest["shards"]), key=lambda s: s["index"])
         manifest["skipped_images"] = sorted({f for s in manifest["shards"] for f in s.get("skipped_images", [])})
         manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
         write_manifest(cache_dir, manifest)
     return manifest
+
+
+def add_shard(cache_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Record a complete shard in the manifest (under the lock); returns the updated manifest."""
+    return _update_shards(cache_dir, lambda shards: [s for s in shards if s["index"] != entry["index"]] + [entry])
+
+
+def drop_shards(cache_dir: Path, indices: set[int]) -> dict[str, Any]:
+    """Unlist shards (damaged ones, to be rewritten) under the lock; returns the updated manifest."""
+    return _update_shards(cache_dir, lambda shards: [s for s in shards if s["index"] not in indices])
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -265,14 +312,29 @@ def write_shard(cache_dir: Path, index: int, rows: dict[str, Any], attrs: dict[s
 
     Args:
         rows: `heatmaps` (chunks from `encode_heatmap_rows`) and the encoding's side array, every
-            META_COLUMNS array, `crop` (list of encoded byte vectors) or `image_file` (list of str),
-            and optionally `skipped_images` (files whose views are missing from this shard).
+            META_COLUMNS array, `crop` (list of encoded byte vectors) or `image_file` (list of str)
+            with the REPLAY_COLUMNS arrays, and optionally `skipped_images` (files whose views are
+            missing from this shard).
         attrs: shard attributes; nested values are stored as JSON strings.
         heatmap_shape: (K, h, w).
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC); the temporary file is gone and `filename` names it.
     """
     final = Path(cache_dir) / shard_name(index)
     tmp = final.with_name(final.name + ".tmp")
-    enc = heatmap_encoding(encoding)
+    with _temporary(tmp):
+        _write_h5(tmp, rows, attrs, heatmap_shape, heatmap_encoding(encoding), gzip_level)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    return {"name": final.name, "index": index, "rows": len(rows["heatmaps"]), "bytes": final.stat().st_size,
+            "sha256": sha256_file(final), "skipped_images": sorted(set(rows.get("skipped_images", [])))}
+
+
+def _write_h5(tmp: Path, rows: dict[str, Any], attrs: dict[str, Any], heatmap_shape: tuple[int, int, int],
+              enc: HeatmapEncoding, gzip_level: int) -> None:
+    """The shard's datasets (module docstring) and attributes, into the file `tmp`."""
     chunks = rows["heatmaps"]
     n = len(chunks)
     # No timestamps in object headers: the same rows give the same bytes (bit-for-bit reruns).
@@ -286,6 +348,10 @@ def write_shard(cache_dir: Path, index: int, rows: dict[str, Any], attrs: dict[s
         if rows.get("image_file") is not None:
             f.create_dataset("image_file", data=np.array(rows["image_file"], dtype=object),
                              dtype=h5py.string_dtype(), **opts)
+            for name in REPLAY_COLUMNS:
+                if rows.get(name) is not None:
+                    data = np.asarray(rows[name], dtype=REPLAY_DTYPES[name]).reshape(n, *REPLAY_SHAPES[name])
+                    f.create_dataset(name, data=data, **opts)
         shape = (n, *heatmap_shape)
         if n:
             ds = f.create_dataset("heatmaps", shape=shape, dtype=enc.dtype, chunks=(1, *heatmap_shape),
@@ -302,11 +368,6 @@ def write_shard(cache_dir: Path, index: int, rows: dict[str, Any], attrs: dict[s
             f.create_dataset(name, data=np.asarray(rows[name], dtype=META_DTYPES[name]), **opts)
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    return {"name": final.name, "index": index, "rows": n, "bytes": final.stat().st_size,
-            "sha256": sha256_file(final), "skipped_images": sorted(set(rows.get("skipped_images", [])))}
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -320,8 +381,11 @@ def open_cache(path: Path, allow_incomplete: bool = False, images: Path | None =
 
 # ---- checking ------------------------------------------------------------------------------
 
-def _check_shard(path: Path, entry: dict[str, Any], checksums: bool) -> str | None:
-    """What is wrong with one listed shard, or None."""
+def check_shard(path: Path, entry: dict[str, Any], checksums: bool) -> str | None:
+    """What is wrong with one listed shard ("NAME: what"), or None.
+
+    Size, HDF5 header and row count always; the SHA-256 (every byte read) only with `checksums`.
+    """
     name = entry["name"]
     if not path.exists():
         return f"{name}: missing"
@@ -359,11 +423,15 @@ def verify_cache(path: Path, checksums: bool = True) -> list[str]:
         problems.append(f"schema version {manifest.get('schema_version')} is not readable by this kdcache")
     if not manifest.get("complete"):
         problems.append(f"incomplete: {len(manifest.get('shards', []))} of {manifest.get('num_shards')} shards")
-    entries = manifest.get("shards", [])
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-        found = pool.map(lambda e: _check_shard(path / e["name"], e, checksums), entries)
-        problems.extend(p for p in found if p)
+    problems.extend(check_shards(path, manifest.get("shards", []), checksums).values())
     return problems
+
+
+def check_shards(path: Path, entries: list[dict[str, Any]], checksums: bool) -> dict[int, str]:
+    """`check_shard` over manifest entries on a few threads (hashlib releases the GIL): index -> problem."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        found = pool.map(lambda e: check_shard(Path(path) / e["name"], e, checksums), entries)
+        return {entry["index"]: problem for entry, problem in zip(entries, found) if problem}
 
 
 def check_compatible(manifest: dict[str, Any], input_hw: tuple[int, int], heatmap_hw: tuple[int, int],

@@ -67,7 +67,8 @@ class Cache:
 
     Each shard is indexed once per process with h5py (where every column and heatmap chunk lies); a row
     is then a few `os.pread` calls, inflate and decode, with no HDF5 call. File descriptors are opened
-    lazily (at most MAX_OPEN at a time) and never shared across a fork.
+    lazily (at most MAX_OPEN at a time) and never shared across a fork. Replaying crops (crop encoding
+    "none"), each image's size and SHA-256 are checked against the dump's, once per image and process.
     """
 
     MAX_OPEN = 64
@@ -100,6 +101,7 @@ class Cache:
         counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._index: dict[int, _ShardIndex] = {}
+        self._same_image: set[tuple[str, bytes]] = set()  # (file, SHA-256) checked: once per image and process
         self._reset_handles()
 
     def _reset_handles(self) -> None:
@@ -182,17 +184,37 @@ class Cache:
 
     def _crop(self, shard: int, index: _ShardIndex, row: int, affine: np.ndarray) -> np.ndarray:
         if self.crop_codec == "none":
-            return self._replay_crop(shard, row, affine)
+            return self._replay_crop(shard, index, row, affine)
         if index.crop_offset is None:  # schema 1: vlen uint8 per row
             return cachefmt.decode_crop(self._h5file(shard)["crop"][row])
         start, stop = int(index.crop_offset[row]), int(index.crop_offset[row + 1])
         return cachefmt.decode_crop(os.pread(self._fd(shard), stop - start, index.columns["crop"][0] + start))
 
-    def _replay_crop(self, shard: int, row: int, affine: np.ndarray) -> np.ndarray:
+    def _replay_crop(self, shard: int, index: _ShardIndex, row: int, affine: np.ndarray) -> np.ndarray:
         from kdcache.transforms import warp_crop
 
         name = self._h5file(shard)["image_file"][row].decode()
-        return warp_crop(self._images(name), affine, self.input_hw)
+        image = self._images(name)  # a missing or undecodable file: UserError naming it
+        if all(column in index.columns for column in cachefmt.REPLAY_COLUMNS):  # older caches: unchecked
+            self._check_image(name, image.shape[:2], self._column(shard, index, "image_hw", row),
+                              self._column(shard, index, "image_sha256", row).tobytes())
+        return warp_crop(image, affine, self.input_hw)
+
+    def _check_image(self, name: str, image_hw: tuple[int, int], dumped_hw: np.ndarray, dumped_sha: bytes) -> None:
+        """Refuse to replay a crop from an image that is not the one the teacher saw (a silent wrong target)."""
+        if (name, dumped_sha) in self._same_image:
+            return
+        path = self.images / name
+        if tuple(image_hw) != tuple(int(v) for v in dumped_hw):
+            change = (f"it is {image_hw[0]}x{image_hw[1]} (HxW) pixels, the cache's was "
+                      f"{dumped_hw[0]}x{dumped_hw[1]}")
+        elif (digest := cachefmt.sha256_file(path)) != dumped_sha.hex():
+            change = f"same size, other content: SHA-256 {digest[:12]}..., the cache's {dumped_sha.hex()[:12]}..."
+        else:
+            self._same_image.add((name, dumped_sha))
+            return
+        raise UserError(f"image {path} has changed since cache {self.path} was dumped ({change}); restore the "
+                        "images the cache was dumped from, or dump the teacher again from these")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One view: crop [H,W,3] uint8 RGB, heatmaps [K,h,w] float32, confidence [K] (schema 2), affine [2,3],

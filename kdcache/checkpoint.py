@@ -9,7 +9,9 @@ A kdcache checkpoint is a plain dict (tensors, numbers, strings) so that it load
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -55,10 +57,38 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write under a temporary name and rename, so a kill never leaves half a checkpoint."""
+    """Write under a temporary name and rename, so a kill or a full disk never leaves half a checkpoint.
+
+    The checkpoint is serialised in memory and written with plain writes: torch's own file writer turns a
+    full disk into an opaque RuntimeError, while this raises OSError (ENOSPC, EACCES, ...) naming `path`,
+    and removes the temporary file.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(Path(path), buffer.getbuffer())
+
+
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """`path` gets `data` in full or stays as it was: written as `path.tmp`, fsynced, renamed.
+
+    Raises:
+        OSError: with `filename` set to `path`; the temporary file is gone.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def model_kind(model: nn.Module) -> str:
@@ -118,6 +148,8 @@ def load_model(path: Path, device: str = "cpu", expert: str | int | None = None)
         return load_teacher(path, device=device, expert=expert)  # HuggingFace; missing paths: it says why
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "student":
+        if expert is not None:
+            raise UserError(f"--expert picks a ViTPose++ expert, but {path} is a kdcache student; drop --expert")
         model = build_student(StudentConfig.from_dict(obj["model_config"]), load_pretrained=False)
         model.load_state_dict(obj["state_dict"])
         return model.to(device).eval()

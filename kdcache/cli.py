@@ -1,215 +1,75 @@
 """The `kdcache` command: argparse -> one frozen config per stage -> the stage function.
 
-This is the only module that sees argv. User errors (`UserError`) print one line and exit 2.
+This is the only module that sees argv (its flags are in `cli_parser`). Every failure a user can meet ends
+in one line on stderr and a non-zero exit, from one place, `main`: user errors (`UserError`: bad input,
+what to do) exit 2; environment errors (a full disk, no permission, out of memory) exit 1. Completed
+outputs are kept in both cases.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from kdcache import __version__
+from kdcache.cli_parser import STUDENT_AUG_FLAGS, VIEW_AUG_FLAGS, build_parser
 from kdcache.errors import UserError
 
 if TYPE_CHECKING:
     from kdcache.cache_reader import Cache
     from kdcache.config import TrainStudentConfig
+    from kdcache.transforms import AugmentConfig
 
 log = logging.getLogger("kdcache")
 
 
-def _size(text: str) -> tuple[int, int]:
-    """'256x192' -> (256, 192): crop height x width."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 256x192, got {text!r}") from None
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise argparse.ArgumentTypeError(f"crop size {text} must be positive multiples of 32 (e.g. 256x192, 128x96)")
-    return h, w
-
-
-# train-student probability flags -> StudentAugConfig fields, with what each one does.
-STUDENT_AUG_FLAGS = (
-    ("color", "color_prob", "brightness/contrast/saturation"),
-    ("blur", "blur_prob", "Gaussian blur"),
-    ("noise", "noise_prob", "Gaussian pixel noise"),
-    ("grayscale", "gray_prob", "grayscale"),
-    ("occlusion", "occlusion_prob", "random occluding rectangles"),
-    ("jitter", "jitter_prob", "cached views: extra rotation/scale/shift of crop and heatmaps together"),
-)
-
-
-def _expert_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--expert", type=_expert, help="ViTPose++ expert by dataset name or index (default: coco)")
-
-
-def _expert(text: str) -> str | int:
-    """A ViTPose++ expert: a dataset name ('coco', 'aic', ...) or its index."""
-    return int(text) if text.isdigit() else text
-
-
-def _common(p: argparse.ArgumentParser, out_required: bool = True, batch: int = 32, workers: int = 2) -> None:
-    p.add_argument("--out", type=Path, required=out_required, help="output folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=batch, help=f"crops per batch (default: {batch})")
-    p.add_argument("--workers", type=int, default=workers, help=f"DataLoader workers (default: {workers})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _data(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--ann", type=Path, required=required, help="COCO person_keypoints_*.json")
-    p.add_argument("--images", type=Path, required=required, help="folder of the annotation file's images")
-
-
-def _optim(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float) -> None:
-    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default: {epochs})")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimiser steps (0 = no bound)")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak AdamW learning rate (default: {lr})")
-    p.add_argument("--weight-decay", type=float, default=wd, help=f"AdamW weight decay (default: {wd})")
-    p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: 100)")
-    p.add_argument("--val-ann", type=Path, help="validation annotation file: AP each epoch and best.pt")
-    p.add_argument("--val-images", type=Path, help="validation images folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine", help="learning-rate decay")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0 = off)")
-    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default: 1)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdcache", description="Distil ViTPose into small pose networks "
-                                     "from a cached teacher pass.")
-    parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("synth", help="write a synthetic dataset in COCO person-keypoints layout")
-    p.add_argument("--out", type=Path, required=True, help="dataset root")
-    p.add_argument("--train-images", type=int, default=400)
-    p.add_argument("--val-images", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="processes (output is the same for any value)")
-    p.add_argument("--max-people", type=int, default=4, help="people per image drawn from 1..P (default: 4)")
-    p.add_argument("--clutter", type=float, default=1.0, help="background distractors, 0 = none (default: 1)")
-
-    p = sub.add_parser("train-teacher", help="train a ViTPose model on ground truth")
-    _data(p)
-    _common(p)
-    _optim(p, epochs=210, lr=5e-4, wd=0.1)
-    p.add_argument("--arch", default="vitpose-s", help="vitpose-s/b/l/h, or vitpose-tiny/nano for CPU")
-    p.add_argument("--head", choices=("classic", "simple"), default="classic")
-    p.add_argument("--input-size", type=_size, default=(256, 192), help="crop HxW (default: 256x192)")
-
-    p = sub.add_parser("dump-teacher", help="stage 1: teacher heatmaps of K views per instance -> cache")
-    p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint")
-    _data(p)
-    _common(p, batch=64)
-    p.add_argument("--views", type=int, default=8, help="views per instance; view 0 is un-augmented (default: 8)")
-    p.add_argument("--shard-size", type=int, default=1024, help="views per shard (default: 1024)")
-    p.add_argument("--crop", choices=("jpeg", "png", "none"), default="jpeg",
-                   help="crop codec; 'none' stores no crops (training replays them from the images with the "
-                        "stored affine) (default: jpeg)")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="crop JPEG quality (default: 90)")
-    p.add_argument("--heatmap-encoding", choices=("int16-step", "float16", "uint8-minmax-per-joint"),
-                   default="int16-step", help="how teacher heatmaps are stored (default: int16-step)")
-    p.add_argument("--heatmap-error", type=float, default=0.008,
-                   help="int16-step: relative L2 error of each stored heatmap (default: 0.008)")
-    p.add_argument("--gzip-level", type=int, default=2, choices=range(1, 10), metavar="1..9",
-                   help="deflate level of the heatmap chunks (default: 2)")
-    p.add_argument("--teacher-flip", action="store_true",
-                   help="store the mean of the teacher on the crop and on its mirror (2x teacher time)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="go on past missing or unreadable images and list them in manifest.json")
-    _expert_flag(p)
-
-    p = sub.add_parser("train-student", help="stage 2: train a student from the cache (or online, or on "
-                       "ground truth only when neither --cache nor --online-teacher is given)")
-    p.add_argument("--cache", type=Path, help="teacher cache from dump-teacher")
-    p.add_argument("--online-teacher", type=Path, help="baseline: run this teacher every step instead")
-    _expert_flag(p)
-    _data(p, required=False)
-    p.add_argument("--student", required=True, help="timm backbone name, e.g. mobilenetv3_large_100")
-    p.add_argument("--head", choices=("deconv", "light"), default="deconv")
-    p.add_argument("--head-channels", type=int, default=128)
-    p.add_argument("--pretrained", default="", help="'timm' (local timm cache only) or a weights file")
-    p.add_argument("--input-size", type=_size, default=None, help="crop HxW (default: the cache's)")
-    _common(p)
-    _optim(p, epochs=10, lr=1e-3, wd=1e-4)
-    p.add_argument("--alpha", type=float, default=0.5, help="teacher-loss weight; 1-alpha on ground truth")
-    p.add_argument("--kd-loss", choices=("mse", "kl"), default="mse",
-                   help="teacher term: heatmap MSE, or KL of spatially softmaxed heatmaps")
-    p.add_argument("--kd-temperature", type=float, default=1.0, help="--kd-loss kl: temperature (default: 1)")
-    p.add_argument("--train-views", type=int, default=0, metavar="K",
-                   help="train on the cache's first K augmented views only, epoch e reading view 1 + e mod K "
-                        "(0 = all of them; for measuring how many views a run needs)")
-    p.add_argument("--confidence-weights", action="store_true",
-                   help="weight each joint's teacher term by the teacher's confidence (its peak)")
-    for flag, _, what in STUDENT_AUG_FLAGS:
-        p.add_argument(f"--{flag}", type=float, default=0.0, metavar="P",
-                       help=f"probability of {what} on the student's crop (default: 0, off)")
-
-    p = sub.add_parser("eval", help="stage 3: COCO keypoint AP of any checkpoint")
-    p.add_argument("--model", type=Path, required=True)
-    _data(p)
-    p.add_argument("--boxes", type=Path, help="COCO detection results (default: ground-truth boxes)")
-    p.add_argument("--box-score-thr", type=float, default=0.0, help="drop detections below this score")
-    p.add_argument("--flip-test", action="store_true", help="average with the mirrored crop")
-    p.add_argument("--metrics-out", type=Path)
-    p.add_argument("--results-out", type=Path)
-    p.add_argument("--vis", type=Path, metavar="DIR",
-                   help="write PNGs of the predictions (orange, score >= 0.3) over the ground truth (green)")
-    p.add_argument("--vis-count", type=int, default=20, help="images drawn by --vis (default: 20)")
-    _expert_flag(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-
-    p = sub.add_parser("inspect", help="summary of a cache; --verify checks it; --png draws a contact sheet")
-    p.add_argument("cache", type=Path)
-    p.add_argument("--verify", action="store_true", help="check every shard's size, SHA-256 and rows")
-    p.add_argument("--png", type=Path, help="write a contact sheet of crops with their heatmaps")
-    p.add_argument("--count", type=int, default=16, help="views on the contact sheet (default: 16)")
-
-    p = sub.add_parser("bench", help="params, GFLOPs, latency and throughput side by side")
-    p.add_argument("models", type=Path, nargs="+")
-    _expert_flag(p)
-    p.add_argument("--device", help="comma-separated devices, side by side, e.g. cpu,cuda (default: cpu, "
-                   "plus cuda when available)")
-    p.add_argument("--batch-size", type=int, default=32, help="throughput batch (default: 32)")
-    p.add_argument("--bf16", action="store_true", help="time CUDA under bf16 autocast (CPU stays fp32)")
-
-    p = sub.add_parser("export", help="ONNX export checked against PyTorch")
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--onnx", type=Path, required=True)
-    _expert_flag(p)
-
-    p = sub.add_parser("demo", help="the whole pipeline on synthetic data, ending in one table")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--quick", action="store_true", help="a tiny run (seconds) that checks the plumbing only")
-    return parser
-
-
 # ---- stage adapters: argparse namespace -> config -> stage function --------------------------
+
+def _check_device(name: str) -> str:
+    """One device PyTorch can use here, refused in one line before any work (e.g. cuda without a GPU)."""
+    from kdcache.bench import resolve_devices
+
+    if "," in name:
+        raise UserError(f"--device {name}: this command runs on one device; pass cpu, cuda or cuda:N")
+    return resolve_devices(name)[0]
+
 
 def _run_config(a: argparse.Namespace):
     from kdcache.config import RunConfig
 
-    return RunConfig(out=a.out, device=a.device, workers=a.workers, seed=a.seed, progress=not a.no_progress,
-                     resume=getattr(a, "resume", False))
+    return RunConfig(out=a.out, device=_check_device(a.device), workers=a.workers, seed=a.seed,
+                     progress=_progress(a), resume=getattr(a, "resume", False),
+                     overwrite=getattr(a, "overwrite", False))
+
+
+def _progress(a: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching: not with --no-progress, -q, or stderr to a file or pipe."""
+    return not (getattr(a, "no_progress", False) or a.quiet) and sys.stderr.isatty()
 
 
 def _optim_config(a: argparse.Namespace):
     from kdcache.config import OptimConfig, ValConfig
 
     if (a.val_ann is None) != (a.val_images is None):
-        raise UserError("--val-ann and --val-images go together")
+        raise UserError("--val-ann and --val-images go together; pass both or neither")
     optim = OptimConfig(epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
                         weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule, ema=a.ema)
     return optim, ValConfig(ann=a.val_ann, images=a.val_images, every=a.val_every)
+
+
+def _given_view_aug(a: argparse.Namespace) -> dict[str, float]:
+    """AugmentConfig fields the user set with the view augmentation flags."""
+    return {field: getattr(a, flag.replace("-", "_")) for flag, field, _, _ in VIEW_AUG_FLAGS
+            if getattr(a, flag.replace("-", "_")) is not None}
+
+
+def _view_aug_config(a: argparse.Namespace) -> AugmentConfig:
+    from kdcache.transforms import AugmentConfig
+
+    return AugmentConfig(**_given_view_aug(a))
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -227,7 +87,7 @@ def cmd_train_teacher(a: argparse.Namespace) -> int:
 
     optim, val = _optim_config(a)
     cfg = TrainTeacherConfig(ann=a.ann, images=a.images, run=_run_config(a), arch=a.arch, head=a.head,
-                             input_hw=a.input_size, optim=optim, val=val)
+                             input_hw=a.input_size, optim=optim, aug=_view_aug_config(a), val=val)
     print(f"wrote {train_teacher(cfg)}")
     return 0
 
@@ -237,17 +97,13 @@ def cmd_dump_teacher(a: argparse.Namespace) -> int:
     from kdcache.config import DumpConfig
     from kdcache.dump import dump_teacher
 
-    if not 1 <= a.jpeg_quality <= 100:
-        raise UserError(f"--jpeg-quality must be within 1..100 (got {a.jpeg_quality})")
-    if a.shard_size < 1 or a.batch_size < 1:
-        raise UserError("--shard-size and --batch-size must be at least 1")
     crop = f"jpeg{a.jpeg_quality}" if a.crop == "jpeg" else a.crop
     cfg = DumpConfig(teacher=a.teacher, ann=a.ann, images=a.images, run=_run_config(a), views=a.views,
                      batch_size=a.batch_size, shard_size=a.shard_size, crop_encoding=crop,
                      heatmap_encoding=a.heatmap_encoding, heatmap_rel_error=a.heatmap_error,
                      gzip_level=a.gzip_level, teacher_flip=a.teacher_flip, skip_bad_images=a.skip_bad_images,
-                     expert=a.expert)
-    out = dump_teacher(cfg)
+                     expert=a.expert, aug=_view_aug_config(a))
+    out = dump_teacher(cfg, verify=a.verify)
     skipped = (read_manifest(out) or {}).get("skipped_images", [])
     if skipped:
         print(f"skipped {len(skipped)} unreadable images (listed in {out / 'manifest.json'})")
@@ -261,24 +117,28 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     from kdcache.student import StudentConfig
     from kdcache.train import train_student
 
+    run = _run_config(a)
+    view_aug = _given_view_aug(a)
+    flip = view_aug.pop("flip_prob", None)
+    if a.cache is not None and view_aug:
+        flags = ", ".join(f"--{flag}" for flag, field, _, _ in VIEW_AUG_FLAGS if field in view_aug)
+        raise UserError(f"{flags} set(s) the views of online and ground-truth runs; a cache's views were fixed by "
+                        "dump-teacher (see `kdcache inspect`): drop them, or pass them to dump-teacher")
+    if a.train_views and a.cache is None:
+        raise UserError("--train-views restricts the views of a cache; pass --cache, or drop --train-views")
     cache = _sound_cache(a.cache) if a.cache is not None else None
     input_hw = a.input_size or (cache.input_hw if cache is not None else (256, 192))
     student = StudentConfig(backbone=a.student, head=a.head, input_hw=tuple(input_hw),
                             head_channels=a.head_channels, pretrained=a.pretrained)
     optim, val = _optim_config(a)
-    if not 0.0 <= a.alpha <= 1.0:
-        raise UserError(f"--alpha must be within [0, 1] (got {a.alpha})")
     probs = {field: getattr(a, flag) for flag, field, _ in STUDENT_AUG_FLAGS}
-    bad = [f"--{flag}" for flag, field, _ in STUDENT_AUG_FLAGS if not 0.0 <= probs[field] <= 1.0]
-    if bad:
-        raise UserError(f"{', '.join(bad)} must be a probability in [0, 1]")
-    if a.kd_temperature <= 0:
-        raise UserError(f"--kd-temperature must be positive (got {a.kd_temperature})")
-    cfg = TrainStudentConfig(student=student, run=_run_config(a), cache=a.cache, online_teacher=a.online_teacher,
+    aug = _view_aug_config(a) if a.cache is None else None
+    cfg = TrainStudentConfig(student=student, run=run, cache=a.cache, online_teacher=a.online_teacher,
                              expert=a.expert, ann=a.ann, images=a.images, alpha=a.alpha, kd_loss=a.kd_loss,
                              kd_temperature=a.kd_temperature, confidence_weights=a.confidence_weights,
-                             train_views=a.train_views,
-                             student_aug=StudentAugConfig(**probs), optim=optim, val=val)
+                             train_views=a.train_views, student_aug=StudentAugConfig(**probs), optim=optim, val=val,
+                             **({"aug": aug} if aug is not None else {}),
+                             **({"flip_prob": flip} if flip is not None and a.cache is not None else {}))
     if cache is not None:
         _check_cache_fits(cache, cfg)
     print(f"wrote {train_student(cfg)}")
@@ -294,7 +154,7 @@ def _sound_cache(path: Path) -> Cache:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"cache {path} is damaged: {problems[0]}{more}; run `kdcache inspect {path} --verify` "
-                        "and re-run the same dump-teacher command to rewrite it")
+                        "and re-run the same dump-teacher command with --verify to rewrite it")
     return cache
 
 
@@ -313,14 +173,22 @@ def _check_cache_fits(cache: Cache, cfg: TrainStudentConfig) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from kdcache.config import EvalConfig
-    from kdcache.evaluate import evaluate, format_metrics
+    from kdcache.evaluate import evaluate, format_metrics, score_results
 
-    if a.vis is not None and a.vis_count < 1:
-        raise UserError(f"--vis-count must be at least 1 (got {a.vis_count})")
+    if a.results is not None:
+        ignored = [flag for flag, value in (("--images", a.images), ("--boxes", a.boxes), ("--vis", a.vis),
+                                            ("--results-out", a.results_out), ("--flip-test", a.flip_test))
+                   if value]
+        if ignored:
+            raise UserError(f"--results scores a finished results file; {', '.join(ignored)} need(s) --model")
+        print(format_metrics(score_results(a.ann, a.results, metrics_out=a.metrics_out)))
+        return 0
+    if a.images is None:
+        raise UserError("--model needs --images, the folder of the annotation file's images")
     cfg = EvalConfig(model=a.model, ann=a.ann, images=a.images, boxes=a.boxes, expert=a.expert,
-                     flip_test=a.flip_test,
-                     box_score_thr=a.box_score_thr, batch_size=a.batch_size, workers=a.workers, device=a.device,
-                     metrics_out=a.metrics_out, results_out=a.results_out, vis_dir=a.vis, vis_count=a.vis_count)
+                     flip_test=a.flip_test, box_score_thr=a.box_score_thr, batch_size=a.batch_size,
+                     workers=a.workers, device=_check_device(a.device), metrics_out=a.metrics_out,
+                     results_out=a.results_out, vis_dir=a.vis, vis_count=a.vis_count, progress=_progress(a))
     print(format_metrics(evaluate(cfg)))
     if a.vis is not None:
         print(f"wrote {a.vis} (predictions over ground truth, first {a.vis_count} images)")
@@ -337,7 +205,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             print(f"{a.cache}: {problem}")
         if problems:
             raise UserError(f"cache {a.cache} failed verification ({len(problems)} problems above); "
-                            "re-run the same dump-teacher command to rewrite damaged shards")
+                            "re-run the same dump-teacher command with --verify to rewrite damaged shards")
     print(format_summary(cache_summary(a.cache)))
     if a.verify:
         print("verify: all shards complete, checksums match")
@@ -351,8 +219,6 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from kdcache.checkpoint import load_model, model_input_hw
 
     devices = resolve_devices(a.device)
-    if a.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {a.batch_size})")
     models = {str(path): load_model(path, "cpu", expert=a.expert) for path in a.models}
     sizes = {model_input_hw(m) for m in models.values()}
     if len(sizes) != 1:
@@ -385,16 +251,70 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": cmd_export, "demo": cmd_demo,
 }
 
+# Environment errors by errno: what to do about them.
+OS_ADVICE = {
+    errno.ENOSPC: "free some space; completed outputs are kept and the same command goes on from them",
+    errno.EDQUOT: "free some space; completed outputs are kept and the same command goes on from them",
+    errno.EACCES: "check the permissions, or choose another --out",
+    errno.EPERM: "check the permissions, or choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "the path is a folder; pass a file name",
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line. A DataLoader worker's error arrives with the worker's traceback
+    in its message; its last line is the original error."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith(("Error", "Exception")) \
+            else last
+    return " ".join(text.split())
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'No space left on device: /path/shard-00003.h5; free some space; ...'"""
+    where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    what = exc.strerror or _one_line(exc)
+    advice = OS_ADVICE.get(exc.errno, "")
+    return "; ".join(part for part in (f"{what}: {where}" if where else what, advice) if part)
+
+
+def _setup_logging(a: argparse.Namespace) -> None:
+    level = logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO
+    # force: each call logs to the stderr of the moment (main may run many times in one process, as in tests).
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    for noisy in ("h5py", "PIL", "matplotlib", "urllib3", "filelock", "fsspec"):  # their DEBUG is not ours
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad flag (already said in one line)
+        return int(exc.code or 0)
+    _setup_logging(args)
+    prefix = f"kdcache {args.command}: error:"
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"{prefix} {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+    except MemoryError as exc:  # also torch.OutOfMemoryError (a RuntimeError) below
+        print(f"{prefix} out of memory ({_one_line(exc) or 'host'}); lower --batch-size or --workers", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        print(f"{prefix} out of memory on the device ({_one_line(exc)[:160]}); lower --batch-size", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"kdcache {args.command}: interrupted; completed outputs are kept", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""COCO person-keypoint annotations and images: the instances every stage works on.
+"""COCO person-keypoint annotations and images: the instances every stage works on; keypoint results files.
 
 The instance set is the one ViTPose trains on (mmpose `TopDownCocoDataset`): non-crowd person
 annotations with a box and at least one labelled keypoint, the box clipped to the image and kept
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -34,7 +37,7 @@ class Instance:
         image_wh: (width, height) of the image in pixels, from the json.
         bbox_xywh: float32 [4], box clipped to the image as mmpose does (x, y, w, h in pixels).
         keypoints: float32 [17, 3], x, y in image pixels and COCO visibility v (0/1/2).
-        area: segmentation area from the json (used by COCOeval's OKS); box area if absent.
+        area: segmentation area from the json (used by COCOeval's OKS); box w * h if absent (as `load_coco`).
     """
 
     image_id: int
@@ -47,23 +50,150 @@ class Instance:
 
 
 def load_coco(ann_file: Path) -> COCO:
-    """Load a COCO annotation file with pycocotools, without its progress prints.
+    """Load a COCO annotation (or image-info) file, checked and completed for every stage, COCOeval included.
+
+    Refused up front, each with one line naming the file and the entry: no `images` or `categories`, no
+    person category, non-integer or repeated image ids, image entries without file_name / positive
+    width and height, annotation ids missing, repeated, zero (pycocotools never matches id 0) or negative,
+    person annotations on unknown images, without a box of 4 numbers, or with keypoints that are not K x 3
+    finite numbers. Filled the way the COCO tools define them, where converted datasets (CrowdPose, AIC)
+    leave them out: `area` = box w * h, `num_keypoints` = count of visibilities > 0, `iscrowd` = 0, and a
+    person without `keypoints` gets K unlabelled ones (COCOeval then ignores it, as COCO's own such persons).
 
     Raises:
-        UserError: the file is missing or is not a COCO json.
+        UserError: the file is missing, is not a COCO json, or has one of the problems above.
     """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise UserError(f"annotation file not found: {ann_file}; pass --ann a COCO person_keypoints_*.json")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(ann_file))
-    except (ValueError, AssertionError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        # json.JSONDecodeError is a ValueError; pycocotools asserts the top level is a dict.
-        raise UserError(
-            f"{ann_file} is not a valid COCO annotation file ({type(exc).__name__}: {exc}); "
-            "pass a COCO person_keypoints_*.json"
-        ) from exc
+        with open(ann_file, "rb") as handle:
+            dataset = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{ann_file} is not valid JSON ({type(exc).__name__}: {exc}); "
+                        "pass a COCO person_keypoints_*.json") from exc
+    if not isinstance(dataset, dict):
+        raise UserError(f"{ann_file} is not a COCO annotation file (its top level is a {type(dataset).__name__}, "
+                        "not an object with images/annotations/categories); pass a COCO person_keypoints_*.json")
+    _check_and_fill(dataset, ann_file)
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco.createIndex()
+    return coco
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite JSON number (not a bool, which json also reads as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _person_category(categories: list[Any], ann_file: Path) -> dict[str, Any]:
+    """The category named 'person' (any case), else the only one with keypoint names."""
+    named = [c for c in categories if isinstance(c, dict) and str(c.get("name", "")).lower() == "person"]
+    with_keypoints = [c for c in categories if isinstance(c, dict) and c.get("keypoints")]
+    found = named or with_keypoints
+    if len(found) != 1:
+        listed = ", ".join(f"{c.get('id')}:{c.get('name')!r}" for c in categories[:8] if isinstance(c, dict))
+        what = "several" if found else "no"
+        raise UserError(f"{ann_file} has {what} person categories (categories {listed or 'none'}): kdcache needs "
+                        "exactly one named 'person' or exactly one with keypoint names; fix its categories")
+    if not _is_int(found[0].get("id")):
+        raise UserError(f"{ann_file}: the person category's id {found[0].get('id')!r} is not an integer; "
+                        "COCO category ids are numbers")
+    return found[0]
+
+
+def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
+    """The checks and fills of `load_coco`, in place on the parsed json."""
+    for key in ("images", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise UserError(f"{ann_file} has no '{key}' list; a COCO annotation file needs 'images' and "
+                            "'categories' (with the person category and its keypoint names)")
+    person = _person_category(dataset["categories"], ann_file)
+    image_ids = set()
+    for img in dataset["images"]:
+        img_id = img.get("id") if isinstance(img, dict) else None
+        if not _is_int(img_id):
+            raise UserError(f"{ann_file}: image {img_id!r} has no integer id (COCO image ids are numbers; "
+                            "convert string ids, and every annotation's image_id, to integers)")
+        if img_id in image_ids:
+            raise UserError(f"{ann_file}: image id {img_id} appears twice; give every image its own id")
+        if not isinstance(img.get("file_name"), str) or not all(
+                _is_int(img.get(k)) and img[k] > 0 for k in ("width", "height")):
+            raise UserError(f"{ann_file}: image {img_id} needs a file_name and positive integer width and height "
+                            f"(got {img.get('file_name')!r}, {img.get('width')!r} x {img.get('height')!r})")
+        image_ids.add(img_id)
+    annotations = dataset.get("annotations", [])  # image-info files (unlabelled images) have none
+    if not isinstance(annotations, list):
+        raise UserError(f"{ann_file}: 'annotations' is not a list; pass a COCO annotation file")
+    names = person.get("keypoints") or []
+    num_keypoints = len(names) or None  # else from the first person annotation with keypoints
+    ann_ids = set()
+    for index, ann in enumerate(annotations):
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        if not _is_int(ann_id) or ann_id <= 0:
+            raise UserError(f"{ann_file}: annotation #{index} has id {ann_id!r}, not a positive integer "
+                            "(pycocotools never matches id 0); number the annotations 1, 2, 3, ...")
+        if ann_id in ann_ids:
+            raise UserError(f"{ann_file}: annotation id {ann_id} appears twice; give every annotation its own id")
+        ann_ids.add(ann_id)
+        if "image_id" not in ann or "category_id" not in ann:  # pycocotools' index needs both
+            raise UserError(f"{ann_file}: annotation {ann_id} has no image_id or category_id; add them")
+        if ann["category_id"] != person["id"]:
+            continue  # COCOeval is run on the person category only
+        where = f"{ann_file}: person annotation {ann_id}"
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in image_ids:
+            raise UserError(f"{where} refers to image {ann.get('image_id')!r}, which is not in 'images' "
+                            "(image ids are integers); the annotation file is inconsistent")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+            raise UserError(f"{where} has bbox {bbox!r}, not [x, y, w, h] numbers; add the person's box")
+        for key in ("area", "num_keypoints"):
+            if key in ann and not is_number(ann[key]):
+                raise UserError(f"{where} has {key} {ann[key]!r}, not a number; fix it or leave it out")
+        kpts = ann.get("keypoints")
+        if kpts is not None and not (isinstance(kpts, list) and all(is_number(v) for v in kpts)):
+            raise UserError(f"{where} has keypoints that are not all finite numbers; write them as "
+                            "[x1, y1, v1, x2, y2, v2, ...] numbers")
+        if kpts:  # missing or [] = no labelled joint, filled below
+            if num_keypoints is None and len(kpts) % 3 == 0:
+                num_keypoints = len(kpts) // 3  # the first person sets K for the others
+            if num_keypoints is None or len(kpts) != 3 * num_keypoints:
+                expected = f"{num_keypoints} x 3" if num_keypoints else "a multiple of 3"
+                raise UserError(f"{where} has {len(kpts)} keypoint values, expected {expected} (x, y, v per joint"
+                                f"{', as the category names' if names else ''}); fix it")
+    num_keypoints = num_keypoints or NUM_KEYPOINTS  # no keypoint in the file at all (image info)
+    for ann in annotations:
+        if ann.get("category_id") != person["id"]:
+            continue
+        # What COCOeval reads from every person, as COCO defines it where converted files leave it out.
+        if not ann.get("keypoints"):
+            ann["keypoints"], ann["num_keypoints"] = [0] * (3 * num_keypoints), 0
+        ann.setdefault("num_keypoints", sum(1 for v in ann["keypoints"][2::3] if v > 0))
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
+
+
+def person_category_id(coco: COCO) -> int:
+    """Id of the person category of a file loaded by `load_coco` (often 1; converted datasets use others)."""
+    return int(_person_category(coco.dataset["categories"], Path("<coco>"))["id"])
+
+
+def keypoint_count(coco: COCO) -> int:
+    """K, the joints per person of a file loaded by `load_coco`: its keypoint names, else its annotations."""
+    names = _person_category(coco.dataset["categories"], Path("<coco>")).get("keypoints")
+    if names:
+        return len(names)
+    person = person_category_id(coco)
+    for ann in coco.dataset.get("annotations", []):
+        if ann.get("category_id") == person:
+            return len(ann["keypoints"]) // 3
+    return NUM_KEYPOINTS
 
 
 def clip_bbox_xywh(bbox_xywh: tuple[float, float, float, float] | np.ndarray,
@@ -87,45 +217,30 @@ def clip_bbox_xywh(bbox_xywh: tuple[float, float, float, float] | np.ndarray,
     return np.array([x1, y1, x2 - x1, y2 - y1], dtype=np.float32)
 
 
-def _person_category_ids(coco: COCO, ann_file: Path) -> set[int]:
-    cat_ids = coco.getCatIds(catNms=["person"])
-    if not cat_ids:
-        raise UserError(f"{ann_file} has no 'person' category; pass a COCO person_keypoints_*.json")
-    return set(cat_ids)
-
-
 def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>") -> list[Instance]:
     """The training/evaluation instances of an already loaded COCO object (see `load_instances`)."""
-    person_ids = _person_category_ids(coco, Path(ann_file))
+    person_id = person_category_id(coco)
+    if keypoint_count(coco) != NUM_KEYPOINTS:
+        raise UserError(f"{ann_file} has {keypoint_count(coco)} keypoints per person, expected {NUM_KEYPOINTS}; "
+                        "kdcache needs COCO-17 person keypoints")
     instances = []
     dropped = {"crowd": 0, "no_keypoints": 0, "box": 0}
     for ann in coco.dataset.get("annotations", []):
-        if ann.get("category_id") not in person_ids:
+        if ann.get("category_id") != person_id:
             continue
         if ann.get("iscrowd", 0):
             dropped["crowd"] += 1
             continue
-        if "bbox" not in ann or "keypoints" not in ann:
-            dropped["box" if "bbox" not in ann else "no_keypoints"] += 1
-            continue
-        kpts = np.asarray(ann["keypoints"], dtype=np.float32)
-        if kpts.size != NUM_KEYPOINTS * 3:
-            raise UserError(
-                f"annotation {ann['id']} in {ann_file} has {kpts.size // 3} keypoints, expected "
-                f"{NUM_KEYPOINTS}; kdcache needs COCO-17 person keypoints"
-            )
-        kpts = kpts.reshape(NUM_KEYPOINTS, 3)
-        if kpts[:, 2].max() <= 0 or ann.get("num_keypoints", 1) == 0:
+        # load_coco gave every person a box, K = 17 keypoints (checked above) and num_keypoints.
+        kpts = np.asarray(ann["keypoints"], dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
+        if kpts[:, 2].max() <= 0 or ann["num_keypoints"] == 0:
             dropped["no_keypoints"] += 1
             continue
-        img = coco.imgs.get(ann["image_id"])
-        if img is None:
-            raise UserError(f"annotation {ann['id']} in {ann_file} refers to missing image "
-                            f"{ann['image_id']}; the annotation file is inconsistent")
+        img = coco.imgs[ann["image_id"]]
         image_wh = (int(img["width"]), int(img["height"]))
         bbox = clip_bbox_xywh(ann["bbox"], image_wh)
         # mmpose also drops annotations whose recorded area is 0.
-        if bbox is None or ("area" in ann and ann["area"] <= 0):
+        if bbox is None or ann["area"] <= 0:
             dropped["box"] += 1
             continue
         instances.append(Instance(
@@ -135,7 +250,7 @@ def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>") -> list[Ins
             image_wh=image_wh,
             bbox_xywh=bbox,
             keypoints=kpts,
-            area=float(ann.get("area", bbox[2] * bbox[3])),
+            area=float(ann["area"]),
         ))
     instances.sort(key=lambda inst: (inst.image_id, inst.ann_id))
     log.info("%s: %d person instances (dropped %d crowd, %d without keypoints, %d empty boxes)",
@@ -155,24 +270,42 @@ def load_instances(ann_file: Path) -> list[Instance]:
     return instances_from_coco(load_coco(ann_file), ann_file)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image as uint8 [H, W, 3] RGB.
+def read_image(path: Path, expect_wh: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image as uint8 [H, W, 3] RGB, its pixels as stored (EXIF orientation not applied).
 
-    Decoded with OpenCV from the file's bytes (same pixels as `cv2.imread`, but also works with
-    non-ASCII paths), then BGR -> RGB, as mmpose's LoadImageFromFile with channel_order='rgb'.
+    COCO annotations are in the raw pixel coordinates of the file (the COCO tools never rotate), but
+    OpenCV's default decode turns a JPEG by its EXIF Orientation tag: crops would then come silently from
+    the wrong place. Decoded from the file's bytes (also works with non-ASCII paths), then BGR -> RGB, as
+    mmpose's LoadImageFromFile with channel_order='rgb'.
+
+    Args:
+        expect_wh: (width, height) the annotation file gives the image; a decoded image of another size
+            is refused (wrong --images folder, or annotations made on rotated/resized copies).
 
     Raises:
-        UserError: naming the file, when it is missing or not a readable image.
+        UserError: naming the file, when it is missing, not a readable image, or not `expect_wh` in size.
     """
     path = Path(path)
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise UserError(f"cannot read image {path} ({exc.strerror or exc}); check --images") from exc
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise UserError(f"cannot decode image {path}: not a readable image file; check --images")
+    check_image_size(image, path, expect_wh)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def check_image_size(image: np.ndarray, path: Path, expect_wh: tuple[int, int] | None) -> None:
+    """Refuse a decoded image [H, W, ...] whose size is not the annotation file's (width, height) `expect_wh`."""
+    if expect_wh is None or (image.shape[1], image.shape[0]) == tuple(expect_wh):
+        return
+    raise UserError(
+        f"image {path} is {image.shape[1]}x{image.shape[0]} pixels (width x height, as stored, EXIF orientation "
+        f"ignored) but the annotation file says {expect_wh[0]}x{expect_wh[1]}, so its annotations do not match "
+        "the pixels: pass the --images folder the annotation file was made for, or fix width/height there")
 
 
 class ImageMemo:
@@ -184,8 +317,49 @@ class ImageMemo:
         self._name: str | None = None
         self._image: np.ndarray | None = None
 
-    def __call__(self, file_name: str) -> np.ndarray:
+    def __call__(self, file_name: str, expect_wh: tuple[int, int] | None = None) -> np.ndarray:
+        """uint8 [H, W, 3] RGB of `file_name`; `expect_wh` (width, height) as in `read_image`."""
         if file_name != self._name:
             self._image = read_image(self.images_dir / file_name)
             self._name = file_name
+        check_image_size(self._image, self.images_dir / file_name, expect_wh)
         return self._image
+
+
+def load_keypoint_results(results: Path, coco: COCO, ann: Path) -> list[dict[str, Any]]:
+    """A COCO keypoint results file, each entry checked against `coco` (loaded from `ann`).
+
+    Raises:
+        UserError: naming `results` and the first entry that is not {image_id of `ann`, category_id of its
+            person, keypoints: K x 3 finite numbers, score: a finite number}, or an empty list.
+    """
+    results = Path(results)
+    if not results.is_file():
+        raise UserError(f"results file {results} does not exist; pass a COCO keypoint results JSON")
+    try:
+        entries = json.loads(results.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{results} is not valid JSON; pass a COCO keypoint results JSON") from None
+    if not isinstance(entries, list):
+        raise UserError(f"{results} is not a COCO keypoint results list ([{{image_id, category_id, keypoints, "
+                        "score}, ...]); pass one")
+    if not entries:
+        raise UserError(f"nothing to score: {results} holds no results")
+    person, k = person_category_id(coco), keypoint_count(coco)
+    for index, e in enumerate(entries):
+        where = f"{results}: result #{index}"
+        if not isinstance(e, dict) or not all(key in e for key in ("image_id", "category_id", "keypoints", "score")):
+            raise UserError(f"{where} is not {{image_id, category_id, keypoints, score}}; pass COCO keypoint results")
+        if type(e["image_id"]) is not int or e["image_id"] not in coco.imgs:
+            raise UserError(f"{where} is on image {e['image_id']!r}, which is not in {ann}; score it against the "
+                            "annotation file it was predicted for")
+        if e["category_id"] != person:
+            raise UserError(f"{where} has category_id {e['category_id']!r} but the person category of {ann} is "
+                            f"{person}; write the results with category_id {person}")
+        kpts = e["keypoints"]
+        if not (isinstance(kpts, list) and len(kpts) == 3 * k and all(is_number(v) for v in kpts)):
+            raise UserError(f"{where} has keypoints that are not {k} x 3 finite numbers (x, y, score per joint); "
+                            f"{ann} has {k} keypoints per person")
+        if not is_number(e["score"]):
+            raise UserError(f"{where} has score {e['score']!r}, not a finite number")
+    return entries

@@ -37,6 +37,7 @@ class RunConfig:
     seed: int = 0               # every random choice derives from it
     progress: bool = True       # show progress bars (the command layer turns this off for tests)
     resume: bool = False        # training: continue from out/last.pt (the end of its last complete epoch)
+    overwrite: bool = False     # training: start over in an `out` that already holds a run (its run files go)
 
 
 @dataclass(frozen=True)
@@ -119,14 +120,16 @@ class EvalConfig:
     results_out: Path | None = None
     vis_dir: Path | None = None  # PNGs of predictions over ground truth for the first vis_count images (None = off)
     vis_count: int = 20         # images drawn into vis_dir
+    progress: bool = False      # a progress bar over the inference batches
 
 
 def to_jsonable(obj: Any) -> Any:
-    """A config (nested dataclasses, Paths, tuples) as plain JSON values, for config.json and cache attrs."""
+    """A config (nested dataclasses, Paths, tuples) as plain JSON values, for config.json and cache attrs.
+    Paths become absolute, so a record says which files were used wherever it was made from."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Path):
-        return str(obj)
+        return str(obj.resolve())
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, dict):

@@ -66,7 +66,8 @@ class ViewDataset(Dataset):
         inst_index, view = self.items[index] if self.items is not None else (index, self.epoch + 1)
         inst = self.instances[inst_index]
         geom = sample_view(inst.bbox_xywh, inst.keypoints, self.seed, inst.ann_id, view, self.aug, self.input_hw)
-        crop = warp_crop(self._images(inst.file_name), geom.affine, self.input_hw)
+        # The size check catches images that are not the ones annotated (other folder, rotated copies).
+        crop = warp_crop(self._images(inst.file_name, inst.image_wh), geom.affine, self.input_hw)
         keypoints = keypoints_to_crop(inst.keypoints, geom.affine, geom.flip)
         item = {"crop": crop, "keypoints": keypoints, "affine": geom.affine.astype(np.float64),
                 "flip": np.bool_(geom.flip), "image_id": np.int64(inst.image_id),

@@ -8,17 +8,22 @@ bytes depend only on its own views. Three stages overlap:
     main thread          the teacher forward (and its mirror with --teacher-flip)
     writer thread        heatmap quantisation + deflate, HDF5 writes, checksums, manifest updates
 
-A rerun with the same settings skips the shards the manifest lists and rewrites any other, so an
-interrupted dump finishes with exactly the bytes of an uninterrupted one. Under torchrun, rank r writes
-the shards with i % world_size == r and records each one in the shared manifest under a file lock.
+A rerun with the same settings checks the shards the manifest lists (size, HDF5 header and rows; SHA-256
+too with `verify`), unlists and rewrites the damaged ones, skips the sound ones and writes the rest, so an
+interrupted or damaged dump finishes with exactly the bytes of an uninterrupted one. Under torchrun, rank r
+writes (and checks) the shards with i % world_size == r and records each one in the shared manifest under a
+file lock. A failed write (a full disk) raises its OSError and leaves no temporary file; the shards already
+listed stay intact, and the same command resumes once the disk has room.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import queue
+import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +51,8 @@ log = logging.getLogger(__name__)
 TEACHER_SIGMA = 2.0  # ViTPose's training targets; recorded so students can match it
 # Settings a rerun may change without changing any stored byte.
 RESUMABLE_ANYWAY = ("skip_bad_images",)
+# What an --out folder may hold before it has a manifest (a dump killed early): anything else is not ours.
+_CACHE_FILE_NAMES = (cachefmt.MANIFEST, cachefmt.MANIFEST + ".tmp", cachefmt.LOCK)
 
 
 class _DumpViews(ViewDataset):
@@ -54,6 +61,7 @@ class _DumpViews(ViewDataset):
     def __init__(self, *args: Any, crop_encoding: str, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.crop_encoding = crop_encoding
+        self._identity: tuple[str, np.ndarray] | None = None  # last image's (file, SHA-256 [32] uint8)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         inst = self.instances[self.items[index][0]]
@@ -63,8 +71,18 @@ class _DumpViews(ViewDataset):
             return {"index": index, "file_name": inst.file_name, "bad": str(exc)}
         if self.crop_encoding != "none":
             item["crop_bytes"] = cachefmt.encode_crop(item["crop"], self.crop_encoding)
+        else:  # replayed later from the image: record which image it was, to refuse a changed one
+            item["image_hw"] = np.array(self._images(inst.file_name).shape[:2], np.int32)  # memoised decode
+            item["image_sha256"] = self._image_sha256(inst.file_name)
         item.update(index=index, file_name=inst.file_name, bad=None)
         return item
+
+    def _image_sha256(self, file_name: str) -> np.ndarray:
+        """SHA-256 of the image file's bytes, [32] uint8; views come in image order, so one hash per image."""
+        if self._identity is None or self._identity[0] != file_name:
+            digest = hashlib.sha256(Path(self._images.images_dir, file_name).read_bytes()).digest()
+            self._identity = (file_name, np.frombuffer(digest, np.uint8))
+        return self._identity[1]
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -72,8 +90,8 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     good = [item for item in items if item["bad"] is None]
     batch: dict[str, Any] = {"bad": [(item["file_name"], item["bad"]) for item in items if item["bad"] is not None],
                              "size": len(items), "index": items[0]["index"]}
-    for key in ("crop", "affine", "flip", "image_id", "ann_id", "view", "keypoints"):
-        batch[key] = np.stack([item[key] for item in good]) if good else None
+    for key in ("crop", "affine", "flip", "image_id", "ann_id", "view", "keypoints", *cachefmt.REPLAY_COLUMNS):
+        batch[key] = np.stack([item[key] for item in good]) if good and key in good[0] else None
     batch["crop_bytes"] = [item.get("crop_bytes") for item in good]
     batch["file_name"] = [item["file_name"] for item in good]
     return batch
@@ -143,8 +161,44 @@ def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def dump_teacher(cfg: DumpConfig) -> Path:
-    """Run the teacher once over every (instance, view) and write the cache; returns its folder."""
+def _check_out_folder(out: Path) -> None:
+    """Refuse, before any work, an --out that cannot hold the cache: a file, a folder of other things, or
+    one where no file can be created (it is made here if missing, as the dump would)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose a folder for the cache")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # unnamed where the OS allows: nothing left if killed
+            pass
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UserError(f"cannot write into --out {out} ({reason}); choose a folder you can write to") from None
+    if not (out / cachefmt.MANIFEST).exists():
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in
+                         _CACHE_FILE_NAMES and not p.name.startswith("shard-"))
+        if foreign:
+            raise UserError(f"--out {out} holds other files ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}) and no kdcache cache; choose a new or empty folder")
+
+
+def _drop_damaged_shards(out: Path, manifest: dict[str, Any], mine: set[int], verify: bool) -> dict[str, Any]:
+    """Unlist this rank's listed shards that are missing, truncated, unreadable (or, with `verify`, whose
+    SHA-256 differs), so that they are written again; returns the manifest as it now stands."""
+    problems = cachefmt.check_shards(out, [e for e in manifest["shards"] if e["index"] in mine], verify)
+    if not problems:
+        return manifest
+    for problem in problems.values():
+        log.warning("rewriting damaged shard %s", problem)
+    return cachefmt.drop_shards(out, set(problems))
+
+
+def dump_teacher(cfg: DumpConfig, verify: bool = False) -> Path:
+    """Run the teacher once over every (instance, view) and write the cache; returns its folder.
+
+    Args:
+        verify: on a rerun, also compare each listed shard's SHA-256 with the manifest (reads the whole
+            cache once) and rewrite those that differ; sizes, headers and row counts are always checked.
+    """
     if cfg.views < 1:
         raise UserError(f"--views must be at least 1 (got {cfg.views})")
     cachefmt.parse_crop_encoding(cfg.crop_encoding)
@@ -152,6 +206,9 @@ def dump_teacher(cfg: DumpConfig) -> Path:
     if not 0 < cfg.heatmap_rel_error < 0.5:
         raise UserError(f"--heatmap-error must be in (0, 0.5) (got {cfg.heatmap_rel_error})")
     out = Path(cfg.run.out)
+    _check_out_folder(out)
+    if not Path(cfg.images).is_dir():
+        raise UserError(f"--images {cfg.images} is not a folder; pass the folder holding {Path(cfg.ann).name}'s images")
     teacher = load_teacher(cfg.teacher, _device(cfg.run.device), expert=cfg.expert)
     require_coco_keypoints(teacher, cfg.teacher, cfg.expert)
     teacher_sha = _teacher_sha(Path(cfg.teacher))
@@ -161,11 +218,12 @@ def dump_teacher(cfg: DumpConfig) -> Path:
     items = [(i, v) for i in range(len(instances)) for v in range(cfg.views)]
     settings = dump_settings(cfg, teacher, teacher_sha, len(items))
 
-    out.mkdir(parents=True, exist_ok=True)
     manifest = _open_manifest(out, settings)
-    done = {entry["index"] for entry in manifest["shards"]}
     rank, world = world_from_env()
-    todo = [s for s in range(settings["num_shards"]) if s % world == rank and s not in done]
+    mine = {s for s in range(settings["num_shards"]) if s % world == rank}
+    manifest = _drop_damaged_shards(out, manifest, mine, verify)
+    done = {entry["index"] for entry in manifest["shards"]}
+    todo = sorted(mine - done)
     if done:
         log.info("resuming: %d shards complete, %d to write on rank %d", len(done), len(todo), rank)
     if todo:
@@ -293,7 +351,7 @@ class _ShardWriter:
         rows = self.rows
         if not rows:
             rows.update({name: [] for name in ("heatmaps", "crop", "image_file", "skipped_images",
-                                               *cachefmt.META_COLUMNS)})
+                                               *cachefmt.META_COLUMNS, *cachefmt.REPLAY_COLUMNS)})
             if self.side:
                 rows[self.side] = []
         rows["skipped_images"].extend(name for name, _ in batch["bad"])
@@ -308,14 +366,19 @@ class _ShardWriter:
             rows[name].append(batch[name])
         rows["crop"].extend(batch["crop_bytes"])
         rows["image_file"].extend(batch["file_name"])
+        for name in cachefmt.REPLAY_COLUMNS:
+            if batch[name] is not None:
+                rows[name].append(batch[name])
 
     def _write(self, shard: int) -> None:
         cfg, k = self.cfg, self.heatmap_shape[0]
-        empty = {"confidence": (0, k), "affine": (0, 2, 3), "keypoints": (0, k, 3)}  # a shard of bad images
+        empty = {"confidence": (0, k), "affine": (0, 2, 3), "keypoints": (0, k, 3),  # a shard of bad images
+                 **{name: (0, *shape) for name, shape in cachefmt.REPLAY_SHAPES.items()}}
         rows = {name: (values if name in ("heatmaps", "crop", "image_file", "skipped_images") else
                        np.concatenate(values) if values else np.zeros(empty.get(name, (0,))))
                 for name, values in self.rows.items()}
-        rows["crop" if cfg.crop_encoding == "none" else "image_file"] = None
+        unused = ("crop",) if cfg.crop_encoding == "none" else ("image_file", *cachefmt.REPLAY_COLUMNS)
+        rows.update(dict.fromkeys(unused))
         entry = cachefmt.write_shard(self.out, shard, rows, {**self.attrs, "shard_index": shard},
                                      self.heatmap_shape, cfg.heatmap_encoding, cfg.gzip_level)
         cachefmt.add_shard(self.out, entry)

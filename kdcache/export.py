@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdcache import __version__
 from kdcache.errors import UserError
+from kdcache.keypoints import FLIP_PAIRS, IMAGENET_MEAN, IMAGENET_STD, KEYPOINT_NAMES, SKELETON
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
     """Write `model` as ONNX with a dynamic batch dimension and check it with onnxruntime.
 
     The graph takes `input: [N, 3, H, W] float32` (RGB, ImageNet-normalised, (H, W) = input_hw) and returns
-    `heatmaps: [N, K, H/4, W/4] float32`. The check runs a batch of 2 random inputs (a batch size other than
+    `heatmaps: [N, K, H/4, W/4] float32`; the file's metadata says so (`preprocessing_metadata`). The check runs a batch of 2 random inputs (a batch size other than
     the one traced, so the dynamic axis is exercised) through both runtimes on CPU.
 
     Returns:
@@ -55,6 +58,7 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
     model.eval()
     try:
         _export(model, onnx_path, torch.zeros(1, 3, *input_hw), opset)
+        write_metadata(onnx_path, preprocessing_metadata(model, input_hw))
         x = torch.randn(2, 3, *input_hw, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             expected = model(x).float().numpy()
@@ -75,6 +79,40 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
             f"{scale:.3g}); try another opset (now {opset})"
         )
     return max_diff
+
+
+def preprocessing_metadata(model: nn.Module, input_hw: tuple[int, int]) -> dict[str, str]:
+    """What a runtime needs besides the graph to feed it and read its output, as ONNX metadata strings."""
+    config = getattr(model, "config", None)
+    return {
+        "kdcache_version": __version__,
+        "model": json.dumps(config.to_dict() if config is not None else {}),
+        "input_name": INPUT_NAME,
+        "input_size_hw": json.dumps(list(input_hw)),
+        "input_layout": "NCHW float32",
+        "color_order": "RGB",
+        # x = (pixel - mean) / std with pixels on the 0-255 scale, per channel in color_order.
+        "mean": json.dumps(list(IMAGENET_MEAN)),
+        "std": json.dumps(list(IMAGENET_STD)),
+        "crop": "top-down person crop: box center, aspect w/h 0.75, padding 1.25, UDP affine to (W-1, H-1)",
+        "output_name": OUTPUT_NAME,
+        "heatmap_size_hw": json.dumps([input_hw[0] // 4, input_hw[1] // 4]),
+        "heatmap_decoding": "UDP: argmax + DARK refinement; crop pixel = heatmap pixel * (W-1)/(w-1)",
+        "keypoint_names": json.dumps(list(KEYPOINT_NAMES)),
+        "flip_pairs": json.dumps([list(p) for p in FLIP_PAIRS]),  # 0-based, for flip test
+        "skeleton": json.dumps([list(p) for p in SKELETON]),  # 1-based, as in COCO files
+    }
+
+
+def write_metadata(onnx_path: Path, metadata: dict[str, str]) -> None:
+    """Set `metadata_props` of an ONNX file in place (external weight files, if any, stay as they are)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(onnx_path))
 
 
 def _export(model: nn.Module, onnx_path: Path, example: torch.Tensor, opset: int) -> None:

@@ -12,7 +12,7 @@ from kdcache.cache import open_cache
 from kdcache.errors import UserError
 
 # Datasets by what they are, for the bytes-per-view breakdown.
-CROP_DATASETS = ("crop", "crop_offset", "image_file")
+CROP_DATASETS = ("crop", "crop_offset", "image_file", "image_hw", "image_sha256")
 HEATMAP_DATASETS = ("heatmaps", "heatmap_step", "heatmap_range")
 
 

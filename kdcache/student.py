@@ -3,8 +3,8 @@
 The backbone is a plain timm name, never a registry of ours: `StudentConfig("mobilenetv3_large_100")`.
 Its deepest feature map (stride 32, or 16 for plain ViTs) is brought to stride 4 by ×2 upsampling
 blocks, then a 1×1 conv gives one heatmap per keypoint. Attention backbones (EfficientFormer v1 and V2,
-ViT) are built for `input_hw` and only run at that size. ImageNet weights come from local files only, never
-a download; weights learnt at 224×224 have their relative-position attention tables fitted to `input_hw`.
+ViT) are built for `input_hw` and only run at that size. ImageNet weights come from a file or, with
+pretrained="timm", through timm's own cache (downloaded there when missing, as timm does); weights learnt at 224×224 have their relative-position attention tables fitted to `input_hw`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class StudentConfig:
     input_hw: tuple[int, int] = (256, 192)  # crop size (H, W) in pixels; heatmaps are input_hw / 4
     num_keypoints: int = NUM_KEYPOINTS  # heatmap channels
     head_channels: int = 128  # width of every upsampling block of the head
-    pretrained: str = ""  # "": random init; "timm": ImageNet weights from the local HF/timm cache; or a weights file
+    pretrained: str = ""  # "": random init; "timm": ImageNet weights through timm's cache (downloaded if missing); or a file
 
     def to_dict(self) -> dict:
         """Plain types only (lists for tuples), so it survives JSON and `torch.load(weights_only=True)`."""
@@ -96,8 +96,8 @@ def build_student(cfg: StudentConfig, load_pretrained: bool = True) -> PoseStude
     _check_known_model(cfg.backbone)
     pretrained = cfg.pretrained if load_pretrained else ""
     if pretrained == "timm":
-        backbone = _create_backbone(cfg, pretrained_sd=_read_weights(_timm_cache_file(cfg.backbone)))
-        log.info("loaded ImageNet weights for %s from the local timm cache", cfg.backbone)
+        backbone = _create_backbone(cfg, pretrained_sd=_read_weights(_timm_weights_file(cfg.backbone)))
+        log.info("loaded ImageNet weights for %s from timm's cache", cfg.backbone)
     else:
         backbone = _create_backbone(cfg, pretrained_sd=None)
     if pretrained not in ("", "timm"):
@@ -338,21 +338,50 @@ def _fit_distance_table(table: torch.Tensor, hw: tuple[int, int]) -> torch.Tenso
     return grid.reshape(heads, h * w).contiguous()
 
 
-def _timm_cache_file(name: str) -> Path:
-    """The locally cached ImageNet weights of a timm model: HF hub cache first, then torch hub's checkpoints."""
+def _timm_weights_file(name: str) -> Path:
+    """The ImageNet weights of a timm model, found as `timm.create_model(name, pretrained=True)` finds them:
+    in the Hugging Face hub cache (or torch hub's checkpoints), downloaded into that cache when missing."""
     try:
         pcfg = timm.models.get_pretrained_cfg(name)
     except Exception:
         pcfg = None
-    if pcfg is None:
-        raise UserError(f"timm has no pretrained weights for {name}; use pretrained='' or a weights file")
+    if pcfg is None or not (pcfg.hf_hub_id or pcfg.url):
+        raise UserError(f"timm has no pretrained weights for {name}; use --pretrained '' or a weights file")
+    hub_names = [pcfg.hf_hub_filename] if pcfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    cached = _cached_weights(pcfg, hub_names)
+    if cached is not None:
+        return cached
+    where = pcfg.hf_hub_id or pcfg.url
+    log.info("downloading ImageNet weights for %s from %s into timm's cache", name, where)
+    try:
+        if pcfg.hf_hub_id:
+            from huggingface_hub import hf_hub_download
+
+            repo_id, _, revision = pcfg.hf_hub_id.partition("@")
+            for i, filename in enumerate(hub_names):
+                try:
+                    return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+                except Exception as e:  # this name is not in the repo: try the next, as timm does
+                    if i == len(hub_names) - 1 or "EntryNotFound" not in type(e).__name__:
+                        raise
+        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(pcfg.url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(pcfg.url, str(target), progress=False)
+        return target
+    except Exception as e:  # no network, proxy, HF_HUB_OFFLINE=1, ...: all mean the same to the user
+        raise UserError(f"could not download ImageNet weights for {name} from {where} ({type(e).__name__}); "
+                        "connect this machine to the internet once (the weights are then cached), or pass "
+                        "--pretrained FILE") from None
+
+
+def _cached_weights(pcfg, hub_names: list[str]) -> Path | None:
+    """The weights file already in the HF hub cache or torch hub's checkpoints, or None."""
     if pcfg.hf_hub_id:
         from huggingface_hub import hf_hub_download
 
         repo_id, _, revision = pcfg.hf_hub_id.partition("@")
-        filenames = [pcfg.hf_hub_filename] if pcfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
         with _hf_offline():
-            for filename in filenames:
+            for filename in hub_names:
                 try:
                     return Path(hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=True))
                 except Exception:  # not in the cache: try the next name
@@ -361,10 +390,7 @@ def _timm_cache_file(name: str) -> Path:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(pcfg.url)
         if cached.is_file():
             return cached
-    raise UserError(
-        f"no cached ImageNet weights for {name} (looked for {pcfg.hf_hub_id or pcfg.url} in the HF and torch hub "
-        "caches); download them once on a machine with internet or pass pretrained=PATH"
-    )
+    return None
 
 
 @contextlib.contextmanager

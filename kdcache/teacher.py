@@ -378,7 +378,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", input_hw:
     if formats.is_huggingface_path(path):
         weights_file = formats.hf_weight_file(path) if path.is_dir() else path
         tensors = formats.read_hf_tensors(weights_file)
-        weights = formats.teacher_weights(tensors, path, expert, hf_config=formats.find_hf_config(path) or {})
+        weights = formats.teacher_weights(tensors, path, expert)  # HF names: config.json found or refused
         return _build_teacher(weights, path, device, input_hw)
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist")
@@ -401,6 +401,9 @@ def teacher_from_checkpoint(obj: object, path: Path, device: str | torch.device 
         return _build_teacher(formats.teacher_weights(obj, Path(path), expert), path, device, input_hw)
     if obj.get("kind") != "vitpose":
         raise UserError(f"{path} is a kdcache {obj.get('kind')!r} checkpoint, not a ViTPose teacher")
+    if expert is not None:  # refused, not ignored: the user asked for a model this file does not hold
+        raise UserError(f"--expert {expert!r}: {path} is a kdcache checkpoint of one ViTPose model, without "
+                        "ViTPose++ experts; drop --expert")
     cfg = ViTPoseConfig.from_dict(obj["model_config"])
     src_grid = cfg.grid_hw
     if input_hw is not None:

@@ -12,7 +12,12 @@ What arrives, and what this module does with it:
   non-COCO expert the matching `associate_keypoint_heads.{k-1}` becomes the head;
 - HuggingFace `VitPoseForPoseEstimation` weights (`transformers/models/vitpose{,_backbone}`): renamed to the
   official names (q/k/v concatenated back into qkv), with the architecture facts that only its
-  `config.json` holds (heads, LayerNorm epsilon, trained input size).
+  `config.json` holds (heads, LayerNorm epsilon, trained input size). Without that file they are refused:
+  the head type shows in the key names, but no weight reveals the heads or the epsilon, and a guess builds
+  another function.
+
+`expert` means something only for a file that still holds ViTPose++ experts; for any other it is refused
+rather than ignored (the user asked for a model that the file does not contain).
 """
 
 from __future__ import annotations
@@ -89,8 +94,8 @@ def teacher_weights(obj: Mapping, path: Path, expert: str | int | None = None,
     if is_huggingface(sd):
         if hf_config is None:
             hf_config = find_hf_config(path)
-        sd, overrides, trained_hw = from_huggingface(sd, hf_config or {}, path)
-    sd = merge_expert(sd, expert)
+        sd, overrides, trained_hw = from_huggingface(sd, hf_config, path)
+    sd = merge_expert(sd, expert, path)
     extras = sorted(k for k in sd if _EXTRAS.match(k))
     if extras:
         log.info("ignoring %d multi-dataset keys not used by the COCO model (%s, ...)", len(extras), extras[0])
@@ -113,16 +118,18 @@ def expert_index(expert: str | int | None, num_experts: int) -> int:
     return index
 
 
-def merge_expert(sd: dict[str, torch.Tensor], expert: str | int | None) -> dict[str, torch.Tensor]:
+def merge_expert(sd: dict[str, torch.Tensor], expert: str | int | None, path: Path) -> dict[str, torch.Tensor]:
     """Fold one ViTPose++ expert into every block's `mlp.fc2` (rows: shared, then the expert's part).
 
     A file already split by `tools/model_split.py` has a full-width `fc2` and the unused experts left in
-    it: those are dropped. Files without experts come back unchanged.
+    it: those are dropped. Files without experts come back unchanged. In both, an `expert` is refused:
+    the file holds one model, and which dataset's it is cannot be read from it.
     """
     expert_keys = {k: m for k in sd if (m := _EXPERT.match(k))}
     if not expert_keys:
         if expert is not None:
-            log.warning("expert %r ignored: the file has no mixture-of-experts MLP", expert)
+            raise UserError(f"--expert {expert!r}: {path} is a plain ViTPose file, without ViTPose++ experts; "
+                            "drop --expert (it only selects an expert of a ViTPose++ multi-expert file)")
         return sd
     parts = {(int(m.group(1)), int(m.group(2)), m.group(3)): sd[k] for k, m in expert_keys.items()}
     sd = {k: v for k, v in sd.items() if k not in expert_keys}
@@ -131,8 +138,8 @@ def merge_expert(sd: dict[str, torch.Tensor], expert: str | int | None) -> dict[
     fc2 = sd.get("backbone.blocks.0.mlp.fc2.weight")
     if dim is not None and fc2 is not None and fc2.shape[0] == dim:
         if expert is not None:
-            log.warning("expert %r ignored: this file's fc2 is already merged (tools/model_split.py output)",
-                        expert)
+            raise UserError(f"--expert {expert!r}: {path} is a ViTPose++ file already split to one dataset's model "
+                            "(its fc2 holds one merged expert, as tools/model_split.py writes); drop --expert")
         log.info("ignoring the %d unmerged expert tensors of an already split ViTPose++ file", len(parts))
         return sd
     index = expert_index(expert, num_experts)
@@ -182,13 +189,17 @@ def hf_weight_file(folder: Path) -> Path:
                     f"({' or '.join(HF_WEIGHT_FILES[::2])} next to config.json)")
 
 
-def find_hf_config(path: Path) -> dict | None:
-    """config.json of a HuggingFace folder or of the folder holding a weight file; None (with a warning) if absent."""
+def find_hf_config(path: Path) -> dict:
+    """config.json of a HuggingFace folder or of the folder holding a weight file.
+
+    Raises:
+        UserError: it is missing. Without it the head type is still known (from the key names), but the
+            attention heads and the LayerNorm epsilon are not: defaults built a visibly different function.
+    """
     config = (path if path.is_dir() else path.parent) / "config.json"
     if not config.is_file():
-        log.warning("no config.json next to %s: using HuggingFace VitPose defaults (LayerNorm eps 1e-12, "
-                    "heads by width)", path)
-        return None
+        raise UserError(f"{path} holds HuggingFace VitPose weights but {config} is missing: the attention heads "
+                        "and LayerNorm epsilon are not in the weights; put the model's config.json beside them")
     try:
         data = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):

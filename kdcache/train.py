@@ -4,9 +4,12 @@ Both go through `_fit`: AdamW, linear warm-up then cosine decay, gradient clippi
 GPU, a checkpoint every epoch, validation AP with `best.pt`, and a CSV metrics log. A run folder:
 
     config.json   the resolved stage config, kdcache version and git revision
-    last.pt       kdcache checkpoint after the latest epoch
-    best.pt       best validation AP so far (a copy of last.pt when there is no validation set)
-    metrics.csv   one row per epoch
+    last.pt       kdcache checkpoint after the latest epoch, with the optimiser state to resume from
+    best.pt       weights only: best validation AP so far (last.pt's weights when there is no validation set)
+    metrics.csv   one row per epoch whose checkpoint landed
+
+A folder that already holds a run is refused unless `run.resume` (continue it) or `run.overwrite` (start
+over) says what to do with it; both are checked before any data, model or teacher is loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,13 +50,70 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.json", "tensorboard")
+
+
+def prepare_run_folder(run: RunConfig) -> None:
+    """Check `run.out` before time is spent: a folder that can be written, and, when it already holds a
+    run, that `resume` or `overwrite` says what to do with it (`overwrite` removes that run's files)."""
+    out = Path(run.out)
+    if run.resume and run.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite starts it over; pass one of them")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pass a folder for the run")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not (run.resume or run.overwrite):
+        raise UserError(f"--out {out} already holds a training run ({', '.join(existing)}); pass --resume to "
+                        "continue it, --overwrite to start over, or choose another --out")
+    if run.resume and not (out / "last.pt").exists():
+        log.warning("--resume: %s holds no last.pt yet; starting a fresh run", out)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 owns the folder
+        return
+    out.mkdir(parents=True, exist_ok=True)  # OSError (read-only, not a folder) -> one line from the CLI
+    with tempfile.TemporaryFile(dir=out):  # writable: checked now rather than after the first epoch
+        pass
+    if run.overwrite:
+        for name in existing:
+            (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
+        if existing:
+            log.info("--overwrite: removed the previous run's %s from %s", ", ".join(existing), out)
+
+
+def check_resume_fits(run: RunConfig, model: nn.Module) -> None:
+    """With `resume`, the checkpoint in `run.out` must be of the model being trained (same config)."""
+    last = Path(run.out) / "last.pt"
+    if not (run.resume and last.exists()):
+        return
+    saved, now = read_checkpoint(last).get("model_config") or {}, model.config.to_dict()
+    if saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        shown = ", ".join(f"{k} {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff[:3])
+        raise UserError(f"--resume: {last} is another model ({shown}); pass the settings it was trained with, "
+                        "or --overwrite / another --out to start a new run")
+
+
+def check_validation_set(val: ValConfig) -> None:
+    """A validation set that could not be scored would fail after the first epoch: check it up front."""
+    if val.ann is None:
+        return
+    from kdcache.coco import load_coco
+    from kdcache.evaluate import require_scorable
+
+    if not Path(val.images).is_dir():
+        raise UserError(f"--val-images {val.images} is not a folder; pass the folder of {val.ann}'s images")
+    require_scorable(load_coco(val.ann), val.ann)
+
+
 def train_teacher(cfg: TrainTeacherConfig) -> Path:
     """Train a ViTPose model on ground-truth heatmaps; returns the run folder."""
+    prepare_run_folder(cfg.run)
+    check_validation_set(cfg.val)
     instances = load_instances(cfg.ann)
     if not instances:
         raise UserError(f"{cfg.ann} has no usable person instances; check the annotation file")
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_vitpose(vitpose_config(cfg.arch, head=cfg.head, input_hw=cfg.input_hw))
+    check_resume_fits(cfg.run, model)
     dataset = ViewDataset(instances, cfg.images, cfg.input_hw, cfg.aug, cfg.run.seed, sigma=cfg.sigma)
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +129,11 @@ def train_student(cfg: TrainStudentConfig) -> Path:
         raise UserError("give one of --cache CACHE or --online-teacher CKPT, not both")
     if cfg.kd_loss not in KD_LOSSES:
         raise UserError(f"unknown --kd-loss {cfg.kd_loss!r}; choose one of {', '.join(KD_LOSSES)}")
+    prepare_run_folder(cfg.run)
+    check_validation_set(cfg.val)
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_student(cfg.student)
+    check_resume_fits(cfg.run, model)
 
     def kd(pred: torch.Tensor, teacher: torch.Tensor, confidence: torch.Tensor,
            batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -174,6 +239,8 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
         torch.set_rng_state(state["rng"])
         best_ap, step, first_epoch = state["best_ap"], state["step"], state["epoch"]
         log.info("resuming %s after epoch %d (step %d)", out, first_epoch, step)
+        if world.is_main:
+            _keep_metrics_rows(out / "metrics.csv", first_epoch)
     elif world.is_main:
         (out / "config.json").write_text(json.dumps({"config": config, **provenance()}, indent=1))
     log.info("training %d steps (%d epochs of %d) on %s%s", total, epochs, len(loader), device,
@@ -181,7 +248,10 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
 
     metrics = open(out / "metrics.csv", "a" if first_epoch else "w", newline="") if world.is_main else None
     board = _tensorboard(out) if world.is_main else None
-    with metrics or contextlib.nullcontext(), board or contextlib.nullcontext():
+    # One bar over the whole run's steps: its ETA is the run's, not the epoch's.
+    bar = tqdm(total=total, initial=step, unit="step", disable=not (run.progress and world.is_main), leave=False)
+    run_start, run_start_step = time.perf_counter(), step
+    with metrics or contextlib.nullcontext(), board or contextlib.nullcontext(), bar:
         writer = csv.writer(metrics) if metrics else None
         if writer and not first_epoch:
             writer.writerow(["epoch", "step", "loss", "lr", "seconds", "crops_per_s", "val_AP"])
@@ -194,9 +264,8 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
             start, losses, seen = time.perf_counter(), [], 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not (run.progress and world.is_main),
-                       leave=False)
-            for batch in bar:
+            bar.set_description(f"epoch {epoch + 1}/{epochs}")
+            for batch in loader:
                 student_crop = batch.get("student_crop", batch["crop"])  # photometric changes, if any
                 x = to_input_tensor(student_crop.to(device, non_blocking=True))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
@@ -214,7 +283,8 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
                 step += 1
                 seen += x.shape[0]
                 losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.2e}", lr=f"{sched.get_last_lr()[0]:.1e}")
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.2e}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
                 if board is not None:
                     board.add_scalar("train/loss", losses[-1], step)
                     board.add_scalar("train/lr", sched.get_last_lr()[0], step)
@@ -225,7 +295,26 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
                 barrier(world)
                 continue
             shown = model if ema is None else ema.module
-            ap = _validate(shown, val, epoch, last=step >= total or epoch == epochs - 1)
+            extra = {} if ema is None else {"train_state_dict": {k: v.detach().cpu() for k, v in
+                                                                 model.state_dict().items()},
+                                            "ema_updates": int(ema.n_averaged)}
+
+            def save_last(ap: float | None, best: float) -> None:
+                atomic_torch_save(checkpoint_dict(shown, epoch=epoch + 1, step=step, val_ap=ap, best_ap=best,
+                                                  optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                                  rng=torch.get_rng_state(), **extra), out / "last.pt")
+
+            try:
+                ap = _validate(shown, val, epoch, last=step >= total or epoch == epochs - 1, progress=run.progress)
+            except BaseException:
+                save_last(None, best_ap)  # the epoch's training is kept; --resume goes on from here
+                raise
+            improved = ap is not None and ap > best_ap
+            best_ap = ap if improved else best_ap
+            save_last(ap, best_ap)
+            if improved:
+                atomic_torch_save(checkpoint_dict(shown, epoch=epoch + 1, step=step, val_ap=ap), out / "best.pt")
+            # The row goes in only once its epoch's checkpoint has landed.
             writer.writerow([epoch + 1, step, f"{np.mean(losses):.6g}", f"{sched.get_last_lr()[0]:.6g}",
                              f"{seconds:.2f}", f"{seen / seconds:.2f}", "" if ap is None else f"{ap:.3f}"])
             metrics.flush()
@@ -233,23 +322,37 @@ def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig
                 board.add_scalar("train/crops_per_s", seen / seconds, step)
                 if ap is not None:
                     board.add_scalar("val/AP", ap, step)
-            log.info("epoch %d: loss %.4g, %.1f crops/s%s", epoch + 1, np.mean(losses), seen / seconds,
-                     "" if ap is None else f", val AP {ap:.2f}")
-            improved = ap is not None and ap > best_ap
-            best_ap = ap if improved else best_ap
-            extra = {} if ema is None else {"train_state_dict": {k: v.detach().cpu() for k, v in
-                                                                 model.state_dict().items()},
-                                            "ema_updates": int(ema.n_averaged)}
-            atomic_torch_save(checkpoint_dict(shown, epoch=epoch + 1, step=step, val_ap=ap, best_ap=best_ap,
-                                              optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                              rng=torch.get_rng_state(), **extra), out / "last.pt")
-            if improved:
-                shutil.copyfile(out / "last.pt", out / "best.pt")
+            eta = (time.perf_counter() - run_start) / max(1, step - run_start_step) * (total - step)
+            log.info("epoch %d/%d: loss %.4g, %.1f crops/s%s; %s", epoch + 1, epochs, np.mean(losses),
+                     seen / seconds, "" if ap is None else f", val AP {ap:.2f}",
+                     f"run ETA {_duration(eta)}" if step < total else "done")
             barrier(world)
-    if world.is_main and best_ap < 0:
-        shutil.copyfile(out / "last.pt", out / "best.pt")
+    if world.is_main and best_ap < 0:  # no validation: best.pt is the last weights
+        state = read_checkpoint(out / "last.pt")
+        atomic_torch_save({k: v for k, v in state.items() if k not in TRAINING_STATE}, out / "best.pt")
     close_world(world)
     return out
+
+
+# What last.pt holds beyond the weights, for --resume only; best.pt leaves it out.
+TRAINING_STATE = ("optimizer", "scheduler", "rng", "train_state_dict", "ema_updates", "best_ap")
+
+
+def _keep_metrics_rows(path: Path, epochs: int) -> None:
+    """Drop metrics.csv rows past the checkpoint being resumed from (an epoch whose checkpoint never landed)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epochs]
+    if len(kept) != len(rows):
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _tensorboard(out: Path) -> Any:
@@ -261,11 +364,11 @@ def _tensorboard(out: Path) -> Any:
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def _validate(model: nn.Module, val: ValConfig, epoch: int, last: bool) -> float | None:
+def _validate(model: nn.Module, val: ValConfig, epoch: int, last: bool, progress: bool = False) -> float | None:
     if val.ann is None or not (last or (epoch + 1) % val.every == 0):
         return None
     from kdcache.evaluate import evaluate_model
 
-    metrics, _ = evaluate_model(model, val.ann, val.images)
+    metrics, _ = evaluate_model(model, val.ann, val.images, progress=progress)
     model.train()
     return metrics["AP"]

@@ -1,20 +1,23 @@
 """Pictures for people: crops with their heatmaps and decoded skeleton, tiled into one PNG contact sheet;
 predictions drawn over the ground truth on whole images (`kdcache eval --vis`).
 
-Pure numpy + OpenCV, RGB throughout (converted to BGR only when the file is written).
+Drawing is pure numpy + OpenCV, RGB throughout (converted to BGR only when the file is written).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+from pycocotools.coco import COCO
 
+from kdcache.coco import instances_from_coco, load_coco, read_image
 from kdcache.errors import UserError
 from kdcache.heatmaps import decode, heatmap_to_crop
-from kdcache.keypoints import KEYPOINT_NAMES, SKELETON
+from kdcache.keypoints import KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON
 
 # RGB. Left and right must differ at a glance (a left/right swap is the classic pose bug); magenta and white
 # do not occur in the JET heatmap overlay, so the skeleton stays readable on top of it.
@@ -24,6 +27,7 @@ CENTER_RGB = (255, 255, 255)
 # Evaluation pictures (`draw_predictions`): one colour for the ground truth, one for the predictions.
 GT_RGB = (0, 255, 0)
 PRED_RGB = (255, 64, 0)
+VIS_KEYPOINT_THR = 0.3  # predicted joints drawn by `eval --vis` (mmpose's kpt_score_thr for pictures)
 HEAT_ALPHA = 0.6  # overlay opacity where the heatmap is 1; it fades to 0 with the heat, keeping the crop visible
 _SHIFT = 4  # OpenCV fixed-point bits: sub-pixel keypoints drawn where they are, not rounded
 
@@ -186,3 +190,30 @@ def contact_sheet(crops: np.ndarray, heatmaps: np.ndarray, path: Path, cols: int
             crops[i].astype(np.uint8), heatmaps[i], titles[i] if titles else None
         )
     return write_png(path, sheet)
+
+
+def write_pictures(ann: Path | COCO, images: Path, results: list[dict[str, Any]], out_dir: Path, count: int,
+                   threshold: float = VIS_KEYPOINT_THR) -> list[Path]:
+    """One PNG per image for the first `count` images of `ann` (by image id): ground truth and predictions.
+
+    Ground truth is the evaluated instance set (labelled joints); predictions are `results` (what COCOeval
+    scores, after OKS-NMS), joints scoring >= `threshold`, each with its instance score. Files are
+    `out_dir/<image id, 12 digits>.png`, drawn on the full image.
+    """
+    coco = ann if isinstance(ann, COCO) else load_coco(ann)
+    gt: dict[int, list[np.ndarray]] = {}
+    for inst in instances_from_coco(coco, "<coco>" if isinstance(ann, COCO) else ann):
+        gt.setdefault(inst.image_id, []).append(inst.keypoints)
+    pred: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        pred.setdefault(r["image_id"], []).append(r)
+    paths = []
+    for image_id in sorted(coco.imgs)[:count]:
+        img = coco.imgs[image_id]
+        image = read_image(Path(images) / img["file_name"], (img["width"], img["height"]))
+        gt_kp = np.asarray(gt.get(image_id, []), np.float32).reshape(-1, NUM_KEYPOINTS, 3)
+        mine = pred.get(image_id, [])
+        pred_kp = np.asarray([r["keypoints"] for r in mine], np.float32).reshape(-1, NUM_KEYPOINTS, 3)
+        picture = draw_predictions(image, gt_kp, pred_kp, np.asarray([r["score"] for r in mine]), threshold)
+        paths.append(write_png(Path(out_dir) / f"{image_id:012d}.png", picture))
+    return paths

@@ -109,7 +109,7 @@ def main() -> None:
         data = synthesize(SynthConfig(out=root / "data", train_images=a.instances, val_images=0, seed=0,
                                       max_people=1, workers=max(1, a.workers)))
         ann, images = data / "annotations/person_keypoints_train.json", data / "train"
-        quiet = dict(workers=a.workers, progress=False)
+        quiet = dict(workers=a.workers, progress=False, overwrite=True)  # rounds reuse run folders
         for arch in {"vitpose-nano", *a.teachers}:
             torch.manual_seed(0)
             torch.save(checkpoint_dict(build_vitpose(vitpose_config(arch, input_hw=INPUT_HW)), epoch=0, step=0),
@@ -136,7 +136,8 @@ def main() -> None:
             def loss_fn(model, batch, x):
                 return distillation_loss(model(x), batch["teacher"], batch["target"], batch["target_weight"], 0.5)
 
-            train_mod._fit(model, memory_items, loss_fn, optim, RunConfig(out=out, workers=0, progress=False),
+            train_mod._fit(model, memory_items, loss_fn, optim,
+                           RunConfig(out=out, workers=0, progress=False, overwrite=True),
                            ValConfig(), to_jsonable(optim))
             return crops_per_s(out)
 

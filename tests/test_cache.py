@@ -234,3 +234,55 @@ def test_check_compatible_names_each_mismatch():
     assert cachefmt.check_compatible(manifest, (256, 192), (64, 48), 2.0) == []
     problems = cachefmt.check_compatible(manifest, (128, 96), (32, 24), 3.0)
     assert [p.split()[0] for p in problems] == ["input_hw", "heatmap_hw", "sigma"]
+
+
+def test_failed_writes_leave_no_temporary_file_and_name_it(tmp_path, monkeypatch):
+    """A full disk mid-shard (h5py's OSError: errno 28, a multi-line message) or mid-manifest: the .tmp goes,
+    the complete shard and the old manifest stay, and the error is one clean line naming the file."""
+    import errno
+    import os
+
+    _write_cache(tmp_path, n_per_shard=(5,))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    rows, _, _ = _rows(3, seed=1)
+
+    def full_disk(tmp, *args):
+        tmp.write_bytes(b"half a shard")
+        raise OSError(errno.ENOSPC, "Can't write data (file write failed: time = ...\n, errno = 28, ...)")
+
+    monkeypatch.setattr(cachefmt, "_write_h5", full_disk)
+    with pytest.raises(OSError) as info:
+        cachefmt.write_shard(tmp_path, 1, rows, {}, (K, H, W))
+    assert str(info.value) == f"[Errno 28] No space left on device: '{tmp_path / 'shard-00001.h5.tmp'}'"
+    monkeypatch.undo()
+
+    def no_room(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_room)
+    with pytest.raises(OSError) as info:
+        cachefmt.add_shard(tmp_path, {"name": "shard-00001.h5", "index": 1, "rows": 3, "sha256": "-"})
+    assert info.value.filename == str(tmp_path / "manifest.json.tmp")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert cachefmt.verify_cache(tmp_path) == []
+
+
+def test_drop_shards_unlists_and_reopens_the_cache(tmp_path):
+    _write_cache(tmp_path, n_per_shard=(2, 2, 2))
+    manifest = cachefmt.read_manifest(tmp_path)
+    manifest["shards"][1]["skipped_images"] = ["gone.jpg"]
+    manifest["skipped_images"] = ["gone.jpg"]
+    cachefmt.write_manifest(tmp_path, manifest)
+    manifest = cachefmt.drop_shards(tmp_path, {1})
+    assert [s["index"] for s in manifest["shards"]] == [0, 2] and not manifest["complete"]
+    assert manifest["skipped_images"] == [] and cachefmt.read_manifest(tmp_path) == manifest
+
+
+def test_contract_and_reader_import_without_torch():
+    """README: h5py, numpy and OpenCV alone read a cache; kdcache's reader must not pull in torch either."""
+    import subprocess
+    import sys
+
+    code = "import sys, kdcache.cache, kdcache.cache_reader; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

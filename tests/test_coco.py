@@ -1,12 +1,13 @@
 """COCO loading: which annotations become instances, box clipping, images and user errors."""
 
 import json
+import struct
 
 import cv2
 import numpy as np
 import pytest
 
-from kdcache.coco import load_coco, load_instances, read_image
+from kdcache.coco import ImageMemo, Instance, load_coco, load_instances, read_image
 from kdcache.errors import UserError
 
 
@@ -94,3 +95,111 @@ def test_read_image_errors_name_the_file(tmp_path):
     junk.write_bytes(b"not an image")
     with pytest.raises(UserError, match="junk.jpg"):
         read_image(junk)
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """`jpeg` with an APP1 Exif segment after SOI whose only tag is Orientation (0x0112, SHORT)."""
+    entry = struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0)
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + entry + struct.pack("<I", 0)  # little-endian, one IFD entry
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def test_read_image_decodes_raw_pixels_despite_exif_orientation(tmp_path):
+    bgr = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high, as an annotation file would say
+    bgr[:, :10] = (0, 0, 255)  # red left band: a rotation would move it to the top or bottom
+    plain = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(_with_exif_orientation(plain, 6))  # 6: "rotate 90 degrees clockwise to display"
+    assert cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_COLOR).shape == (40, 20, 3)  # OpenCV's default
+    rgb = read_image(path, expect_wh=(40, 20))
+    raw = cv2.imdecode(np.frombuffer(plain, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    np.testing.assert_array_equal(rgb, raw)
+    assert rgb[10, 2, 0] > 200 and rgb[10, 30, 0] < 50  # red on the left, where the annotations put it
+
+
+def test_image_of_another_size_than_annotated_is_refused(tmp_path):
+    from kdcache.data import ViewDataset
+    from kdcache.transforms import AugmentConfig
+
+    assert cv2.imwrite(str(tmp_path / "a.png"), np.zeros((80, 100, 3), np.uint8))  # 100 wide, 80 high
+    assert read_image(tmp_path / "a.png", expect_wh=(100, 80)).shape == (80, 100, 3)
+    message = r"a\.png is 100x80 pixels .* the annotation file says 80x100.*--images"
+    with pytest.raises(UserError, match=message):
+        read_image(tmp_path / "a.png", expect_wh=(80, 100))
+    memo = ImageMemo(tmp_path)
+    assert memo("a.png").shape == (80, 100, 3)  # no size given (the cache reader's replay): as before
+    with pytest.raises(UserError, match=message):
+        memo("a.png", (80, 100))  # also when the image is already memoised
+    kpts = np.zeros((17, 3), np.float32)
+    kpts[0] = (30, 30, 2)
+    inst = Instance(1, 5, "a.png", (80, 100), np.array([10, 10, 40, 50], np.float32), kpts, 2000.0)
+    views = ViewDataset([inst], tmp_path, (64, 48), AugmentConfig(), seed=0, items=[(0, 0)])
+    with pytest.raises(UserError, match=message):
+        views[0]  # the dump and ground-truth training read images here
+
+
+def _write(tmp_path, coco, name="person_keypoints_x.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def _one_person(**changes):
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}],
+            "categories": [{"id": 1, "name": "person", "keypoints": [f"k{i}" for i in range(17)]}],
+            "annotations": [_ann(10, 1, [10, 10, 30, 40])]}
+    for change in changes.values():
+        change(coco)
+    return coco
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("categories"), r"has no 'categories' list"),
+    (lambda c: c["annotations"][0]["keypoints"].__setitem__(4, "31"), r"annotation 10 has keypoints that are not all"),
+    (lambda c: c["annotations"][0]["keypoints"].__setitem__(4, None), r"annotation 10 has keypoints that are not all"),
+    (lambda c: c["annotations"][0].update(id=0), r"annotation #0 has id 0, not a positive integer"),
+    (lambda c: c["annotations"][0].update(id=-3), r"annotation #0 has id -3, not a positive integer"),
+    (lambda c: c["annotations"].append(_ann(10, 1, [5, 5, 9, 9])), r"annotation id 10 appears twice"),
+    (lambda c: (c["images"][0].update(id="1"), c["annotations"][0].update(image_id="1")),
+     r"image '1' has no integer id"),
+    (lambda c: c["annotations"][0].update(image_id=2), r"annotation 10 refers to image 2, which is not in"),
+    (lambda c: c["annotations"][0].update(bbox=[1, 2, 3]), r"annotation 10 has bbox \[1, 2, 3\]"),
+    (lambda c: c["annotations"][0].update(keypoints=[1, 2, 2] * 16), r"has 48 keypoint values, expected 17 x 3"),
+    (lambda c: c["images"][0].pop("height"), r"image 1 needs a file_name and positive integer width and height"),
+    (lambda c: c["categories"].append({"id": 3, "name": "Person"}), r"several person categories"),
+])
+def test_malformed_annotation_files_are_refused_up_front(tmp_path, change, message):
+    path = _write(tmp_path, _one_person(change=change))
+    with pytest.raises(UserError, match=message) as info:
+        load_instances(path)
+    assert path.name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_converted_files_get_what_cocoeval_reads(tmp_path):
+    """CrowdPose/AIC-style persons: no area, num_keypoints or iscrowd; a person without keypoints."""
+    bare = _ann(10, 1, [10, 10, 30, 40], n_labelled=3)
+    for key in ("area", "num_keypoints", "iscrowd"):
+        bare.pop(key)
+    no_keypoints = {"id": 11, "image_id": 1, "category_id": 7, "bbox": [50, 5, 20, 30]}
+    bare["category_id"] = 7  # a person category that is not 1, found by its name
+    path = _write(tmp_path, {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}],
+                             "categories": [{"id": 2, "name": "dog"}, {"id": 7, "name": "person"}],
+                             "annotations": [bare, no_keypoints]})
+    coco = load_coco(path)
+    assert (coco.anns[10]["area"], coco.anns[10]["num_keypoints"], coco.anns[10]["iscrowd"]) == (1200.0, 3, 0)
+    assert coco.anns[11]["keypoints"] == [0] * 51 and coco.anns[11]["num_keypoints"] == 0  # COCOeval ignores it
+    assert coco.anns[11]["area"] == 600.0
+    instances = load_instances(path)
+    assert [(i.ann_id, i.area) for i in instances] == [(10, 1200.0)]
+
+
+def test_person_category_is_the_only_one_with_keypoints_when_none_is_named_person(tmp_path):
+    from kdcache.coco import keypoint_count, person_category_id
+
+    coco = _one_person(change=lambda c: c["categories"].__setitem__(0, {"id": 4, "name": "human",
+                                                                        "keypoints": [f"k{i}" for i in range(17)]}))
+    coco["annotations"][0]["category_id"] = 4
+    loaded = load_coco(_write(tmp_path, coco))
+    assert (person_category_id(loaded), keypoint_count(loaded)) == (4, 17)
+    assert [i.ann_id for i in load_instances(tmp_path / "person_keypoints_x.json")] == [10]

@@ -1,13 +1,19 @@
-"""dump-teacher end to end: kill -9 and rerun, bad images, torchrun ranks, teacher flip, crop replay, and
-train-student refusing damaged or mismatched caches. Real processes, real kills, real broken files."""
+"""dump-teacher end to end: kill -9 and rerun, damaged shards and a full disk repaired by a rerun, bad
+images, torchrun ranks, teacher flip, crop replay (and changed images refused), inputs checked up front,
+and train-student refusing damaged or mismatched caches. Real processes, real kills, real broken files."""
 
+import errno
+import hashlib
+import logging
 import os
+import tempfile
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -17,6 +23,9 @@ from kdcache import cache as cachefmt
 from kdcache.checkpoint import checkpoint_dict
 from kdcache.cli import main
 from kdcache.coco import load_instances
+from kdcache.config import DumpConfig, RunConfig
+from kdcache.dump import dump_teacher
+from kdcache.errors import UserError
 from kdcache.synth import SynthConfig, synthesize
 from kdcache.teacher import build_vitpose, vitpose_config
 
@@ -61,6 +70,21 @@ def reference(setup):
     return out
 
 
+def _cfg(setup, out, images=None, **extra) -> DumpConfig:
+    """The DumpConfig of `_args` (for calls in this process: keyword options and monkeypatches apply)."""
+    return DumpConfig(teacher=setup["teacher"], ann=setup["ann"], images=images or setup["images"],
+                      run=RunConfig(out=out, workers=0, progress=False), views=3, shard_size=4, batch_size=2,
+                      **extra)
+
+
+@pytest.fixture(scope="module")
+def inproc(setup):
+    """An uninterrupted dump in this process: the reference for reruns made here (same float threads)."""
+    out = setup["root"] / "inproc"
+    dump_teacher(_cfg(setup, out))
+    return out
+
+
 def _kill_after_new_shard(args, out, have: int) -> int:
     """Start the dump, kill -9 it as soon as the manifest lists more than `have` shards; returns the count."""
     proc = subprocess.Popen(_cli(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -99,7 +123,7 @@ def test_torchrun_ranks_write_the_single_process_cache(setup, reference, tmp_pat
     assert shards == _shards(reference)[1]
 
 
-def test_missing_image_stops_with_one_line_and_rerun_resumes(setup, tmp_path, capsys):
+def test_missing_image_stops_with_one_line_and_rerun_resumes(setup, tmp_path, capsys, error_line):
     images = tmp_path / "images"
     shutil.copytree(setup["images"], images)
     assert main(_args(setup, tmp_path / "ref", images)) == 0
@@ -109,8 +133,8 @@ def test_missing_image_stops_with_one_line_and_rerun_resumes(setup, tmp_path, ca
     capsys.readouterr()
     out = tmp_path / "cache"
     assert main(_args(setup, out, images)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and victim.name in err and "--skip-bad-images" in err
+    err = error_line()
+    assert victim.name in err and "--skip-bad-images" in err
     manifest = cachefmt.read_manifest(out)
     assert 0 < len(manifest["shards"]) < manifest["num_shards"] and cachefmt.verify_cache(out)[0].startswith("incomplete")
     victim.write_bytes(saved)
@@ -175,30 +199,160 @@ def test_crop_none_replays_the_same_crops(setup, tmp_path):
     np.testing.assert_array_equal(dataset[0]["crop"], png[1]["crop"])
 
 
-def test_crop_none_cache_trains_from_moved_images(setup, tmp_path, capsys):
+def test_crop_none_cache_trains_from_moved_images(setup, tmp_path, capsys, error_line):
     shutil.copytree(setup["images"], tmp_path / "orig")
     assert main(_args(setup, tmp_path / "none", tmp_path / "orig", "--crop", "none")) == 0
     (tmp_path / "orig").rename(tmp_path / "moved")
     student = ["train-student", "--cache", str(tmp_path / "none"), "--student", "mobilenetv3_small_100",
                "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--no-progress"]
     assert main([*student, "--out", str(tmp_path / "lost")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "orig" in err
+    err = error_line()
+    assert "orig" in err
     assert main([*student, "--images", str(tmp_path / "moved"), "--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run/last.pt").is_file()
 
 
-def test_train_student_refuses_damaged_or_mismatched_caches(setup, reference, tmp_path, capsys):
+def test_train_student_refuses_damaged_or_mismatched_caches(setup, reference, tmp_path, capsys, error_line):
     cache = tmp_path / "cache"
     shutil.copytree(reference, cache)
     student = ["train-student", "--cache", str(cache), "--student", "mobilenetv3_small_100", "--out",
                str(tmp_path / "run"), "--max-steps", "1", "--workers", "0", "--no-progress"]
     assert main([*student, "--input-size", "64x64"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "input_hw [128, 96] (student: [64, 64])" in err
+    err = error_line()
+    assert "input_hw [128, 96] (student: [64, 64])" in err
     shard = cache / "shard-00001.h5"
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated
     assert main(student) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "shard-00001.h5" in err and "damaged" in err
+    err = error_line()
+    assert "shard-00001.h5" in err and "damaged" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_rerun_rewrites_missing_truncated_and_corrupt_shards(setup, inproc, tmp_path, caplog):
+    """`inspect --verify` says to re-run the dump: the rerun must find and rewrite what it names."""
+    out = tmp_path / "cache"
+    shutil.copytree(inproc, out)
+    (out / "shard-00000.h5").unlink()
+    truncated = out / "shard-00001.h5"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    corrupt = out / "shard-00002.h5"
+    with h5py.File(corrupt, "r") as f:
+        at = f["heatmaps"].id.get_chunk_info(1).byte_offset + 5  # inside row 1's deflated heatmaps
+    data = bytearray(corrupt.read_bytes())
+    data[at] ^= 0x01  # same size, valid HDF5: only the checksum sees it
+    corrupt.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="kdcache.dump"):
+        dump_teacher(_cfg(setup, out))  # sizes and headers are always checked
+    assert "shard-00000.h5: missing" in caplog.text and "shard-00001.h5: " in caplog.text
+    assert "shard-00002.h5" not in caplog.text
+    assert cachefmt.verify_cache(out) == ["shard-00002.h5: checksum mismatch (corrupt)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdcache.dump"):
+        dump_teacher(_cfg(setup, out), verify=True)
+    assert "rewriting damaged shard shard-00002.h5: checksum mismatch" in caplog.text
+    assert cachefmt.verify_cache(out) == [] and _shards(out) == _shards(inproc)
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("victim, fail_at, listed", [("shard-00002.h5.tmp", 1, [0, 1]),
+                                                     ("manifest.json.tmp", 3, [0])],  # 1: created, 2: +shard 0
+                         ids=["shard", "manifest"])
+def test_full_disk_keeps_complete_shards_and_the_rerun_finishes(setup, inproc, tmp_path, monkeypatch,
+                                                                victim, fail_at, listed):
+    out = tmp_path / "cache"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:  # the disk fills up while `victim` is written
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name == victim:
+            calls.append(fd)
+            if len(calls) == fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as info:
+        dump_teacher(_cfg(setup, out))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(out / victim)
+    assert not list(out.glob("*.tmp"))
+    manifest, shards = _shards(out)
+    ref_manifest, ref_shards = _shards(inproc)
+    assert [s["index"] for s in manifest["shards"]] == listed and not manifest["complete"]
+    assert shards == {name: ref_shards[name] for name in shards}
+    assert cachefmt.verify_cache(out) == [f"incomplete: {len(listed)} of {ref_manifest['num_shards']} shards"]
+    monkeypatch.undo()  # the disk has room again
+    dump_teacher(_cfg(setup, out))
+    assert _shards(out) == (ref_manifest, ref_shards) and not list(out.glob("*.tmp"))
+
+
+def test_inputs_are_checked_before_the_teacher_loads(setup, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the inputs were checked")
+
+    monkeypatch.setattr("kdcache.dump.load_teacher", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(UserError, match=f"--out {a_file} is a file, not a folder; choose a folder"):
+        dump_teacher(_cfg(setup, a_file))
+    with pytest.raises(UserError, match=f"cannot write into --out {a_file / 'cache'} .*choose a folder you can"):
+        dump_teacher(_cfg(setup, a_file / "cache"))  # its parent is a file
+    real_probe = tempfile.TemporaryFile
+
+    def locked_folder(*args, dir=None, **kwargs):  # root writes anywhere: the folder reads as locked to all here
+        if dir is not None and Path(dir).name == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_probe(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", locked_folder)
+    with pytest.raises(UserError, match="Permission denied"):
+        dump_teacher(_cfg(setup, tmp_path / "locked"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds other files \\(notes.txt\\) and no kdcache cache"):
+        dump_teacher(_cfg(setup, other))
+    with pytest.raises(UserError, match="--images .*nowhere is not a folder"):
+        dump_teacher(_cfg(setup, tmp_path / "cache", tmp_path / "nowhere"))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []  # the write probe left nothing
+
+
+def test_crop_none_refuses_replay_from_changed_images(setup, tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    shutil.copytree(setup["images"], images)
+    out = tmp_path / "none"
+    dump_teacher(_cfg(setup, out, images, crop_encoding="none"))
+    with h5py.File(out / "shard-00000.h5", "r") as f:  # the contract: readable with h5py alone
+        names = [name.decode() for name in f["image_file"][:]]
+        image_hw, image_sha = f["image_hw"][:], f["image_sha256"][:]
+    assert image_hw.dtype == np.int32 and image_sha.shape == (len(names), 32)
+    for name, hw, sha in zip(names, image_hw, image_sha):
+        assert list(hw) == list(cv2.imread(str(images / name)).shape[:2])
+        assert sha.tobytes().hex() == hashlib.sha256((images / name).read_bytes()).hexdigest()
+
+    hashed, real = [], cachefmt.sha256_file
+    monkeypatch.setattr(cachefmt, "sha256_file", lambda path: hashed.append(path) or real(path))
+    cache = cachefmt.open_cache(out)
+    crops = [cache[i]["crop"] for i in range(len(cache))]
+    assert len(hashed) == len({inst.file_name for inst in setup["instances"]})  # once per image, not per row
+
+    first, last = setup["instances"][0].file_name, setup["instances"][-1].file_name
+    image = cv2.imread(str(images / first))
+    image[:8, :8] = 255 - image[:8, :8]
+    cv2.imwrite(str(images / first), image)  # same size, other pixels
+    fresh = cachefmt.open_cache(out)  # as in a new process
+    with pytest.raises(UserError, match=f"image {images / first} has changed since cache {out} was dumped "
+                                        "\\(same size, other content.*restore the images .*or dump the teacher again"):
+        fresh[0]
+    image = cv2.imread(str(images / last))
+    h, w = image.shape[:2]
+    cv2.imwrite(str(images / last), cv2.resize(image, (w + 8, h)))
+    with pytest.raises(UserError, match=f"{last} has changed .*it is {h}x{w + 8} \\(HxW\\) pixels, the cache's was {h}x{w}"):
+        fresh[len(cache) - 1]
+    before = len(hashed)
+    cache[0]  # this reader checked image 0 before it changed: the verdict stands, no new hash
+    assert len(hashed) == before
+    cache.close(), fresh.close()
+
+    for shard in out.glob("shard-*.h5"):  # a cache dumped before these datasets existed: replayed unchecked
+        with h5py.File(shard, "a") as f:
+            del f["image_hw"], f["image_sha256"]
+    assert cachefmt.open_cache(out)[0]["crop"].shape == crops[0].shape

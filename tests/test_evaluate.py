@@ -1,6 +1,7 @@
 """Evaluation chain: crop geometry, decoding, projection, OKS-NMS and COCOeval; `kdcache eval` end to end."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -86,7 +87,7 @@ def tiny(tmp_path_factory):
         last.weight.div_(model(torch.randn(8, 3, 128, 96)).amax(dim=(2, 3)).median())
     torch.save(checkpoint_dict(model), root / "nano.pt")
     ann = data / "annotations/person_keypoints_val.json"
-    return {"ann": ann, "images": data / "val",
+    return {"ann": ann, "images": data / "val", "model": root / "nano.pt",
             "args": ["eval", "--model", str(root / "nano.pt"), "--ann", str(ann), "--images", str(data / "val"),
                      "--workers", "0"]}
 
@@ -175,3 +176,219 @@ def test_detection_file_filters_like_mmpose(tiny, tmp_path):
     path.write_text(json.dumps([{"image_id": image_ids[0], "bbox": [1, 2, 3]}]))
     with pytest.raises(UserError, match="not a COCO detection results list"):
         detected_person_boxes(tiny["ann"], path, 0.0)
+
+
+# ---- real-world annotation files, results files and outputs ----------------------------------------
+
+def _oracle_predictions(ann):
+    """A stand-in for `predict_keypoints` that returns each box's ground-truth person (score 1): AP 100."""
+    by_box = {(i.image_id, tuple(np.round(i.bbox_xywh, 2))): i for i in load_instances(ann)}
+
+    def predict(model, boxes, images, *args, **kwargs):
+        people = [by_box[(b.image_id, tuple(np.round(b.bbox_xywh, 2)))] for b in boxes]
+        keypoints = np.stack([p.keypoints for p in people])
+        keypoints[..., 2] = 1.0
+        return keypoints, np.array([p.area for p in people], np.float64)
+    return predict
+
+
+def _rewrite(ann, out, change):
+    data = json.loads(ann.read_text())
+    change(data)
+    out.write_text(json.dumps(data))
+    return out
+
+
+def _person_id(data, new_id):
+    for cat in data["categories"]:
+        cat["id"] = new_id
+    for a in data["annotations"]:
+        a["category_id"] = new_id
+
+
+@pytest.fixture()
+def model(tiny):
+    from kdcache.checkpoint import load_model
+
+    return load_model(tiny["model"])
+
+
+def test_person_category_of_another_id_scores_the_same(tiny, model, tmp_path, monkeypatch):
+    import kdcache.evaluate as ev
+
+    ann7 = _rewrite(tiny["ann"], tmp_path / "person7.json", lambda d: _person_id(d, 7))
+    monkeypatch.setattr(ev, "predict_keypoints", _oracle_predictions(tiny["ann"]))
+    m1, r1 = ev.evaluate_model(model, tiny["ann"], tiny["images"])
+    m7, r7 = ev.evaluate_model(model, ann7, tiny["images"])
+    assert m1["AP"] == m7["AP"] == 100.0 and m1 == m7
+    assert {r["category_id"] for r in r1} == {1} and {r["category_id"] for r in r7} == {7}
+    # Detections: the file's person category is kept; 1 is another category in this file.
+    dets = [{"image_id": i.image_id, "category_id": 7, "bbox": [float(v) for v in i.bbox_xywh], "score": 0.9}
+            for i in load_instances(ann7)]
+    dets.append({**dets[0], "category_id": 1, "bbox": [0.0, 0.0, 20.0, 20.0]})
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    assert len(ev.detected_person_boxes(ann7, tmp_path / "d.json", 0.0)) == len(dets) - 1
+    assert ev.evaluate_model(model, ann7, tiny["images"], boxes=tmp_path / "d.json")[0]["AP"] == 100.0
+
+
+def test_nothing_to_score_is_refused_before_inference_and_nothing_is_written(tiny, model, tmp_path):
+    from kdcache.cli import main
+    from kdcache.errors import UserError
+    from kdcache.evaluate import evaluate_model
+
+    def unlabel(data):
+        for a in data["annotations"]:
+            a["keypoints"], a["num_keypoints"] = [0] * 51, 0
+    unlabelled = _rewrite(tiny["ann"], tmp_path / "unlabelled.json", unlabel)
+    nowhere = tmp_path / "no-images"  # inference would fail here first, with another message
+    with pytest.raises(UserError, match="nothing to score: .*unlabelled.json has no person annotation with labelled"):
+        evaluate_model(model, unlabelled, nowhere)
+    weak = [{"image_id": i.image_id, "category_id": 1, "bbox": [float(v) for v in i.bbox_xywh], "score": 0.1}
+            for i in load_instances(tiny["ann"])]
+    (tmp_path / "weak.json").write_text(json.dumps(weak))
+    with pytest.raises(UserError, match=r"nothing to score: no person box of the 3 in .*weak.json is left .*"
+                                        r"3 below score 0.5"):
+        evaluate_model(model, tiny["ann"], nowhere, boxes=tmp_path / "weak.json", box_score_thr=0.5)
+    metrics = tmp_path / "m.json"
+    assert main([*tiny["args"], "--boxes", str(tmp_path / "weak.json"), "--box-score-thr", "0.5",
+                 "--metrics-out", str(metrics)]) == 2
+    assert not metrics.exists()
+
+
+def test_empty_area_range_is_none_printed_as_a_dash_and_written_as_null(tiny, tmp_path):
+    from kdcache.evaluate import format_metrics, score_results
+
+    def large(data):  # every person "large" (area > 96^2): COCOeval has no medium one to average
+        for a in data["annotations"]:
+            a["area"] = 20000.0
+    ann = _rewrite(tiny["ann"], tmp_path / "large.json", large)
+    oracle = [{"image_id": i.image_id, "category_id": 1, "keypoints": i.keypoints.reshape(-1).tolist(), "score": 1.0}
+              for i in load_instances(ann)]
+    (tmp_path / "r.json").write_text(json.dumps(oracle))
+    metrics = score_results(ann, tmp_path / "r.json", metrics_out=tmp_path / "out" / "m.json")
+    assert metrics["APm"] is None and metrics["ARm"] is None and metrics["APl"] == metrics["AP"] == 100.0
+    table = format_metrics(metrics).splitlines()
+    assert table[3].startswith("APm") and table[3].endswith("=      –") and table[4].endswith("= 100.00")
+    written = json.loads((tmp_path / "out" / "m.json").read_text())
+    assert written["APm"] is None and written["AP"] == 100.0 and "-100" not in (tmp_path / "out" / "m.json").read_text()
+
+
+def test_converted_annotation_files_score_without_crashing(tiny, tmp_path):
+    """CrowdPose/AIC-style ground truth (no area, num_keypoints, iscrowd; a person without keypoints) scores as
+    COCO's own: area from the box, num_keypoints from the visibilities, the keypoint-less person ignored."""
+    from kdcache.evaluate import coco_keypoint_metrics
+
+    def convert(data):
+        for a in data["annotations"]:
+            for key in ("area", "num_keypoints", "iscrowd", "segmentation"):
+                a.pop(key, None)
+        data["annotations"].append({"id": 999, "image_id": data["images"][0]["id"], "category_id": 1,
+                                    "bbox": [1.0, 1.0, 30.0, 60.0]})
+    ann = _rewrite(tiny["ann"], tmp_path / "converted.json", convert)
+    oracle = [{"image_id": i.image_id, "category_id": 1, "keypoints": i.keypoints.reshape(-1).tolist(), "score": 1.0}
+              for i in load_instances(ann)]
+    assert len(oracle) == len(load_instances(tiny["ann"]))
+    assert coco_keypoint_metrics(ann, oracle)["AP"] == 100.0
+
+
+def test_model_with_another_keypoint_count_is_refused_before_inference(tiny, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from kdcache.checkpoint import checkpoint_dict
+    from kdcache.config import EvalConfig
+    from kdcache.errors import UserError
+    from kdcache.evaluate import evaluate
+    from kdcache.teacher import build_vitpose, vitpose_config
+
+    cfg16 = dataclasses.replace(vitpose_config("vitpose-nano", input_hw=(128, 96)), num_keypoints=16)
+    torch.save(checkpoint_dict(build_vitpose(cfg16)), tmp_path / "mpii.pt")
+    cfg = EvalConfig(model=tmp_path / "mpii.pt", ann=tiny["ann"], images=tmp_path / "no-images", workers=0)
+    with pytest.raises(UserError, match=r"model predicts 16 keypoints but .*person_keypoints_val.json has 17"):
+        evaluate(cfg)
+
+
+def test_unwritable_outputs_are_refused_before_the_model_is_loaded(tiny, tmp_path, monkeypatch):
+    import os
+
+    from kdcache.config import EvalConfig
+    from kdcache.errors import UserError
+    from kdcache.evaluate import evaluate
+
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    base = dict(model=tmp_path / "no-model.pt", ann=tiny["ann"], images=tiny["images"], workers=0)
+    cases = [({"metrics_out": tmp_path / "a_folder"}, r"--metrics-out .*a_folder is a folder"),
+             ({"results_out": tmp_path / "a_file" / "sub" / "r.json"}, r"--results-out .*r.json cannot be created: "
+                                                                        r".*a_file is a file"),
+             ({"vis_dir": tmp_path / "a_file"}, r"--vis .*a_file is a file; pass a folder")]
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    real_access = os.access  # root writes anywhere: the folder reads as locked to everyone here
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    cases.append(({"metrics_out": locked / "m.json"}, r"--metrics-out .*m.json cannot be written"))
+    for outputs, message in cases:
+        with pytest.raises(UserError, match=message):  # not "checkpoint ... does not exist": checked first
+            evaluate(EvalConfig(**base, **outputs))
+
+
+def test_score_results_matches_evaluate_and_scores_the_file_as_given(tiny, model, tmp_path):
+    from kdcache.evaluate import evaluate_model, score_results
+
+    metrics, results = evaluate_model(model, tiny["ann"], tiny["images"])
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    assert score_results(tiny["ann"], tmp_path / "r.json") == metrics
+    oracle = [{"image_id": i.image_id, "category_id": 1, "keypoints": i.keypoints.reshape(-1).tolist(), "score": 1.0}
+              for i in load_instances(tiny["ann"])]
+    (tmp_path / "o.json").write_text(json.dumps(oracle))
+    assert score_results(tiny["ann"], tmp_path / "o.json")["AP"] == 100.0
+    (tmp_path / "twice.json").write_text(json.dumps(oracle + oracle))  # no OKS-NMS: duplicates count against it
+    assert score_results(tiny["ann"], tmp_path / "twice.json")["AP"] < 100.0
+
+
+@pytest.mark.parametrize("entries, message", [
+    ({"image_id": 1}, r"is not a COCO keypoint results list"),
+    ([], r"nothing to score: .*holds no results"),
+    ([{"image_id": 1, "keypoints": []}], r"result #0 is not \{image_id, category_id, keypoints, score\}"),
+    ([{"image_id": 424242, "category_id": 1, "keypoints": [0] * 51, "score": 1}], r"image 424242, which is not in"),
+    ([{"image_id": "IMG", "category_id": 1, "keypoints": [0] * 51, "score": 1}], r"image 'IMG', which is not in"),
+    ([{"image_id": "FIRST", "category_id": 3, "keypoints": [0] * 51, "score": 1}], r"category_id 3 but the person"),
+    ([{"image_id": "FIRST", "category_id": 1, "keypoints": [0] * 48, "score": 1}], r"not 17 x 3 finite numbers"),
+    ([{"image_id": "FIRST", "category_id": 1, "keypoints": [0] * 50 + ["1"], "score": 1}], r"not 17 x 3 finite"),
+    ([{"image_id": "FIRST", "category_id": 1, "keypoints": [0] * 51, "score": "high"}], r"score 'high', not a"),
+])
+def test_score_results_refuses_malformed_files_in_one_line(tiny, tmp_path, entries, message):
+    from kdcache.coco import load_coco
+    from kdcache.errors import UserError
+    from kdcache.evaluate import score_results
+
+    first = sorted(load_coco(tiny["ann"]).imgs)[0]
+    if isinstance(entries, list):
+        entries = [{**e, "image_id": first} if e.get("image_id") == "FIRST" else e for e in entries]
+    (tmp_path / "r.json").write_text(json.dumps(entries))
+    with pytest.raises(UserError, match=message) as info:
+        score_results(tiny["ann"], tmp_path / "r.json")
+    assert "\n" not in str(info.value)
+
+
+def test_eval_refuses_images_of_another_size_than_annotated(tiny, model, tmp_path):
+    from kdcache.errors import UserError
+    from kdcache.evaluate import evaluate_model
+
+    def shrink(data):  # as if the annotations were made on other copies of the images
+        data["images"][0]["width"] -= 1
+    ann = _rewrite(tiny["ann"], tmp_path / "other.json", shrink)
+    name = json.loads(ann.read_text())["images"][0]["file_name"]
+    with pytest.raises(UserError, match=rf"{name} is 320x256 pixels .* says 319x256"):
+        evaluate_model(model, ann, tiny["images"])
+
+
+def test_progress_bar_over_the_inference_batches(tiny, model, capsys):
+    from kdcache.evaluate import evaluate_model
+
+    evaluate_model(model, tiny["ann"], tiny["images"], batch_size=2)
+    assert "batch" not in capsys.readouterr().err
+    evaluate_model(model, tiny["ann"], tiny["images"], batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "eval:" in err and "0/2 " in err and "batch" in err  # 3 boxes in batches of 2; later redraws are timed

@@ -57,3 +57,29 @@ def test_disagreement_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(kdcache.export, "MAX_ABS_DIFF", -1.0)  # any difference, even 0, is too much
     with pytest.raises(UserError, match="differs from PyTorch"):
         export_onnx(torch.nn.Conv2d(3, 17, 1), tmp_path / "x.onnx", (8, 8))
+
+
+def test_export_writes_the_preprocessing_into_the_metadata(tmp_path):
+    """A runtime can feed the graph and read its output from the file alone."""
+    import json
+
+    import onnx
+
+    from kdcache.keypoints import FLIP_PAIRS, IMAGENET_MEAN, IMAGENET_STD, KEYPOINT_NAMES
+    from kdcache.transforms import to_input_tensor
+
+    model = _student()
+    export_onnx(model, tmp_path / "s.onnx", INPUT_HW)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "s.onnx")).metadata_props}
+    assert json.loads(meta["input_size_hw"]) == list(INPUT_HW)
+    assert json.loads(meta["heatmap_size_hw"]) == [INPUT_HW[0] // 4, INPUT_HW[1] // 4]
+    assert meta["color_order"] == "RGB" and meta["input_name"] == "input" and meta["output_name"] == "heatmaps"
+    assert json.loads(meta["keypoint_names"]) == list(KEYPOINT_NAMES)
+    assert [tuple(p) for p in json.loads(meta["flip_pairs"])] == list(FLIP_PAIRS)
+    assert json.loads(meta["model"])["backbone"] == "mobilenetv3_small_100"
+    # The recipe the metadata gives reproduces kdcache's own normalisation.
+    crop = np.random.default_rng(0).integers(0, 256, (1, *INPUT_HW, 3), dtype=np.uint8)
+    mean, std = np.array(json.loads(meta["mean"])), np.array(json.loads(meta["std"]))
+    by_metadata = ((crop.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(by_metadata, to_input_tensor(crop).numpy(), atol=1e-5)
+    assert list(IMAGENET_MEAN) == json.loads(meta["mean"]) and list(IMAGENET_STD) == json.loads(meta["std"])

@@ -152,12 +152,9 @@ def test_efficientformer_v1_224_weights_fit_other_grids(tmp_path, input_hw):
         assert torch.equal(rebuilt.eval()(x), out)
 
 
-def test_pretrained_timm_reads_only_the_local_cache(tmp_path, monkeypatch):
+def test_pretrained_timm_reads_the_local_cache_without_downloading(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch"))
-    with pytest.raises(UserError, match="no cached ImageNet weights"):
-        build_student(StudentConfig("mobilenetv3_small_100", pretrained="timm"))
-
     # The HF cache layout hf_hub_download(local_files_only=True) resolves: refs/main -> snapshots/<rev>/file.
     repo = tmp_path / "hf" / "models--timm--mobilenetv3_small_100.lamb_in1k"
     (repo / "refs").mkdir(parents=True)
@@ -165,8 +162,45 @@ def test_pretrained_timm_reads_only_the_local_cache(tmp_path, monkeypatch):
     (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
     imagenet = timm.create_model("mobilenetv3_small_100")
     save_file(imagenet.state_dict(), str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    real = huggingface_hub.hf_hub_download
+
+    def local_only(*args, **kwargs):
+        assert kwargs.get("local_files_only"), "downloaded although the weights were cached"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", local_only)
     student = build_student(StudentConfig("mobilenetv3_small_100", pretrained="timm"))
     assert torch.equal(student.backbone.conv_stem.weight, imagenet.conv_stem.weight)
+
+
+def test_pretrained_timm_downloads_into_timms_cache_when_missing(tmp_path, monkeypatch):
+    """As timm.create_model(pretrained=True): a missing file is fetched from the hub (faked here: no network)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch"))
+    imagenet = timm.create_model("mobilenetv3_small_100")
+    calls = []
+
+    def fake_hub(repo_id, filename, revision=None, local_files_only=False, **kwargs):
+        calls.append((repo_id, filename, local_files_only))
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        path = tmp_path / "downloaded" / filename
+        path.parent.mkdir(exist_ok=True)
+        save_file(imagenet.state_dict(), str(path))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub)
+    student = build_student(StudentConfig("mobilenetv3_small_100", pretrained="timm"))
+    assert torch.equal(student.backbone.conv_stem.weight, imagenet.conv_stem.weight)
+    assert ("timm/mobilenetv3_small_100.lamb_in1k", "model.safetensors", False) in calls
+
+    def offline(repo_id, filename, revision=None, local_files_only=False, **kwargs):
+        raise (huggingface_hub.errors.LocalEntryNotFoundError("not cached") if local_files_only
+               else ConnectionError("no route to host"))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(UserError, match=r"could not download ImageNet weights .*ConnectionError.*--pretrained FILE"):
+        build_student(StudentConfig("mobilenetv3_small_100", pretrained="timm"))
 
 
 def test_rebuild_from_checkpoint_skips_pretrained():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdcache.checkpoint import load_model
+from kdcache.checkpoint import checkpoint_dict, load_model
 from kdcache.errors import UserError
 from kdcache.teacher import ViTPose, load_teacher, vitpose_config
 from kdcache.teacher_formats import VITPOSE_PLUS_DATASETS
@@ -149,15 +149,15 @@ def test_vitpose_plus_expert_merged_as_model_split(plus, tmp_path, expert):
     assert torch.allclose(got, moe_reference_block_mlp(plus, 2, y, index), atol=1e-5)
 
 
-def test_vitpose_plus_split_file_and_bad_experts(plus, tmp_path, caplog):
+def test_vitpose_plus_split_file_and_bad_experts(plus, tmp_path):
     # model_split.py's coco.pth keeps the unused experts and associate heads next to the merged fc2.
     split = {**split_like_model_split(plus, 0), **{k: v for k, v in plus.items() if ".experts." in k}}
     torch.save({"state_dict": split}, tmp_path / "coco.pth")
     torch.save({"state_dict": split_like_model_split(plus, 0)}, tmp_path / "clean.pth")
-    with caplog.at_level("WARNING"):
-        got = run(load_teacher(tmp_path / "coco.pth", expert="aic"))
-    assert torch.equal(got, run(load_teacher(tmp_path / "clean.pth")))
-    assert "already merged" in caplog.text
+    assert torch.equal(run(load_teacher(tmp_path / "coco.pth")), run(load_teacher(tmp_path / "clean.pth")))
+    # It is one dataset's model: asking it for the AIC expert used to give COCO's, with a warning.
+    with pytest.raises(UserError, match="--expert 'aic': .*coco.pth is a ViTPose\\+\\+ file already split .*drop --expert"):
+        load_teacher(tmp_path / "coco.pth", expert="aic")
     torch.save({"state_dict": plus}, tmp_path / "plus.pth")
     with pytest.raises(UserError, match="unknown ViTPose\\+\\+ expert 'crowdpose'"):
         load_teacher(tmp_path / "plus.pth", expert="crowdpose")
@@ -273,6 +273,39 @@ def test_huggingface_vitpose_plus(plus, tmp_path):
     torch.save({"state_dict": split_like_model_split(plus, 0)}, tmp_path / "coco.pth")
     assert torch.equal(run(load_teacher(folder)), run(load_teacher(tmp_path / "coco.pth")))
     assert load_teacher(folder, expert="mpii").config.num_keypoints == 17  # no MPII head in an HF file
+
+
+def test_expert_is_refused_for_a_file_without_experts(classic, tmp_path):
+    """--expert on a plain ViTPose file used to be ignored (a warning in the log): the user got the COCO model."""
+    sd, _ = classic
+    torch.save({"state_dict": sd}, tmp_path / "plain.pth")
+    for expert in ("aic", "coco", 0):
+        with pytest.raises(UserError, match=f"--expert {expert!r}: .*plain.pth is a plain ViTPose file, without "
+                                            "ViTPose\\+\\+ experts; drop --expert"):
+            load_teacher(tmp_path / "plain.pth", expert=expert)
+    folder = write_hf(tmp_path / "hf", sd, hf_config(False))
+    with pytest.raises(UserError, match="is a plain ViTPose file"):
+        load_teacher(folder, expert="mpii")
+    model = load_teacher(tmp_path / "plain.pth")
+    torch.save(checkpoint_dict(model, epoch=0, step=0), tmp_path / "kd.pt")
+    with pytest.raises(UserError, match="--expert 'coco': .*kd.pt is a kdcache checkpoint of one ViTPose model"):
+        load_teacher(tmp_path / "kd.pt", expert="coco")
+    assert torch.equal(run(load_teacher(tmp_path / "kd.pt")), run(model))
+
+
+def test_huggingface_weights_without_config_json_are_refused(classic, tmp_path):
+    """Heads and LayerNorm eps are not in the weights: the old guess (1e-12, heads by width) built another
+    function. A folder and a lone weight file are the same case; official names in a safetensors file are not."""
+    sd, want = classic
+    folder = write_hf(tmp_path / "bare", sd, None)
+    for path in (folder, folder / "model.safetensors"):
+        with pytest.raises(UserError, match=f"{path} holds HuggingFace VitPose weights but {folder / 'config.json'} "
+                                            "is missing: .*put the model's config.json beside them"):
+            load_teacher(path)
+    (folder / "config.json").write_text(json.dumps(hf_config(False)))  # the advice, followed
+    assert torch.equal(run(load_teacher(folder)), want)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "official.safetensors")
+    assert torch.equal(run(load_teacher(tmp_path / "official.safetensors")), want)
 
 
 def test_huggingface_errors_name_the_problem(classic, tmp_path):

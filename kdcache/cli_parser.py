@@ -1,0 +1,295 @@
+"""The `kdcache` command line's flags: one argparse parser, every flag with its help and default, an example
+per command, and value checks that refuse bad numbers before any work starts.
+
+`kdcache.cli` parses argv with it and turns the namespace into stage configs; nothing else imports this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from kdcache import __version__
+from kdcache.transforms import AugmentConfig
+
+# train-student probability flags -> StudentAugConfig fields, with what each one does.
+STUDENT_AUG_FLAGS = (
+    ("color", "color_prob", "brightness/contrast/saturation"),
+    ("blur", "blur_prob", "Gaussian blur"),
+    ("noise", "noise_prob", "Gaussian pixel noise"),
+    ("grayscale", "gray_prob", "grayscale"),
+    ("occlusion", "occlusion_prob", "random occluding rectangles"),
+    ("jitter", "jitter_prob", "cached views: extra rotation/scale/shift of crop and heatmaps together"),
+)
+
+# View augmentation flags (ViTPose's top-down pipeline) -> AugmentConfig fields, with what each one sets.
+VIEW_AUG_FLAGS = (
+    ("flip-prob", "flip_prob", float, "probability of a horizontal mirror"),
+    ("half-body-prob", "half_body_prob", float, "probability of a half-body crop"),
+    ("half-body-min-joints", "half_body_min_joints", int, "half-body only with more labelled joints than this"),
+    ("scale-factor", "scale_factor", float, "scale x clip(N(1, sf), 1-sf, 1+sf)"),
+    ("rot-factor", "rot_factor", float, "rotation clip(N(0, rf), -2rf, 2rf) degrees"),
+    ("rot-prob", "rot_prob", float, "probability of the rotation"),
+    ("shift-factor", "shift_factor", float, "center shift by U(-1, 1) x this x box size"),
+    ("shift-prob", "shift_prob", float, "probability of the center shift"),
+)
+VIEW_AUG_PROBS = {"flip_prob", "half_body_prob", "rot_prob", "shift_prob"}
+
+EXAMPLES = {
+    "synth": "kdcache synth --out data --train-images 1500 --val-images 150 --max-people 1 --clutter 0.3",
+    "train-teacher": "kdcache train-teacher --ann data/annotations/person_keypoints_train.json --images data/train "
+                     "--out runs/teacher --arch vitpose-tiny --input-size 128x96 --epochs 50",
+    "dump-teacher": "kdcache dump-teacher --teacher vitpose-b.pth --ann coco/annotations/person_keypoints_train2017.json "
+                    "--images coco/train2017 --out cache --views 8 --device cuda",
+    "train-student": "kdcache train-student --cache cache --student mobilenetv3_large_100 --out runs/mnv3 --epochs 210 "
+                     "--val-ann coco/annotations/person_keypoints_val2017.json --val-images coco/val2017",
+    "eval": "kdcache eval --model runs/mnv3/best.pt --ann coco/annotations/person_keypoints_val2017.json "
+            "--images coco/val2017 --boxes person_detection_results.json --flip-test\n"
+            "  kdcache eval --results my_results.json --ann coco/annotations/person_keypoints_val2017.json",
+    "inspect": "kdcache inspect cache --verify --png cache.png",
+    "bench": "kdcache bench runs/mnv3/best.pt vitpose-b.pth --device cpu,cuda",
+    "export": "kdcache export --model runs/mnv3/best.pt --onnx mnv3.onnx",
+    "demo": "kdcache demo --out demo_out",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what is wrong and where help is, no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default after its help; examples (the epilog) kept as written. A None default is not
+    shown: those flags say in their help what leaving them out means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: `kind(text)` within [low, high] (open ends as given)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value != value or (low is not None and (value < low or (low_open and value == low))) or \
+                (high is not None and (value > high or (high_open and value == high))):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(x for x in (lo, hi) if x)}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+POSITIVE = _number(float, 0, low_open=True)
+NON_NEGATIVE = _number(float, 0)
+PROBABILITY = _number(float, 0, 1)
+UNIT_OPEN = _number(float, 0, 1, high_open=True)
+
+
+def size_hw(text: str) -> tuple[int, int]:
+    """'256x192' -> (256, 192): crop height x width."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 256x192, got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise argparse.ArgumentTypeError(f"crop size {text} must be positive multiples of 32 (e.g. 256x192, 128x96)")
+    return h, w
+
+
+def expert(text: str) -> str | int:
+    """A ViTPose++ expert: a dataset name ('coco', 'aic', ...) or its index."""
+    return int(text) if text.isdigit() else text
+
+
+def _expert_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert", type=expert, help="ViTPose++ expert by dataset name or index (None: coco)")
+
+
+def _common(p: argparse.ArgumentParser, out_required: bool = True, batch: int = 32, workers: int = 2) -> None:
+    p.add_argument("--out", type=Path, required=out_required, help="output folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=batch, help="crops per batch")
+    p.add_argument("--workers", type=COUNT, default=workers, help="DataLoader worker processes (0: load in the "
+                   "main process)")
+    p.add_argument("--seed", type=COUNT, default=0, help="random seed: every random choice derives from it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a "
+                   "terminal)")
+
+
+def _data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--ann", type=Path, required=required, help="COCO person_keypoints_*.json")
+    p.add_argument("--images", type=Path, required=required, help="folder of the annotation file's images")
+
+
+def _optim(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float) -> None:
+    p.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help="passes over the training set")
+    p.add_argument("--max-steps", type=COUNT, default=0, help="stop after N optimiser steps (0: no bound)")
+    p.add_argument("--lr", type=POSITIVE, default=lr, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=wd, help="AdamW decoupled weight decay")
+    p.add_argument("--warmup-steps", type=COUNT, default=100, help="linear warm-up steps")
+    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+                   help="learning-rate decay: cosine to 0, or x0.1 at 81%% and 95%% of the run")
+    p.add_argument("--ema", type=UNIT_OPEN, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0: off)")
+    p.add_argument("--val-ann", type=Path, help="validation annotation file: AP every --val-every epochs, best.pt")
+    p.add_argument("--val-images", type=Path, help="validation images folder")
+    p.add_argument("--val-every", type=POSITIVE_INT, default=1, help="validate every N epochs (and after the last)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    run.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (its "
+                     "last.pt, best.pt, metrics.csv, config.json go)")
+
+
+def _view_aug(p: argparse.ArgumentParser, note: str = "") -> None:
+    """ViTPose's view augmentation; defaults None so that a command can tell which flags were given."""
+    defaults = AugmentConfig()
+    group = p.add_argument_group("view augmentation (ViTPose's top-down pipeline)" + note)
+    for flag, field, kind, what in VIEW_AUG_FLAGS:
+        check = PROBABILITY if field in VIEW_AUG_PROBS else COUNT if kind is int else NON_NEGATIVE
+        group.add_argument(f"--{flag}", type=check, default=None, metavar="P" if field in VIEW_AUG_PROBS else "X",
+                           help=f"{what} (default: {getattr(defaults, field)})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="kdcache", formatter_class=HelpFormatter,
+                    description="Distil ViTPose into small pose networks from a cached teacher pass.")
+    parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
+                              epilog=f"example:\n  {EXAMPLES[name]}")
+
+    p = command("synth", "write a synthetic dataset in COCO person-keypoints layout")
+    p.add_argument("--out", type=Path, required=True, help="dataset root")
+    p.add_argument("--train-images", type=COUNT, default=400, help="training images")
+    p.add_argument("--val-images", type=COUNT, default=100, help="validation images")
+    p.add_argument("--seed", type=COUNT, default=0, help="random seed (same seed: byte-identical files)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=1, help="processes (output is the same for any value)")
+    p.add_argument("--max-people", type=_number(int, 1, 4), default=4, help="people per image drawn from 1..P")
+    p.add_argument("--clutter", type=NON_NEGATIVE, default=1.0, help="background distractors (0: none)")
+
+    p = command("train-teacher", "train a ViTPose model on ground truth")
+    _data(p)
+    _common(p)
+    _optim(p, epochs=210, lr=5e-4, wd=0.1)
+    p.add_argument("--arch", default="vitpose-s", help="vitpose-s/b/l/h, or vitpose-tiny/nano for CPU")
+    p.add_argument("--head", choices=("classic", "simple"), default="classic", help="deconvolution or bilinear head")
+    p.add_argument("--input-size", type=size_hw, default=(256, 192), help="crop HxW")
+    _view_aug(p)
+
+    p = command("dump-teacher", "stage 1: teacher heatmaps of K views per instance -> cache")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint")
+    _data(p)
+    _common(p, batch=64)
+    p.add_argument("--views", type=POSITIVE_INT, default=8, help="views per instance; view 0 is un-augmented")
+    p.add_argument("--shard-size", type=POSITIVE_INT, default=1024, help="views per shard")
+    p.add_argument("--crop", choices=("jpeg", "png", "none"), default="jpeg",
+                   help="crop codec; 'none' stores no crops (training replays them from the images with the "
+                        "stored affine)")
+    p.add_argument("--jpeg-quality", type=_number(int, 1, 100), default=90, help="crop JPEG quality")
+    p.add_argument("--heatmap-encoding", choices=("int16-step", "float16", "uint8-minmax-per-joint"),
+                   default="int16-step", help="how teacher heatmaps are stored")
+    p.add_argument("--heatmap-error", type=POSITIVE, default=0.008,
+                   help="int16-step: relative L2 error of each stored heatmap")
+    p.add_argument("--gzip-level", type=int, default=2, choices=range(1, 10), metavar="1..9",
+                   help="deflate level of the heatmap chunks")
+    p.add_argument("--teacher-flip", action="store_true",
+                   help="store the mean of the teacher on the crop and on its mirror (2x teacher time)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="go on past missing or unreadable images and list them in manifest.json")
+    p.add_argument("--verify", action="store_true", help="on resume, also check the SHA-256 of every shard "
+                   "already written (sizes are always checked); bad shards are rewritten")
+    _expert_flag(p)
+    _view_aug(p)
+
+    p = command("train-student", "stage 2: train a student from the cache (or online, or on ground truth only "
+                "when neither --cache nor --online-teacher is given)")
+    p.add_argument("--cache", type=Path, help="teacher cache from dump-teacher")
+    p.add_argument("--online-teacher", type=Path, help="baseline: run this teacher every step instead")
+    _expert_flag(p)
+    _data(p, required=False)
+    p.add_argument("--student", required=True, help="timm backbone name, e.g. mobilenetv3_large_100")
+    p.add_argument("--head", choices=("deconv", "light"), default="deconv", help="heatmap head")
+    p.add_argument("--head-channels", type=POSITIVE_INT, default=128, help="width of the head's blocks")
+    p.add_argument("--pretrained", default="", help="'timm' (ImageNet weights through timm's cache, downloaded "
+                   "there if missing) or a weights file ('': random init)")
+    p.add_argument("--input-size", type=size_hw, default=None, help="crop HxW (None: the cache's, else 256x192)")
+    _common(p)
+    _optim(p, epochs=10, lr=1e-3, wd=1e-4)
+    p.add_argument("--alpha", type=PROBABILITY, default=0.5, help="teacher-loss weight; 1-alpha on ground truth")
+    p.add_argument("--kd-loss", choices=("mse", "kl"), default="mse",
+                   help="teacher term: heatmap MSE, or KL of spatially softmaxed heatmaps")
+    p.add_argument("--kd-temperature", type=POSITIVE, default=1.0, help="--kd-loss kl: softmax temperature")
+    p.add_argument("--train-views", type=COUNT, default=0, metavar="K",
+                   help="train on the cache's first K augmented views only, epoch e reading view 1 + e mod K "
+                        "(0: all of them)")
+    p.add_argument("--confidence-weights", action="store_true",
+                   help="weight each joint's teacher term by the teacher's confidence (its peak)")
+    for flag, _, what in STUDENT_AUG_FLAGS:
+        p.add_argument(f"--{flag}", type=PROBABILITY, default=0.0, metavar="P",
+                       help=f"probability of {what} on the student's crop (0: off)")
+    _view_aug(p, note="; with --cache only --flip-prob applies: the train-time mirror of cached views")
+
+    p = command("eval", "stage 3: COCO keypoint AP of any checkpoint, or of an existing results file")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="checkpoint of any kind")
+    source.add_argument("--results", type=Path, help="score this COCO keypoint results file as given (no model)")
+    p.add_argument("--ann", type=Path, required=True, help="COCO person_keypoints_*.json (ground truth)")
+    p.add_argument("--images", type=Path, help="folder of the annotation file's images (with --model)")
+    p.add_argument("--boxes", type=Path, help="COCO detection results (None: ground-truth boxes)")
+    p.add_argument("--box-score-thr", type=PROBABILITY, default=0.0, help="drop detections below this score")
+    p.add_argument("--flip-test", action="store_true", help="average with the mirrored crop")
+    p.add_argument("--metrics-out", type=Path, help="write the metrics as JSON")
+    p.add_argument("--results-out", type=Path, help="write the keypoint results in COCO results format")
+    p.add_argument("--vis", type=Path, metavar="DIR",
+                   help="write PNGs of the predictions (orange, score >= 0.3) over the ground truth (green)")
+    p.add_argument("--vis-count", type=POSITIVE_INT, default=20, help="images drawn by --vis")
+    _expert_flag(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="crops per batch")
+    p.add_argument("--workers", type=COUNT, default=2, help="DataLoader worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = command("inspect", "summary of a cache; --verify checks it; --png draws a contact sheet")
+    p.add_argument("cache", type=Path, help="cache folder")
+    p.add_argument("--verify", action="store_true", help="check every shard's size, SHA-256 and rows")
+    p.add_argument("--png", type=Path, help="write a contact sheet of crops with their heatmaps")
+    p.add_argument("--count", type=POSITIVE_INT, default=16, help="views on the contact sheet")
+
+    p = command("bench", "params, GFLOPs, latency and throughput side by side")
+    p.add_argument("models", type=Path, nargs="+", help="checkpoints of any kind")
+    _expert_flag(p)
+    p.add_argument("--device", help="comma-separated devices, side by side, e.g. cpu,cuda (None: cpu, plus cuda "
+                   "when available)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="throughput batch")
+    p.add_argument("--bf16", action="store_true", help="time CUDA under bf16 autocast (CPU stays fp32)")
+
+    p = command("export", "ONNX export checked against PyTorch, with the preprocessing in its metadata")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint of any kind")
+    p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write")
+    _expert_flag(p)
+
+    p = command("demo", "the whole pipeline on synthetic data, ending in one table")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="demo folder")
+    p.add_argument("--quick", action="store_true", help="a tiny run (seconds) that checks the plumbing only")
+    return parser

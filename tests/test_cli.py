@@ -132,6 +132,12 @@ def test_inspect_summary_verify_and_png(pipeline, capsys):
     assert "views" in out and "kb_per_view" in out and png.stat().st_size > 1000
 
 
+def test_verbose_logging_has_no_h5py_noise(pipeline, capsys):
+    assert main(["-v", "inspect", str(pipeline["root"] / "cache"), "--verify"]) == 0
+    err = capsys.readouterr().err
+    assert "h5py" not in err  # its converter DEBUG lines ("Creating converter from 3 to 5") are not ours
+
+
 def test_inspect_verify_names_corrupt_shard(pipeline, tmp_path, capsys):
     import shutil
 

@@ -197,10 +197,12 @@ def test_logs_show_their_level_and_quiet_hides_info(data, tmp_path, capsys):
     assert "INFO" not in err and "epoch 1/" not in err  # and no progress bar: stderr is not a terminal
 
 
-def test_training_logs_the_whole_runs_eta(data, tmp_path, capsys):
-    assert _teacher(data, tmp_path / "a", "--epochs", "2") == 0
+def test_training_logs_the_whole_runs_eta_and_draws_no_bar_into_a_pipe(data, tmp_path, capsys):
+    assert main(["train-teacher", *data["train"], "--out", str(tmp_path / "a"), *TEACHER, "--epochs", "2",
+                 "--workers", "0"]) == 0  # progress bars not switched off: stderr is captured, not a terminal
     err = capsys.readouterr().err
     assert "epoch 1/2" in err and "run ETA" in err and "epoch 2/2" in err and "done" in err
+    assert "step/s" not in err and "\r" not in err
 
 
 def test_every_flag_is_explained_with_its_default_and_every_command_has_an_example():

@@ -9,8 +9,10 @@ trained a fixed number of epochs E in every arm, with several seeds each:
     online          the teacher run at every step on a fresh augmentation every epoch (the classic way)
     cache k=K       distilled from the cache, restricted to its first K training views (`--train-views K`),
                     K in {E, E/4, E/16}; views are replayed E/K times, mirrored at random
-    variety         at the smallest K: the train-time mirror off, and jitter / photometric changes on
+    variety         at the smallest K: the train-time mirror off, and jitter / photometric changes on;
+                    jitter at the storage K too
     storage         at one K: caches stored as float16, int16-step 0.8 % (the default) and int16-step 3 %
+    diagnostics     K = E without the train-time mirror; the storage K with PNG instead of JPEG crops
 
 Every stage runs once and is skipped when done (`OUT/state.json`); a training run killed mid-way resumes
 from its last complete epoch (`--resume`), so the study can be stopped at any moment and run again in
@@ -100,6 +102,7 @@ def caches(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
         "cache": {"views": max(cfg.train_views) + 1},
         "cache-float16": {"views": cfg.storage_views + 1, "heatmap_encoding": "float16"},
         "cache-eps03": {"views": cfg.storage_views + 1, "heatmap_rel_error": 0.03},
+        "cache-png": {"views": cfg.storage_views + 1, "crop_encoding": "png"},
     }
 
 
@@ -116,6 +119,13 @@ def arms(cfg: BenchmarkConfig) -> list[Arm]:
                 cache="cache-float16", storage="float16"),
             Arm(f"cache-k{cfg.storage_views}-eps03", "cache", train_views=cfg.storage_views,
                 cache="cache-eps03", storage="int16-step 3%")]
+    # Where a cached run differs from an online one: the train-time mirror, and the JPEG crops.
+    out += [Arm(f"cache-k{max(cfg.train_views)}-nomirror", "cache", train_views=max(cfg.train_views), mirror=False,
+                variety="none"),
+            Arm(f"cache-k{cfg.storage_views}-png", "cache", train_views=cfg.storage_views, cache="cache-png",
+                storage="int16-step 0.8%, PNG crops"),
+            Arm(f"cache-k{cfg.storage_views}-jitter", "cache", train_views=cfg.storage_views, student_aug=JITTER,
+                variety="mirror + jitter")]
     return out
 
 
@@ -229,6 +239,7 @@ def collect(cfg: BenchmarkConfig, stages: Stages) -> dict[str, Any]:
                 continue
             metrics = stages.state[f"eval {name}"]["result"]
             runs.append({"arm": arm.kind, "name": arm.name, "train_views": arm.train_views, "seed": seed,
+                         "cache": arm.cache if arm.kind == "cache" else None,
                          "storage": arm.storage if arm.kind == "cache" else None,
                          "jitter": arm.student_aug.jitter_prob > 0, "mirror": arm.mirror and arm.kind == "cache",
                          "photometric": arm.student_aug.changes_pixels, "variety": arm.variety,

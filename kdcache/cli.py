@@ -124,6 +124,9 @@ def cmd_train_student(a: argparse.Namespace) -> int:
         flags = ", ".join(f"--{flag}" for flag, field, _, _ in VIEW_AUG_FLAGS if field in view_aug)
         raise UserError(f"{flags} set(s) the views of online and ground-truth runs; a cache's views were fixed by "
                         "dump-teacher (see `kdcache inspect`): drop them, or pass them to dump-teacher")
+    if a.view_seed is not None and a.cache is not None:
+        raise UserError("--view-seed picks the views of online and ground-truth runs; a cache's views are its "
+                        "dump's: drop --view-seed")
     if a.train_views and a.cache is None:
         raise UserError("--train-views restricts the views of a cache; pass --cache, or drop --train-views")
     cache = _sound_cache(a.cache) if a.cache is not None else None
@@ -136,7 +139,7 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     cfg = TrainStudentConfig(student=student, run=run, cache=a.cache, online_teacher=a.online_teacher,
                              expert=a.expert, ann=a.ann, images=a.images, alpha=a.alpha, kd_loss=a.kd_loss,
                              kd_temperature=a.kd_temperature, confidence_weights=a.confidence_weights,
-                             train_views=a.train_views, student_aug=StudentAugConfig(**probs), optim=optim, val=val,
+                             train_views=a.train_views, view_seed=a.view_seed, student_aug=StudentAugConfig(**probs), optim=optim, val=val,
                              **({"aug": aug} if aug is not None else {}),
                              **({"flip_prob": flip} if flip is not None and a.cache is not None else {}))
     if cache is not None:

@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-views", type=COUNT, default=0, metavar="K",
                    help="train on the cache's first K augmented views only, epoch e reading view 1 + e mod K "
                         "(0: all of them)")
+    p.add_argument("--view-seed", type=COUNT, default=None, help="online and ground-truth runs: draw the views "
+                   "from this seed instead of --seed (a dump's --seed gives the views its cache holds)")
     p.add_argument("--confidence-weights", action="store_true",
                    help="weight each joint's teacher term by the teacher's confidence (its peak)")
     for flag, _, what in STUDENT_AUG_FLAGS:

@@ -100,6 +100,8 @@ class TrainStudentConfig:
     train_views: int = 0        # cached views 1..k only, epoch e reading view 1 + e mod k (0 = all K - 1)
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)  # view sampling (online and ground-truth runs)
+    view_seed: int | None = None  # online / ground truth: views from (view_seed, ann_id, view), None = run seed;
+    # the dump's seed gives an online run the very views a cache holds, for a paired comparison
     student_aug: StudentAugConfig = field(default_factory=StudentAugConfig)  # photometric/occlusion/jitter
     val: ValConfig = field(default_factory=ValConfig)
 

@@ -163,7 +163,8 @@ def train_student(cfg: TrainStudentConfig) -> Path:
                                 "pass --input-size to match them")
         elif cfg.alpha > 0:
             log.info("no --cache or --online-teacher: training on ground truth only (alpha ignored)")
-        dataset = ViewDataset(load_instances(cfg.ann), cfg.images, cfg.student.input_hw, cfg.aug, cfg.run.seed,
+        view_seed = cfg.run.seed if cfg.view_seed is None else cfg.view_seed
+        dataset = ViewDataset(load_instances(cfg.ann), cfg.images, cfg.student.input_hw, cfg.aug, view_seed,
                               sigma=cfg.sigma, student_aug=cfg.student_aug, keep_clean=teacher is not None)
 
         def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

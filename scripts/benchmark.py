@@ -93,6 +93,7 @@ class Arm:
     mirror: bool = True                   # cache: train-time random mirror
     student_aug: StudentAugConfig = StudentAugConfig()
     variety: str = "mirror"               # what train-time variety the run has, in words
+    view_seed: int | None = None          # online: the views of this seed (the dump's: the cache's views)
 
 
 def caches(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
@@ -125,7 +126,9 @@ def arms(cfg: BenchmarkConfig) -> list[Arm]:
             Arm(f"cache-k{cfg.storage_views}-png", "cache", train_views=cfg.storage_views, cache="cache-png",
                 storage="int16-step 0.8%, PNG crops"),
             Arm(f"cache-k{cfg.storage_views}-jitter", "cache", train_views=cfg.storage_views, student_aug=JITTER,
-                variety="mirror + jitter")]
+                variety="mirror + jitter"),
+            # The cache's own views online, every seed: paired with cache-kE-nomirror, only storage differs.
+            Arm("online-dumpviews", "online", view_seed=cfg.seed, variety="the cache's views")]
     return out
 
 
@@ -184,6 +187,9 @@ def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
                           warmup_steps=100)))))
     stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",
                                                            workers=cfg.workers)))
+    # On its own training people: how far its targets there go beyond the ground truth.
+    stages.run("eval teacher on train", lambda: evaluate(EvalConfig(model=teacher, ann=train_ann,
+                                                                    images=data / "train", workers=cfg.workers)))
     if stop_after == "teacher":
         return stages
     for name, settings in caches(cfg).items():
@@ -204,7 +210,7 @@ def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
                 source = dict(ann=train_ann, images=data / "train", alpha=0.0, run=run(name, seed))
             elif arm.kind == "online":
                 source = dict(online_teacher=teacher, ann=train_ann, images=data / "train", alpha=cfg.alpha,
-                              run=run(name, seed))
+                              view_seed=arm.view_seed, run=run(name, seed))
             else:
                 source = dict(cache=out / arm.cache, train_views=arm.train_views, alpha=cfg.alpha,
                               flip_prob=0.5 if arm.mirror else 0.0, student_aug=arm.student_aug,
@@ -213,6 +219,10 @@ def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
                 student=student, aug=DEMO_AUG, optim=optim, val=val, **source))))
             stages.run(f"eval {name}", lambda name=name: evaluate(EvalConfig(
                 model=out / name / "last.pt", ann=val_ann, images=data / "val", workers=cfg.workers)))
+    # Does the student underfit (training-set AP close to validation AP) or overfit?
+    first = f"runs/gt-s{cfg.seeds[0]}"
+    stages.run("eval gt on train", lambda: evaluate(EvalConfig(model=out / first / "last.pt", ann=train_ann,
+                                                               images=data / "train", workers=cfg.workers)))
     return stages
 
 
@@ -254,8 +264,10 @@ def collect(cfg: BenchmarkConfig, stages: Stages) -> dict[str, Any]:
              for name, settings in caches(cfg).items() if stages.done(f"size {name}")}
     return {"config": to_jsonable(cfg),
             "teacher": {"arch": cfg.teacher_arch, "epochs": cfg.teacher_epochs, "AP": teacher["AP"],
+                        "AP_on_training_set": stages.state.get("eval teacher on train", {}).get("result", {}).get("AP"),
                         "AP50": teacher["AP50"], "train_seconds": round(train_seconds(out / "teacher"), 1),
                         "val_curve": val_curve(out / "teacher")},
+            "gt_student_AP_on_training_set": stages.state.get("eval gt on train", {}).get("result", {}).get("AP"),
             "dumps": dumps, "runs": runs,
             "study_seconds": round(sum(entry["seconds"] for entry in stages.state.values()), 1)}
 

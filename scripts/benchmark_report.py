@@ -363,6 +363,16 @@ def _text(cfg: Any, results: dict[str, Any], arms: dict[str, list[dict[str, Any]
         lines.append(f"- **K = {k}** ({E // k} replay{'s' if E // k > 1 else ''} per view): {fmt(runs)} AP; "
                      f"vs online {fmt_diff(runs, online)}; vs K = {k_full} {fmt_diff(runs, full)}; share of the KD "
                      f"gain kept: {_share(runs, online, gt)}.")
+    if teacher.get("AP_on_training_set") is not None and kd_gain_online[0] < 2 * max(kd_gain_online[1], 0.5):
+        lines.append(f"- **Why KD adds little here**: the teacher scores {teacher['AP_on_training_set']:.1f} AP on "
+                     f"its own {cfg.train_images} training people (against {teacher['AP']:.1f} on validation): it "
+                     "was trained on the very people the students learn from, so on their views its maps say "
+                     "little that the ground truth does not. Distillation pays where the teacher knows more "
+                     "than the labels: on people nobody annotated (issue 13) and with students that can use it."
+                     + (f" The ground-truth student (seed {seeds[0]}) scores {results['gt_student_AP_on_training_set']:.1f}"
+                        f" AP on its training people, as on validation: it underfits, limited by its size and "
+                        f"{E} epochs rather than by its targets." if results.get("gt_student_AP_on_training_set")
+                        is not None else ""))
     lines.append("")
 
     # Variety at the smallest K
@@ -416,7 +426,28 @@ def _text(cfg: Any, results: dict[str, Any], arms: dict[str, list[dict[str, Any]
                 runs = aps(arms[name])
                 lines.append(f"| {name} | {fmt(runs)} | {fmt_diff(runs, aps(arms[base_name]))} ({base_name}) "
                              f"| {fmt_diff(runs, online)} |")
+        same = "online-dumpviews"
+        if same in arms:
+            lines.append(f"| {same} (online on the cache's views) | {fmt(aps(arms[same]))} | | "
+                         f"{fmt_diff(aps(arms[same]), online)} |")
         lines.append("")
+        if same in arms and nomirror in arms:
+            paired = {r["seed"]: r["AP"] for r in arms[nomirror]}
+            diffs = [paired[r["seed"]] - r["AP"] for r in arms[same] if r["seed"] in paired]
+            if diffs:
+                m, sd = mean_std(diffs)
+                se = sd / math.sqrt(len(diffs))
+                lines.append(
+                    f"**Paired, storage alone**: `{nomirror}` against `{same}`, seed by seed (same views, initial "
+                    f"weights and data order; only JPEG crops and quantised heatmaps differ): "
+                    f"{', '.join(f'{d:+.1f}' for d in diffs)} AP, mean {m:+.1f} ± {se:.1f} (standard error of the "
+                    f"mean difference){' — beyond noise' if len(diffs) > 1 and abs(m) > 2 * se else ', within noise'}.")
+                twin = {r["seed"]: r["AP"] for r in arms["online"]}
+                if seeds[0] in twin and seeds[0] in {r["seed"] for r in arms[same]}:
+                    again = [r["AP"] for r in arms[same] if r["seed"] == seeds[0]][0]
+                    lines.append(f"Seed {seeds[0]} of `{same}` is the same run as seed {seeds[0]} of `online` "
+                                 f"(its views are its own seed's): {again:.2f} against {twin[seeds[0]]:.2f} AP.")
+                lines.append("")
 
     # Cost
     per_arm = {name: mean_std([r["train_seconds"] for r in runs])[0] for name, runs in arms.items()}

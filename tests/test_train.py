@@ -213,3 +213,29 @@ def test_every_named_student_trains_and_evaluates_from_a_cache(tiny, tmp_path, b
     assert model.config.backbone == backbone
     metrics, results = evaluate_model(model, tiny["ann"], tiny["images"], workers=0)
     assert len(results) == 6 and 0.0 <= metrics["AP"] <= 100.0  # one scored instance per person
+
+
+def test_view_seed_gives_an_online_run_the_views_a_cache_holds(tiny, tmp_path, monkeypatch):
+    """--view-seed S: the views come from (S, ann_id, view), as a dump with --seed S made them; init stays --seed."""
+    from kdcache.cache import open_cache
+    from kdcache.train import train_student
+
+    seen = []
+    real = train_mod.ViewDataset
+
+    def spy(*args, **kwargs):
+        dataset = real(*args, **kwargs)
+        seen.append(dataset)
+        return dataset
+
+    monkeypatch.setattr(train_mod, "ViewDataset", spy)
+    cfg = _student_cfg(tiny, tmp_path / "online", online_teacher=tiny["teacher"], ann=tiny["ann"],
+                       images=tiny["images"], view_seed=0)
+    train_student(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=7)))
+    rows = open_cache(tiny["cache"])  # dumped with seed 0
+    dataset = seen[0]
+    dataset.set_epoch(1)  # epoch 1 draws view 2
+    for index in range(len(dataset)):
+        row = rows[index * 3 + 2]
+        np.testing.assert_allclose(dataset[index]["affine"], row["affine"], atol=1e-9)
+    assert dataset.seed == 0

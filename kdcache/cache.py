@@ -80,7 +80,7 @@ REPLAY_DTYPES = {"image_hw": np.int32, "image_sha256": np.uint8}
 REPLAY_SHAPES = {"image_hw": (2,), "image_sha256": (32,)}
 DEFAULT_CROP_ENCODING = "jpeg90"
 DEFAULT_HEATMAP_ENCODING = "int16-step"
-DEFAULT_REL_ERROR = 0.008
+DEFAULT_REL_ERROR = 0.03  # docs/benchmark.md: students lose no AP beyond noise at 3 %
 DEFAULT_GZIP_LEVEL = 2
 
 

@@ -69,12 +69,12 @@ class DumpConfig:
     ann: Path                   # COCO annotation file whose person instances are dumped
     images: Path                # folder holding its images
     run: RunConfig
-    views: int = 8              # K views per instance; view 0 is un-augmented
+    views: int = 15             # K views per instance; view 0 is un-augmented (14 = 210 epochs / 16, docs/benchmark.md)
     batch_size: int = 64        # teacher batch
     shard_size: int = 1024      # views per HDF5 shard
     crop_encoding: str = "jpeg90"           # "jpegQ" (quality Q), "png", or "none" (replay from the images)
     heatmap_encoding: str = "int16-step"    # see kdcache.cache.HEATMAP_ENCODINGS
-    heatmap_rel_error: float = 0.008    # "int16-step": relative L2 error of each joint's map
+    heatmap_rel_error: float = 0.03     # "int16-step": relative L2 error of each joint's map (docs/benchmark.md)
     gzip_level: int = 2                     # deflate level of the heatmap chunks (1 fastest .. 9 smallest)
     teacher_flip: bool = False  # store the mean of the teacher on the crop and on its mirror (flipped back)
     skip_bad_images: bool = False  # go on past unreadable images, listing them in the manifest

@@ -186,3 +186,15 @@ def test_demo_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| teacher vitpose-nano |" in out and "| student mobilenetv3_small_100 |" in out
     assert json.loads((tmp_path / "demo/results.json").read_text())["rows"][0]["params_m"] > 0
+
+
+@pytest.mark.parametrize("epochs, extra, jitter", [(2, [], 0.0), (3, [], 0.5), (3, ["--jitter", "0"], 0.0),
+                                                   (3, ["--train-views", "1", "--epochs", "1"], 0.0)])
+def test_jitter_defaults_on_when_cached_views_are_replayed(pipeline, tmp_path, epochs, extra, jitter):
+    """The cache holds 2 training views: a third epoch replays one, and jitter then comes on by default."""
+    out = tmp_path / "run"
+    assert main(["train-student", "--cache", str(pipeline["root"] / "cache"), "--student", "mobilenetv3_small_100",
+                 "--out", str(out), "--epochs", str(epochs), "--max-steps", "1", "--batch-size", "4",
+                 "--head-channels", "16", *extra, *QUIET]) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["student_aug"]["jitter_prob"] == jitter

@@ -167,7 +167,7 @@ def test_teacher_flip_and_confidence(setup, tmp_path):
     from kdcache.transforms import to_input_tensor
 
     out = tmp_path / "cache"
-    assert main(_args(setup, out, None, "--teacher-flip", "--crop", "png")) == 0
+    assert main(_args(setup, out, None, "--teacher-flip", "--crop", "png", "--heatmap-error", "0.008")) == 0
     cache = cachefmt.open_cache(out)
     assert cache.manifest["teacher_flip"]
     teacher = load_teacher(setup["teacher"])

@@ -10,7 +10,6 @@ A kdcache checkpoint is a plain dict (tensors, numbers, strings) so that it load
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -46,14 +45,6 @@ def git_revision() -> str:
 def provenance() -> dict[str, str]:
     """What every run folder, checkpoint and cache shard records about the code that made it."""
     return {"kdcache_version": __version__, "git_rev": git_revision()}
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -18,7 +18,6 @@ listed stay intact, and the same command resumes once the disk has room.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from kdcache import cache as cachefmt
 from kdcache import heatmaps as codec
-from kdcache.checkpoint import provenance, sha256_file
+from kdcache.checkpoint import provenance
 from kdcache.coco import Instance, load_instances
 from kdcache.config import DumpConfig, to_jsonable
 from kdcache.data import ViewDataset, heatmap_hw_for
@@ -80,8 +79,8 @@ class _DumpViews(ViewDataset):
     def _image_sha256(self, file_name: str) -> np.ndarray:
         """SHA-256 of the image file's bytes, [32] uint8; views come in image order, so one hash per image."""
         if self._identity is None or self._identity[0] != file_name:
-            digest = hashlib.sha256(Path(self._images.images_dir, file_name).read_bytes()).digest()
-            self._identity = (file_name, np.frombuffer(digest, np.uint8))
+            digest = cachefmt.sha256_file(Path(self._images.images_dir, file_name))
+            self._identity = (file_name, np.frombuffer(bytes.fromhex(digest), np.uint8))
         return self._identity[1]
 
 
@@ -106,7 +105,7 @@ def _device(device: str) -> str:
 
 def _teacher_sha(path: Path) -> str:
     """SHA-256 of the teacher's weights: the file, or a HuggingFace folder's weight file."""
-    return sha256_file(path if path.is_file() else hf_weight_file(path))
+    return cachefmt.sha256_file(path if path.is_file() else hf_weight_file(path))
 
 
 def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, teacher_sha: str, num_views: int) -> dict[str, Any]:

@@ -344,7 +344,7 @@ def test_dump_teacher_uses_the_chosen_expert_and_hashes_hf_weights(plus, tmp_pat
     import numpy as np
 
     from kdcache.cache import open_cache, read_manifest
-    from kdcache.checkpoint import sha256_file
+    from kdcache.cache import sha256_file
     from kdcache.cli import main
     from kdcache.synth import SynthConfig, synthesize
     from kdcache.transforms import to_input_tensor

@@ -63,6 +63,14 @@ def crops_per_s(run_dir: Path) -> float:
     return float(rows[-1].split(",")[5])
 
 
+def print_json(report: dict, path: Path | None) -> None:
+    """The report on stdout and, when given, in `path`."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if path:
+        path.write_text(text)
+
+
 def time_call(fn, repeats: int = 3) -> float:
     fn()
     start = time.perf_counter()
@@ -161,10 +169,7 @@ def main() -> None:
                                         for t in a.teachers},
             "physical_limit": {t: physical_limit(a.student, t, a.batch_size) for t in a.teachers},
         }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if a.json_out:
-        a.json_out.write_text(text)
+    print_json(report, a.json_out)
 
 
 if __name__ == "__main__":

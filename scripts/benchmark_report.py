@@ -119,7 +119,7 @@ def write_report(cfg: Any, results: dict[str, Any]) -> None:
 
 def _plots(cfg: Any, results: dict[str, Any], arms: dict[str, list[dict[str, Any]]], report: Path,
            cum: list[dict[str, float]]) -> dict[str, str]:
-    small, k_full = min(cfg.train_views), max(cfg.train_views)
+    k_full = max(cfg.train_views)
     names = {}
     # 1. AP against training views K
     all_ap = [r["AP"] for r in results["runs"]]
@@ -240,7 +240,7 @@ def _text(cfg: Any, results: dict[str, Any], arms: dict[str, list[dict[str, Any]
     lines += ["", f"![AP against cached views]({plots['views']})", ""]
 
     # View reuse
-    kd_gain_online, kd_gain_cache = diff_se(online, gt), diff_se(full, gt)
+    kd_gain_online = diff_se(online, gt)
     lines += [
         "## View reuse",
         "",

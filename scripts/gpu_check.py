@@ -19,7 +19,6 @@ Never imported by the package or the tests.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import crops_per_s  # noqa: E402
+from bench_train import crops_per_s, print_json  # noqa: E402
 from kdcache import heatmaps as codec  # noqa: E402
 from kdcache.cache import open_cache  # noqa: E402
 from kdcache.checkpoint import checkpoint_dict, load_model, model_input_hw  # noqa: E402
@@ -144,10 +143,7 @@ def main() -> None:
             train_student(TrainStudentConfig(student=student, run=RunConfig(out=out, **run), optim=optim, **source))
             rates[name] = crops_per_s(out)
         report["training"] = {"crops_per_s": rates, "online_over_cached_time": rates["cached"] / rates["online"]}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if a.json_out:
-        a.json_out.write_text(text)
+    print_json(report, a.json_out)
 
 
 if __name__ == "__main__":

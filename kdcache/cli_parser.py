@@ -41,7 +41,8 @@ EXAMPLES = {
     "synth": "kdcache synth --out data --train-images 1500 --val-images 150 --max-people 1 --clutter 0.3",
     "train-teacher": "kdcache train-teacher --ann data/annotations/person_keypoints_train.json --images data/train "
                      "--out runs/teacher --arch vitpose-tiny --input-size 128x96 --epochs 50",
-    "dump-teacher": "kdcache dump-teacher --teacher vitpose-b.pth --ann coco/annotations/person_keypoints_train2017.json "
+    "dump-teacher": "kdcache dump-teacher --teacher vitpose-b.pth "
+                    "--ann coco/annotations/person_keypoints_train2017.json "
                     "--images coco/train2017 --out cache --views 8 --device cuda",
     "train-student": "kdcache train-student --cache cache --student mobilenetv3_large_100 --out runs/mnv3 --epochs 210 "
                      "--val-ann coco/annotations/person_keypoints_val2017.json --val-images coco/val2017",
@@ -201,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint")
     _data(p)
     _common(p, batch=64)
-    p.add_argument("--views", type=POSITIVE_INT, default=15, help="views per instance; view 0 is un-augmented (the benchmark: about epochs/16 training views with the default --jitter, epochs/4 without)")
+    p.add_argument("--views", type=POSITIVE_INT, default=15,
+                   help="views per instance; view 0 is un-augmented (the benchmark: about epochs/16 training views "
+                        "with the default --jitter, epochs/4 without)")
     p.add_argument("--shard-size", type=POSITIVE_INT, default=1024, help="views per shard")
     p.add_argument("--crop", choices=("jpeg", "png", "none"), default="jpeg",
                    help="crop codec; 'none' stores no crops (training replays them from the images with the "

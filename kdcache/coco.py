@@ -179,6 +179,11 @@ def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
         ann.setdefault("iscrowd", 0)
 
 
+def as_coco(ann: Path | COCO) -> tuple[COCO, Path | str]:
+    """An annotation file, or one already loaded by `load_coco`, as (COCO object, name for messages)."""
+    return (ann, "<coco>") if isinstance(ann, COCO) else (load_coco(ann), ann)
+
+
 def person_category_id(coco: COCO) -> int:
     """Id of the person category of a file loaded by `load_coco` (often 1; converted datasets use others)."""
     return int(_person_category(coco.dataset["categories"], Path("<coco>"))["id"])

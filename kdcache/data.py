@@ -86,8 +86,9 @@ class CachedDataset(Dataset):
 
     Epoch e reads view 1 + e mod k of every instance, k = K - 1 training views (view 0, the plain crop, when
     K = 1), or the first `train_views` of them: the views an online run draws in epochs 0 .. k - 1, then the
-    same again, so "epochs" mean the same with and without the cache. A mirror (probability `flip_prob`, decided by (seed, epoch, index)) flips crop and
-    teacher heatmaps together and swaps keypoint pairs; UDP makes the heatmap mirror exact, with no shift.
+    same again, so "epochs" mean the same with and without the cache. A mirror (probability `flip_prob`,
+    decided by (seed, epoch, index)) flips crop and teacher heatmaps together and swaps keypoint pairs; UDP
+    makes the heatmap mirror exact, with no shift.
     `student_aug` adds photometric changes and occlusion (targets unchanged) and, optionally, a small
     affine jitter of crop, heatmaps and keypoints together. A cache dumped with no crops (crop encoding
     "none") replays each crop from its image with the stored affine.

@@ -177,7 +177,8 @@ def _check_out_folder(out: Path) -> None:
                          _CACHE_FILE_NAMES and not p.name.startswith("shard-"))
         if foreign:
             raise UserError(f"--out {out} holds other files ({', '.join(foreign[:3])}"
-                            f"{', ...' if len(foreign) > 3 else ''}) and no kdcache cache; choose a new or empty folder")
+                            f"{', ...' if len(foreign) > 3 else ''}) and no kdcache cache; "
+                            "choose a new or empty folder")
 
 
 def _drop_damaged_shards(out: Path, manifest: dict[str, Any], mine: set[int], verify: bool) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kdcache import heatmaps as codec
 from kdcache.checkpoint import load_model, model_input_hw
-from kdcache.coco import (ImageMemo, instances_from_coco, is_number, keypoint_count, load_coco,
+from kdcache.coco import (ImageMemo, as_coco, instances_from_coco, is_number, keypoint_count, load_coco,
                           load_keypoint_results, person_category_id)
 from kdcache.config import EvalConfig
 from kdcache.errors import UserError
@@ -53,9 +53,8 @@ class PersonBox:
 
 def gt_person_boxes(ann: Path | COCO) -> list[PersonBox]:
     """The training/dump instance set (non-crowd, >=1 keypoint, positive area) as boxes of score 1."""
-    coco = ann if isinstance(ann, COCO) else load_coco(ann)
     return [PersonBox(i.image_id, i.file_name, i.bbox_xywh, 1.0, i.image_wh)
-            for i in instances_from_coco(coco, "<coco>" if isinstance(ann, COCO) else ann)]
+            for i in instances_from_coco(*as_coco(ann))]
 
 
 def detected_person_boxes(ann: Path, dets: Path, score_thr: float, coco: COCO | None = None) -> list[PersonBox]:
@@ -234,8 +233,7 @@ def coco_keypoint_metrics(ann: Path | COCO, results: list[dict[str, Any]]) -> di
     """
     from pycocotools.cocoeval import COCOeval
 
-    gt = ann if isinstance(ann, COCO) else load_coco(ann)
-    source = "<coco>" if isinstance(ann, COCO) else ann
+    gt, source = as_coco(ann)
     require_scorable(gt, source)
     if not results:
         raise UserError(f"nothing to score: no predictions for the images of {source}")

@@ -33,8 +33,9 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
     """Write `model` as ONNX with a dynamic batch dimension and check it with onnxruntime.
 
     The graph takes `input: [N, 3, H, W] float32` (RGB, ImageNet-normalised, (H, W) = input_hw) and returns
-    `heatmaps: [N, K, H/4, W/4] float32`; the file's metadata says so (`preprocessing_metadata`). The check runs a batch of 2 random inputs (a batch size other than
-    the one traced, so the dynamic axis is exercised) through both runtimes on CPU.
+    `heatmaps: [N, K, H/4, W/4] float32`; the file's metadata says so (`preprocessing_metadata`). The check
+    runs a batch of 2 random inputs (a batch size other than the one traced, so the dynamic axis is
+    exercised) through both runtimes on CPU.
 
     Returns:
         The largest absolute difference between the ONNX Runtime and PyTorch heatmaps.

@@ -4,7 +4,8 @@ The backbone is a plain timm name, never a registry of ours: `StudentConfig("mob
 Its deepest feature map (stride 32, or 16 for plain ViTs) is brought to stride 4 by ×2 upsampling
 blocks, then a 1×1 conv gives one heatmap per keypoint. Attention backbones (EfficientFormer v1 and V2,
 ViT) are built for `input_hw` and only run at that size. ImageNet weights come from a file or, with
-pretrained="timm", through timm's own cache (downloaded there when missing, as timm does); weights learnt at 224×224 have their relative-position attention tables fitted to `input_hw`.
+pretrained="timm", through timm's own cache (downloaded there when missing, as timm does); weights learnt at
+224×224 have their relative-position attention tables fitted to `input_hw`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class StudentConfig:
     input_hw: tuple[int, int] = (256, 192)  # crop size (H, W) in pixels; heatmaps are input_hw / 4
     num_keypoints: int = NUM_KEYPOINTS  # heatmap channels
     head_channels: int = 128  # width of every upsampling block of the head
-    pretrained: str = ""  # "": random init; "timm": ImageNet weights through timm's cache (downloaded if missing); or a file
+    pretrained: str = ""  # "": random init; "timm": ImageNet weights via timm's cache (downloaded if missing); or a file
 
     def to_dict(self) -> dict:
         """Plain types only (lists for tuples), so it survives JSON and `torch.load(weights_only=True)`."""

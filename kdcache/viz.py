@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-from kdcache.coco import instances_from_coco, load_coco, read_image
+from kdcache.coco import as_coco, instances_from_coco, read_image
 from kdcache.errors import UserError
 from kdcache.heatmaps import decode, heatmap_to_crop
 from kdcache.keypoints import KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON
@@ -200,9 +200,9 @@ def write_pictures(ann: Path | COCO, images: Path, results: list[dict[str, Any]]
     scores, after OKS-NMS), joints scoring >= `threshold`, each with its instance score. Files are
     `out_dir/<image id, 12 digits>.png`, drawn on the full image.
     """
-    coco = ann if isinstance(ann, COCO) else load_coco(ann)
+    coco, name = as_coco(ann)
     gt: dict[int, list[np.ndarray]] = {}
-    for inst in instances_from_coco(coco, "<coco>" if isinstance(ann, COCO) else ann):
+    for inst in instances_from_coco(coco, name):
         gt.setdefault(inst.image_id, []).append(inst.keypoints)
     pred: dict[int, list[dict[str, Any]]] = {}
     for r in results:

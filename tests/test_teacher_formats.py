@@ -156,7 +156,8 @@ def test_vitpose_plus_split_file_and_bad_experts(plus, tmp_path):
     torch.save({"state_dict": split_like_model_split(plus, 0)}, tmp_path / "clean.pth")
     assert torch.equal(run(load_teacher(tmp_path / "coco.pth")), run(load_teacher(tmp_path / "clean.pth")))
     # It is one dataset's model: asking it for the AIC expert used to give COCO's, with a warning.
-    with pytest.raises(UserError, match="--expert 'aic': .*coco.pth is a ViTPose\\+\\+ file already split .*drop --expert"):
+    with pytest.raises(UserError,
+                       match="--expert 'aic': .*coco.pth is a ViTPose\\+\\+ file already split .*drop --expert"):
         load_teacher(tmp_path / "coco.pth", expert="aic")
     torch.save({"state_dict": plus}, tmp_path / "plus.pth")
     with pytest.raises(UserError, match="unknown ViTPose\\+\\+ expert 'crowdpose'"):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from kdcache.codec import UDPHeatmap
+
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> grey (ITU-R BT.601)
 
 
@@ -84,12 +86,12 @@ def jitter_affine(input_hw: tuple[int, int], rng: np.random.Generator, cfg: Stud
 
 
 def jitter(crop: np.ndarray, heatmaps: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator,
-           cfg: StudentAugConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           cfg: StudentAugConfig, codec: UDPHeatmap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warp crop, teacher heatmaps and keypoints by one small random affine (probability `jitter_prob`).
 
     Args:
-        crop: uint8 [H, W, 3]; heatmaps: float32 [K, h, w] (UDP: heatmap pixel = crop pixel * (w-1)/(W-1));
-        keypoints: float32 [K, 3] crop pixels and visibility.
+        crop: uint8 [H, W, 3]; heatmaps: float32 [K, h, w] made by `codec` (its stride maps heatmap pixels
+        to crop pixels); keypoints: float32 [K, 3] crop pixels and visibility.
     Returns:
         The three warped; joints pushed outside the crop get visibility 0.
     """
@@ -98,8 +100,8 @@ def jitter(crop: np.ndarray, heatmaps: np.ndarray, keypoints: np.ndarray, rng: n
     (h_in, w_in), (h_hm, w_hm) = crop.shape[:2], heatmaps.shape[-2:]
     m = jitter_affine((h_in, w_in), rng, cfg)
     crop = cv2.warpAffine(crop, m, (w_in, h_in), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    # The same motion in heatmap pixels: S m S^-1 with S = diag((w_hm - 1) / (w_in - 1), (h_hm - 1) / (h_in - 1)).
-    s = np.array([(w_hm - 1) / (w_in - 1), (h_hm - 1) / (h_in - 1)])
+    # The same motion in heatmap pixels: S m S^-1, S = diag(1 / stride) (UDP: (w_hm - 1) / (w_in - 1), ...).
+    s = 1.0 / np.array(codec.stride)
     m_hm = m.copy()
     m_hm[:, :2] = m[:, :2] * s[:, None] / s[None, :]
     m_hm[:, 2] = m[:, 2] * s

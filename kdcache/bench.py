@@ -20,6 +20,8 @@ from kdcache.errors import UserError
 
 log = logging.getLogger(__name__)
 
+BENCH_BATCH = 32  # crops per forward for the throughput figure
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (shared tensors counted once)."""
@@ -91,7 +93,7 @@ def measure_latency(
 
 
 def bench_models(
-    models: dict[str, nn.Module], input_hw: tuple[int, int], devices: Sequence[str] = ("cpu",), batch: int = 32,
+    models: dict[str, nn.Module], input_hw: tuple[int, int], devices: Sequence[str] = ("cpu",), batch: int = BENCH_BATCH,
     iters: int = 10, bf16: bool = False,
 ) -> list[dict[str, Any]]:
     """Benchmark every model under the same conditions on each device.

@@ -1,14 +1,13 @@
 """Random access to a cache's rows: the reader behind `kdcache.cache.open_cache`.
 
-The layout it reads is the contract in `kdcache.cache`; this module only makes reading it fast and safe
-in DataLoader workers: each shard is indexed once with h5py, then every row is `os.pread` + inflate.
+The layout it reads is the contract in `kdcache.cache_format`; this module only makes reading it fast and
+safe in DataLoader workers: each shard is indexed once with h5py, then every row is `os.pread` + inflate.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from kdcache import cache as cachefmt
+from kdcache import cache_format as fmt
+from kdcache.codec import UDPHeatmap
 from kdcache.coco import ImageMemo
 from kdcache.errors import UserError
+from kdcache.heatmap_storage import heatmap_storage, inflate_row
+from kdcache.keypoints import KeypointSet
+from kdcache.transforms import warp_crop
 
 
 @dataclass
@@ -79,13 +82,13 @@ class Cache:
             images: image folder for crop replay when the cache stores no crops (default: the dump's).
         """
         self.path = Path(path)
-        manifest = cachefmt.read_manifest(self.path)
+        manifest = fmt.read_manifest(self.path)
         if manifest is None:
-            raise UserError(f"{self.path} is not a kdcache cache (no {cachefmt.MANIFEST}); "
+            raise UserError(f"{self.path} is not a kdcache cache (no {fmt.MANIFEST}); "
                             "make one with `kdcache dump-teacher --out DIR`")
         version = manifest.get("schema_version")
-        if version not in cachefmt.READABLE_SCHEMAS:
-            readable = ", ".join(map(str, cachefmt.READABLE_SCHEMAS))
+        if version not in fmt.READABLE_SCHEMAS:
+            readable = ", ".join(map(str, fmt.READABLE_SCHEMAS))
             raise UserError(f"cache {self.path} has schema version {version}, this kdcache reads versions "
                             f"{readable}; dump the teacher again with this version")
         if not manifest.get("complete") and not allow_incomplete:
@@ -94,8 +97,10 @@ class Cache:
                             "re-run the same `kdcache dump-teacher` command to finish it")
         self.manifest = manifest
         self.schema_version = version
-        self.encoding = cachefmt.heatmap_encoding(manifest["heatmap_encoding"])
-        self.crop_codec = cachefmt.parse_crop_encoding(manifest["crop_encoding"])[0]
+        self.storage = heatmap_storage(manifest["heatmap_encoding"])
+        self.crop_format = fmt.parse_crop_format(manifest["crop_encoding"])[0]
+        self.codec: UDPHeatmap = fmt.manifest_codec(manifest)  # what made the targets
+        self.keypoint_set: KeypointSet = fmt.manifest_keypoint_set(manifest)
         self.images = Path(images if images is not None else manifest.get("dump", {}).get("images", "."))
         self.shards = sorted(manifest["shards"], key=lambda s: s["index"])
         counts = np.array([s["rows"] for s in self.shards], dtype=np.int64)
@@ -174,28 +179,22 @@ class Cache:
 
     def _heatmaps(self, shard: int, index: _ShardIndex, row: int) -> np.ndarray:
         raw = os.pread(self._fd(shard), int(index.chunk_size[row]), int(index.chunk_offset[row]))
-        shuffle, deflate = index.heat_filters
-        if deflate:
-            raw = zlib.decompress(raw)
-        data = cachefmt.unshuffle_bytes(raw, index.heat_dtype.itemsize) if shuffle else np.frombuffer(raw, np.uint8)
-        stored = data.view(index.heat_dtype).reshape(index.heat_shape)
-        side = self._column(shard, index, self.encoding.side, row) if self.encoding.side else None
-        return self.encoding.decode(stored, side)
+        stored = inflate_row(raw, index.heat_dtype, index.heat_shape, *index.heat_filters)
+        side = self._column(shard, index, self.storage.side, row) if self.storage.side else None
+        return self.storage.decode(stored, side)
 
     def _crop(self, shard: int, index: _ShardIndex, row: int, affine: np.ndarray) -> np.ndarray:
-        if self.crop_codec == "none":
+        if self.crop_format == "none":
             return self._replay_crop(shard, index, row, affine)
         if index.crop_offset is None:  # schema 1: vlen uint8 per row
-            return cachefmt.decode_crop(self._h5file(shard)["crop"][row])
+            return fmt.decode_crop(self._h5file(shard)["crop"][row])
         start, stop = int(index.crop_offset[row]), int(index.crop_offset[row + 1])
-        return cachefmt.decode_crop(os.pread(self._fd(shard), stop - start, index.columns["crop"][0] + start))
+        return fmt.decode_crop(os.pread(self._fd(shard), stop - start, index.columns["crop"][0] + start))
 
     def _replay_crop(self, shard: int, index: _ShardIndex, row: int, affine: np.ndarray) -> np.ndarray:
-        from kdcache.transforms import warp_crop
-
         name = self._h5file(shard)["image_file"][row].decode()
         image = self._images(name)  # a missing or undecodable file: UserError naming it
-        if all(column in index.columns for column in cachefmt.REPLAY_COLUMNS):  # older caches: unchecked
+        if all(column.name in index.columns for column in fmt.REPLAY_COLUMNS):  # older caches: unchecked
             self._check_image(name, image.shape[:2], self._column(shard, index, "image_hw", row),
                               self._column(shard, index, "image_sha256", row).tobytes())
         return warp_crop(image, affine, self.input_hw)
@@ -208,7 +207,7 @@ class Cache:
         if tuple(image_hw) != tuple(int(v) for v in dumped_hw):
             change = (f"it is {image_hw[0]}x{image_hw[1]} (HxW) pixels, the cache's was "
                       f"{dumped_hw[0]}x{dumped_hw[1]}")
-        elif (digest := cachefmt.sha256_file(path)) != dumped_sha.hex():
+        elif (digest := fmt.sha256_file(path)) != dumped_sha.hex():
             change = f"same size, other content: SHA-256 {digest[:12]}..., the cache's {dumped_sha.hex()[:12]}..."
         else:
             self._same_image.add((name, dumped_sha))
@@ -221,7 +220,7 @@ class Cache:
         flip, image_id, ann_id, view, keypoints [K,3]."""
         shard, row = self.locate(int(index))
         ix = self._shard_index(shard)
-        meta = {name: self._column(shard, ix, name, row) for name in cachefmt.META_COLUMNS if name in ix.columns}
+        meta = {c.name: self._column(shard, ix, c.name, row) for c in fmt.ROW_COLUMNS if c.name in ix.columns}
         out = {
             "crop": self._crop(shard, ix, row, meta["affine"]),
             "heatmaps": self._heatmaps(shard, ix, row),

@@ -1,23 +1,27 @@
-"""kdcache checkpoints: what a run folder's `last.pt` / `best.pt` hold, and loading any model by path.
+"""Checkpoint files: what a run folder's `last.pt` / `best.pt` hold, and reading and writing weight files.
 
 A kdcache checkpoint is a plain dict (tensors, numbers, strings) so that it loads with
 `torch.load(..., weights_only=True)` and never executes code:
 
-    {"format": "kdcache", "kind": "vitpose" | "student", "model_config": dict,
+    {"format": "kdcache", "kind": "vitpose" | "student" | ..., "model_config": dict,
      "state_dict": {...}, "kdcache_version": str, "git_rev": str, "epoch": int, "step": int, ...}
+
+File I/O only: which model a file holds, and building it, is `kdcache.models` (and the teacher families).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
 import pickle
 import re
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -82,17 +86,39 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
-def model_kind(model: nn.Module) -> str:
-    from kdcache.student import PoseStudent
+class ModelConfig:
+    """Mixin for the frozen dataclass a model is rebuilt from, stored as a checkpoint's `model_config`: plain
+    values out (lists for tuples, so it survives JSON and `torch.load(weights_only=True)`), checked values in."""
 
-    return "student" if isinstance(model, PoseStudent) else "vitpose"
+    title: ClassVar[str] = "model"  # what messages call the model
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_hw"] = list(self.input_hw)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown {cls.title} config keys {unknown} (was it written by a newer kdcache?); "
+                            f"expected a subset of {sorted(known)}")
+        d = dict(d)
+        if "input_hw" in d:
+            d["input_hw"] = tuple(int(v) for v in d["input_hw"])
+        return cls(**d)
 
 
 def checkpoint_dict(model: nn.Module, **extra: Any) -> dict[str, Any]:
-    """A kdcache checkpoint of `model` (a ViTPose or a PoseStudent) plus training state in `extra`."""
+    """A kdcache checkpoint of `model` plus training state in `extra`.
+
+    Any kdcache model: its `kind` ("vitpose", "student", ...) says which builder `kdcache.models` calls with
+    its `config.to_dict()` to make it again.
+    """
     model = getattr(model, "module", model)  # DDP wrapper
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"format": FORMAT, "kind": model_kind(model), "model_config": model.config.to_dict(),
+    return {"format": FORMAT, "kind": model.kind, "model_config": model.config.to_dict(),
             "state_dict": state, **provenance(), **extra}
 
 
@@ -128,25 +154,40 @@ def read_checkpoint(path: Path) -> Any:
         raise UserError(f"{path} is not a PyTorch checkpoint ({type(e).__name__} while reading it)") from None
 
 
-def load_model(path: Path, device: str = "cpu", expert: str | int | None = None) -> nn.Module:
-    """Any model by path, in eval mode: a kdcache student or teacher checkpoint, or an official ViTPose file."""
-    from kdcache.student import StudentConfig, build_student
-    from kdcache.teacher import load_teacher, teacher_from_checkpoint
-    from kdcache.teacher_formats import is_huggingface_path
+# Keys that wrap a state dict in training checkpoints: {'state_dict': ...}, {'model': ...},
+# {'model': {'state_dict': ...}}, ... (mmcv's checkpoint loader unwraps the same three).
+_WRAPPERS = ("state_dict", "model", "module")
 
+
+def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint object (wrapper keys and a `module.` prefix removed).
+
+    Raises:
+        UserError: no dict of tensors is found.
+    """
+    sd = obj
+    for key in _WRAPPERS:
+        if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        keys = sorted(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
+        raise UserError(f"{path} holds no state dict of tensors (top level: {keys}); pass a weights file")
+    if all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file: safetensors, or a PyTorch checkpoint (weights_only) unwrapped."""
     path = Path(path)
-    if not path.is_file() or is_huggingface_path(path):
-        return load_teacher(path, device=device, expert=expert)  # HuggingFace; missing paths: it says why
-    obj = read_checkpoint(path)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "student":
-        if expert is not None:
-            raise UserError(f"--expert picks a ViTPose++ expert, but {path} is a kdcache student; drop --expert")
-        model = build_student(StudentConfig.from_dict(obj["model_config"]), load_pretrained=False)
-        model.load_state_dict(obj["state_dict"])
-        return model.to(device).eval()
-    return teacher_from_checkpoint(obj, path, device, expert=expert)
+    if path.suffix != ".safetensors":
+        return unwrap_state_dict(read_checkpoint(path), path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    from safetensors import SafetensorError  # optional until a .safetensors file is read
+    from safetensors.torch import load_file
 
-
-def model_input_hw(model: nn.Module) -> tuple[int, int]:
-    """(H, W) of the crops a model takes, from its config."""
-    return tuple(getattr(model, "module", model).config.input_hw)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None

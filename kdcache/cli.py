@@ -20,7 +20,6 @@ from kdcache.errors import UserError
 
 if TYPE_CHECKING:
     from kdcache.cache_reader import Cache
-    from kdcache.config import TrainStudentConfig
     from kdcache.transforms import AugmentConfig
 
 log = logging.getLogger("kdcache")
@@ -99,8 +98,8 @@ def cmd_dump_teacher(a: argparse.Namespace) -> int:
 
     crop = f"jpeg{a.jpeg_quality}" if a.crop == "jpeg" else a.crop
     cfg = DumpConfig(teacher=a.teacher, ann=a.ann, images=a.images, run=_run_config(a), views=a.views,
-                     batch_size=a.batch_size, shard_size=a.shard_size, crop_encoding=crop,
-                     heatmap_encoding=a.heatmap_encoding, heatmap_rel_error=a.heatmap_error,
+                     batch_size=a.batch_size, shard_size=a.shard_size, crop_format=crop,
+                     heatmap_storage=a.heatmap_encoding, heatmap_rel_error=a.heatmap_error,
                      gzip_level=a.gzip_level, teacher_flip=a.teacher_flip, skip_bad_images=a.skip_bad_images,
                      expert=a.expert, aug=_view_aug_config(a))
     out = dump_teacher(cfg, verify=a.verify)
@@ -114,6 +113,8 @@ def cmd_dump_teacher(a: argparse.Namespace) -> int:
 def cmd_train_student(a: argparse.Namespace) -> int:
     from kdcache.augment import StudentAugConfig
     from kdcache.config import TrainStudentConfig
+    from kdcache.losses import KDConfig
+    from kdcache.sources import check_cache_fits
     from kdcache.student import StudentConfig
     from kdcache.train import train_student
 
@@ -130,7 +131,7 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     if a.train_views and a.cache is None:
         raise UserError("--train-views restricts the views of a cache; pass --cache, or drop --train-views")
     cache = _sound_cache(a.cache) if a.cache is not None else None
-    input_hw = a.input_size or (cache.input_hw if cache is not None else (256, 192))
+    input_hw = a.input_size or (cache.input_hw if cache is not None else StudentConfig.input_hw)
     student = StudentConfig(backbone=a.student, head=a.head, input_hw=tuple(input_hw),
                             head_channels=a.head_channels, pretrained=a.pretrained)
     optim, val = _optim_config(a)
@@ -138,15 +139,15 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     if probs["jitter_prob"] is None:
         probs["jitter_prob"] = _default_jitter(cache, a)
     aug = _view_aug_config(a) if a.cache is None else None
+    kd = KDConfig(alpha=a.alpha, loss=a.kd_loss, temperature=a.kd_temperature,
+                  confidence_weights=a.confidence_weights)
     cfg = TrainStudentConfig(student=student, run=run, cache=a.cache, online_teacher=a.online_teacher,
-                             expert=a.expert, ann=a.ann, images=a.images, alpha=a.alpha, kd_loss=a.kd_loss,
-                             kd_temperature=a.kd_temperature, confidence_weights=a.confidence_weights,
-                             train_views=a.train_views, view_seed=a.view_seed, student_aug=StudentAugConfig(**probs),
+                             expert=a.expert, ann=a.ann, images=a.images, kd=kd, train_views=a.train_views, view_seed=a.view_seed, student_aug=StudentAugConfig(**probs),
                              optim=optim, val=val,
                              **({"aug": aug} if aug is not None else {}),
                              **({"flip_prob": flip} if flip is not None and a.cache is not None else {}))
-    if cache is not None:
-        _check_cache_fits(cache, cfg)
+    if cache is not None:  # also checked by train_student; here before the run folder is touched
+        check_cache_fits(cache, cfg.student, cfg.sigma)
     print(f"wrote {train_student(cfg)}")
     return 0
 
@@ -182,22 +183,11 @@ def _sound_cache(path: Path) -> Cache:
     return cache
 
 
-def _check_cache_fits(cache: Cache, cfg: TrainStudentConfig) -> None:
-    """Say what in the cache does not match the student's settings."""
-    from kdcache.cache import check_compatible
-    from kdcache.data import heatmap_hw_for
-
-    input_hw = tuple(cfg.student.input_hw)
-    mismatch = check_compatible(cache.manifest, input_hw, heatmap_hw_for(input_hw), cfg.sigma)
-    if mismatch:
-        hw = cache.input_hw
-        raise UserError(f"cache {cache.path} does not match the student: {'; '.join(mismatch)}; pass "
-                        f"--input-size {hw[0]}x{hw[1]} or dump a cache with the student's settings")
-
-
 def cmd_eval(a: argparse.Namespace) -> int:
     from kdcache.config import EvalConfig
-    from kdcache.evaluate import evaluate, format_metrics, score_results
+    from kdcache.evaluate import evaluate, score_results
+    from kdcache.metrics import format_metrics
+    from kdcache.predict import PredictConfig
 
     if a.results is not None:
         ignored = [flag for flag, value in (("--images", a.images), ("--boxes", a.boxes), ("--vis", a.vis),
@@ -209,10 +199,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
         return 0
     if a.images is None:
         raise UserError("--model needs --images, the folder of the annotation file's images")
+    predict = PredictConfig(flip_test=a.flip_test, batch_size=a.batch_size, workers=a.workers, progress=_progress(a))
     cfg = EvalConfig(model=a.model, ann=a.ann, images=a.images, boxes=a.boxes, expert=a.expert,
-                     flip_test=a.flip_test, box_score_thr=a.box_score_thr, batch_size=a.batch_size,
-                     workers=a.workers, device=_check_device(a.device), metrics_out=a.metrics_out,
-                     results_out=a.results_out, vis_dir=a.vis, vis_count=a.vis_count, progress=_progress(a))
+                     box_score_thr=a.box_score_thr, predict=predict, device=_check_device(a.device),
+                     metrics_out=a.metrics_out, results_out=a.results_out, vis_dir=a.vis, vis_count=a.vis_count)
     print(format_metrics(evaluate(cfg)))
     if a.vis is not None:
         print(f"wrote {a.vis} (predictions over ground truth, first {a.vis_count} images)")
@@ -240,7 +230,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from kdcache.bench import bench_models, format_table, resolve_devices
-    from kdcache.checkpoint import load_model, model_input_hw
+    from kdcache.models import load_model, model_input_hw
 
     devices = resolve_devices(a.device)
     models = {str(path): load_model(path, "cpu", expert=a.expert) for path in a.models}
@@ -252,11 +242,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from kdcache.checkpoint import load_model, model_input_hw
     from kdcache.export import export_onnx
+    from kdcache.keypoints import keypoint_set_with
+    from kdcache.models import load_model, model_input_hw
 
     model = load_model(a.model, expert=a.expert)
-    diff = export_onnx(model, a.onnx, model_input_hw(model))
+    keypoint_set = keypoint_set_with(model.config.num_keypoints, f"model {a.model}")
+    diff = export_onnx(model, a.onnx, model_input_hw(model), keypoint_set)
     print(f"wrote {a.onnx} (max abs difference to PyTorch: {diff:.2e})")
     return 0
 

@@ -7,12 +7,32 @@ per command, and value checks that refuse bad numbers before any work starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from kdcache import __version__
+from kdcache.augment import StudentAugConfig
+from kdcache.bench import BENCH_BATCH
+from kdcache.cache_format import CROP_FORMATS, parse_crop_format
+from kdcache.config import (DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig,
+                            ValConfig)
+from kdcache.heatmap_storage import HEATMAP_STORAGES
+from kdcache.inspect_cache import SHEET_VIEWS
+from kdcache.losses import KD_LOSSES, KDConfig
+from kdcache.optim import SCHEDULES
+from kdcache.predict import PredictConfig
+from kdcache.student import HEADS as STUDENT_HEADS, StudentConfig
+from kdcache.synth import SynthConfig
 from kdcache.transforms import AugmentConfig
+from kdcache.vitpose import HEADS as VITPOSE_HEADS
+
+
+def default(config: type, name: str) -> Any:
+    """A config dataclass field's default: flags take their defaults from the one place they are defined."""
+    found = {f.name: f for f in dataclasses.fields(config)}[name]
+    return found.default if found.default is not dataclasses.MISSING else found.default_factory()
 
 # train-student probability flags -> StudentAugConfig fields, with what each one does.
 STUDENT_AUG_FLAGS = (
@@ -123,13 +143,22 @@ def _expert_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert", type=expert, help="ViTPose++ expert by dataset name or index (None: coco)")
 
 
-def _common(p: argparse.ArgumentParser, out_required: bool = True, batch: int = 32, workers: int = 2) -> None:
-    p.add_argument("--out", type=Path, required=out_required, help="output folder")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=default(RunConfig, "device"), help="cpu, cuda or cuda:N")
+
+
+def _workers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=COUNT, default=default(RunConfig, "workers"),
+                   help="DataLoader worker processes (0: load in the main process)")
+
+
+def _common(p: argparse.ArgumentParser, batch: int) -> None:
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    _device_flag(p)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=batch, help="crops per batch")
-    p.add_argument("--workers", type=COUNT, default=workers, help="DataLoader worker processes (0: load in the "
-                   "main process)")
-    p.add_argument("--seed", type=COUNT, default=0, help="random seed: every random choice derives from it")
+    _workers_flag(p)
+    p.add_argument("--seed", type=COUNT, default=default(RunConfig, "seed"),
+                   help="random seed: every random choice derives from it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a "
                    "terminal)")
 
@@ -139,18 +168,19 @@ def _data(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--images", type=Path, required=required, help="folder of the annotation file's images")
 
 
-def _optim(p: argparse.ArgumentParser, epochs: int, lr: float, wd: float) -> None:
-    p.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help="passes over the training set")
-    p.add_argument("--max-steps", type=COUNT, default=0, help="stop after N optimiser steps (0: no bound)")
-    p.add_argument("--lr", type=POSITIVE, default=lr, help="peak AdamW learning rate")
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=wd, help="AdamW decoupled weight decay")
-    p.add_argument("--warmup-steps", type=COUNT, default=100, help="linear warm-up steps")
-    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+def _optim(p: argparse.ArgumentParser, optim: OptimConfig) -> None:
+    p.add_argument("--epochs", type=POSITIVE_INT, default=optim.epochs, help="passes over the training set")
+    p.add_argument("--max-steps", type=COUNT, default=optim.max_steps, help="stop after N optimiser steps (0: no bound)")
+    p.add_argument("--lr", type=POSITIVE, default=optim.lr, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=optim.weight_decay, help="AdamW decoupled weight decay")
+    p.add_argument("--warmup-steps", type=COUNT, default=optim.warmup_steps, help="linear warm-up steps")
+    p.add_argument("--schedule", choices=tuple(SCHEDULES), default=optim.schedule,
                    help="learning-rate decay: cosine to 0, or x0.1 at 81%% and 95%% of the run")
-    p.add_argument("--ema", type=UNIT_OPEN, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0: off)")
+    p.add_argument("--ema", type=UNIT_OPEN, default=optim.ema, help="EMA decay of the weights, e.g. 0.999 (0: off)")
     p.add_argument("--val-ann", type=Path, help="validation annotation file: AP every --val-every epochs, best.pt")
     p.add_argument("--val-images", type=Path, help="validation images folder")
-    p.add_argument("--val-every", type=POSITIVE_INT, default=1, help="validate every N epochs (and after the last)")
+    p.add_argument("--val-every", type=POSITIVE_INT, default=default(ValConfig, "every"),
+                   help="validate every N epochs (and after the last)")
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     run.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (its "
@@ -182,39 +212,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("synth", "write a synthetic dataset in COCO person-keypoints layout")
     p.add_argument("--out", type=Path, required=True, help="dataset root")
-    p.add_argument("--train-images", type=COUNT, default=400, help="training images")
-    p.add_argument("--val-images", type=COUNT, default=100, help="validation images")
-    p.add_argument("--seed", type=COUNT, default=0, help="random seed (same seed: byte-identical files)")
-    p.add_argument("--workers", type=POSITIVE_INT, default=1, help="processes (output is the same for any value)")
-    p.add_argument("--max-people", type=_number(int, 1, 4), default=4, help="people per image drawn from 1..P")
-    p.add_argument("--clutter", type=NON_NEGATIVE, default=1.0, help="background distractors (0: none)")
+    p.add_argument("--train-images", type=COUNT, default=default(SynthConfig, "train_images"), help="training images")
+    p.add_argument("--val-images", type=COUNT, default=default(SynthConfig, "val_images"), help="validation images")
+    p.add_argument("--seed", type=COUNT, default=default(SynthConfig, "seed"),
+                   help="random seed (same seed: byte-identical files)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=default(SynthConfig, "workers"),
+                   help="processes (output is the same for any value)")
+    p.add_argument("--max-people", type=_number(int, 1, 4), default=default(SynthConfig, "max_people"),
+                   help="people per image drawn from 1..P")
+    p.add_argument("--clutter", type=NON_NEGATIVE, default=default(SynthConfig, "clutter"),
+                   help="background distractors (0: none)")
 
     p = command("train-teacher", "train a ViTPose model on ground truth")
     _data(p)
-    _common(p)
-    _optim(p, epochs=210, lr=5e-4, wd=0.1)
-    p.add_argument("--arch", default="vitpose-s", help="vitpose-s/b/l/h, or vitpose-tiny/nano for CPU")
-    p.add_argument("--head", choices=("classic", "simple"), default="classic", help="deconvolution or bilinear head")
-    p.add_argument("--input-size", type=size_hw, default=(256, 192), help="crop HxW")
+    teacher_optim = default(TrainTeacherConfig, "optim")
+    _common(p, batch=teacher_optim.batch_size)
+    _optim(p, teacher_optim)
+    p.add_argument("--arch", default=default(TrainTeacherConfig, "arch"),
+                   help="vitpose-s/b/l/h, or vitpose-tiny/nano for CPU")
+    p.add_argument("--head", choices=tuple(VITPOSE_HEADS), default=default(TrainTeacherConfig, "head"),
+                   help="deconvolution or bilinear head")
+    p.add_argument("--input-size", type=size_hw, default=default(TrainTeacherConfig, "input_hw"), help="crop HxW")
     _view_aug(p)
 
     p = command("dump-teacher", "stage 1: teacher heatmaps of K views per instance -> cache")
     p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint")
     _data(p)
-    _common(p, batch=64)
-    p.add_argument("--views", type=POSITIVE_INT, default=15,
+    _common(p, batch=default(DumpConfig, "batch_size"))
+    crop_kind, jpeg_quality = parse_crop_format(default(DumpConfig, "crop_format"))
+    p.add_argument("--views", type=POSITIVE_INT, default=default(DumpConfig, "views"),
                    help="views per instance; view 0 is un-augmented (the benchmark: about epochs/16 training views "
                         "with the default --jitter, epochs/4 without)")
-    p.add_argument("--shard-size", type=POSITIVE_INT, default=1024, help="views per shard")
-    p.add_argument("--crop", choices=("jpeg", "png", "none"), default="jpeg",
+    p.add_argument("--shard-size", type=POSITIVE_INT, default=default(DumpConfig, "shard_size"), help="views per shard")
+    p.add_argument("--crop", choices=CROP_FORMATS, default=crop_kind,
                    help="crop codec; 'none' stores no crops (training replays them from the images with the "
                         "stored affine)")
-    p.add_argument("--jpeg-quality", type=_number(int, 1, 100), default=90, help="crop JPEG quality")
-    p.add_argument("--heatmap-encoding", choices=("int16-step", "float16", "uint8-minmax-per-joint"),
-                   default="int16-step", help="how teacher heatmaps are stored")
-    p.add_argument("--heatmap-error", type=POSITIVE, default=0.03,
+    p.add_argument("--jpeg-quality", type=_number(int, 1, 100), default=jpeg_quality, help="crop JPEG quality")
+    p.add_argument("--heatmap-encoding", choices=tuple(HEATMAP_STORAGES), default=default(DumpConfig, "heatmap_storage"),
+                   help="how teacher heatmaps are stored")
+    p.add_argument("--heatmap-error", type=POSITIVE, default=default(DumpConfig, "heatmap_rel_error"),
                    help="int16-step: relative L2 error of each stored heatmap")
-    p.add_argument("--gzip-level", type=int, default=2, choices=range(1, 10), metavar="1..9",
+    p.add_argument("--gzip-level", type=int, default=default(DumpConfig, "gzip_level"), choices=range(1, 10),
+                   metavar="1..9",
                    help="deflate level of the heatmap chunks")
     p.add_argument("--teacher-flip", action="store_true",
                    help="store the mean of the teacher on the crop and on its mirror (2x teacher time)")
@@ -232,27 +271,33 @@ def build_parser() -> argparse.ArgumentParser:
     _expert_flag(p)
     _data(p, required=False)
     p.add_argument("--student", required=True, help="timm backbone name, e.g. mobilenetv3_large_100")
-    p.add_argument("--head", choices=("deconv", "light"), default="deconv", help="heatmap head")
-    p.add_argument("--head-channels", type=POSITIVE_INT, default=128, help="width of the head's blocks")
-    p.add_argument("--pretrained", default="", help="'timm' (ImageNet weights through timm's cache, downloaded "
-                   "there if missing) or a weights file ('': random init)")
-    p.add_argument("--input-size", type=size_hw, default=None, help="crop HxW (None: the cache's, else 256x192)")
-    _common(p)
-    _optim(p, epochs=10, lr=1e-3, wd=1e-4)
-    p.add_argument("--alpha", type=PROBABILITY, default=0.5, help="teacher-loss weight; 1-alpha on ground truth")
-    p.add_argument("--kd-loss", choices=("mse", "kl"), default="mse",
+    p.add_argument("--head", choices=tuple(STUDENT_HEADS), default=default(StudentConfig, "head"), help="heatmap head")
+    p.add_argument("--head-channels", type=POSITIVE_INT, default=default(StudentConfig, "head_channels"),
+                   help="width of the head's blocks")
+    p.add_argument("--pretrained", default=default(StudentConfig, "pretrained"), help="'timm' (ImageNet weights "
+                   "through timm's cache, downloaded there if missing) or a weights file ('': random init)")
+    hw = default(StudentConfig, "input_hw")
+    p.add_argument("--input-size", type=size_hw, default=None, help=f"crop HxW (None: the cache's, else {hw[0]}x{hw[1]})")
+    student_optim = default(TrainStudentConfig, "optim")
+    _common(p, batch=student_optim.batch_size)
+    _optim(p, student_optim)
+    p.add_argument("--alpha", type=PROBABILITY, default=default(KDConfig, "alpha"),
+                   help="teacher-loss weight; 1-alpha on ground truth")
+    p.add_argument("--kd-loss", choices=tuple(KD_LOSSES), default=default(KDConfig, "loss"),
                    help="teacher term: heatmap MSE, or KL of spatially softmaxed heatmaps")
-    p.add_argument("--kd-temperature", type=POSITIVE, default=1.0, help="--kd-loss kl: softmax temperature")
-    p.add_argument("--train-views", type=COUNT, default=0, metavar="K",
+    p.add_argument("--kd-temperature", type=POSITIVE, default=default(KDConfig, "temperature"),
+                   help="--kd-loss kl: softmax temperature")
+    p.add_argument("--train-views", type=COUNT, default=default(TrainStudentConfig, "train_views"), metavar="K",
                    help="train on the cache's first K augmented views only, epoch e reading view 1 + e mod K "
                         "(0: all of them)")
     p.add_argument("--view-seed", type=COUNT, default=None, help="online and ground-truth runs: draw the views "
                    "from this seed instead of --seed (a dump's --seed gives the views its cache holds)")
     p.add_argument("--confidence-weights", action="store_true",
                    help="weight each joint's teacher term by the teacher's confidence (its peak)")
-    for flag, _, what in STUDENT_AUG_FLAGS:
+    for flag, field, what in STUDENT_AUG_FLAGS:
         auto = flag == "jitter"  # on by default where the benchmark shows it pays: replayed cached views
-        p.add_argument(f"--{flag}", type=PROBABILITY, default=None if auto else 0.0, metavar="P",
+        p.add_argument(f"--{flag}", type=PROBABILITY, default=None if auto else default(StudentAugConfig, field),
+                       metavar="P",
                        help=f"probability of {what} on the student's crop (0: off" +
                             ("; None: 0.5 when the run replays cached views, i.e. --epochs exceeds the training "
                              "views, else 0)" if auto else ")"))
@@ -265,31 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", type=Path, required=True, help="COCO person_keypoints_*.json (ground truth)")
     p.add_argument("--images", type=Path, help="folder of the annotation file's images (with --model)")
     p.add_argument("--boxes", type=Path, help="COCO detection results (None: ground-truth boxes)")
-    p.add_argument("--box-score-thr", type=PROBABILITY, default=0.0, help="drop detections below this score")
+    p.add_argument("--box-score-thr", type=PROBABILITY, default=default(EvalConfig, "box_score_thr"),
+                   help="drop detections below this score")
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored crop")
     p.add_argument("--metrics-out", type=Path, help="write the metrics as JSON")
     p.add_argument("--results-out", type=Path, help="write the keypoint results in COCO results format")
     p.add_argument("--vis", type=Path, metavar="DIR",
                    help="write PNGs of the predictions (orange, score >= 0.3) over the ground truth (green)")
-    p.add_argument("--vis-count", type=POSITIVE_INT, default=20, help="images drawn by --vis")
+    p.add_argument("--vis-count", type=POSITIVE_INT, default=default(EvalConfig, "vis_count"), help="images drawn by --vis")
     _expert_flag(p)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="crops per batch")
-    p.add_argument("--workers", type=COUNT, default=2, help="DataLoader worker processes")
+    _device_flag(p)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=default(PredictConfig, "batch_size"), help="crops per batch")
+    _workers_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("inspect", "summary of a cache; --verify checks it; --png draws a contact sheet")
     p.add_argument("cache", type=Path, help="cache folder")
     p.add_argument("--verify", action="store_true", help="check every shard's size, SHA-256 and rows")
     p.add_argument("--png", type=Path, help="write a contact sheet of crops with their heatmaps")
-    p.add_argument("--count", type=POSITIVE_INT, default=16, help="views on the contact sheet")
+    p.add_argument("--count", type=POSITIVE_INT, default=SHEET_VIEWS, help="views on the contact sheet")
 
     p = command("bench", "params, GFLOPs, latency and throughput side by side")
     p.add_argument("models", type=Path, nargs="+", help="checkpoints of any kind")
     _expert_flag(p)
     p.add_argument("--device", help="comma-separated devices, side by side, e.g. cpu,cuda (None: cpu, plus cuda "
                    "when available)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="throughput batch")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=BENCH_BATCH, help="throughput batch")
     p.add_argument("--bf16", action="store_true", help="time CUDA under bf16 autocast (CPU stays fp32)")
 
     p = command("export", "ONNX export checked against PyTorch, with the preprocessing in its metadata")

@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from kdcache.errors import UserError
-from kdcache.keypoints import NUM_KEYPOINTS
+from kdcache.keypoints import COCO_17, KEYPOINT_SETS, KeypointSet, keypoint_set_with
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Instance:
         file_name: image file name relative to the image folder.
         image_wh: (width, height) of the image in pixels, from the json.
         bbox_xywh: float32 [4], box clipped to the image as mmpose does (x, y, w, h in pixels).
-        keypoints: float32 [17, 3], x, y in image pixels and COCO visibility v (0/1/2).
+        keypoints: float32 [K, 3], x, y in image pixels and COCO visibility v (0/1/2).
         area: segmentation area from the json (used by COCOeval's OKS); box w * h if absent (as `load_coco`).
     """
 
@@ -167,7 +167,7 @@ def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
                 expected = f"{num_keypoints} x 3" if num_keypoints else "a multiple of 3"
                 raise UserError(f"{where} has {len(kpts)} keypoint values, expected {expected} (x, y, v per joint"
                                 f"{', as the category names' if names else ''}); fix it")
-    num_keypoints = num_keypoints or NUM_KEYPOINTS  # no keypoint in the file at all (image info)
+    num_keypoints = num_keypoints or _NO_KEYPOINTS.num_keypoints  # no keypoint in the file at all (image info)
     for ann in annotations:
         if ann.get("category_id") != person["id"]:
             continue
@@ -189,6 +189,10 @@ def person_category_id(coco: COCO) -> int:
     return int(_person_category(coco.dataset["categories"], Path("<coco>"))["id"])
 
 
+# A file that names no keypoints and holds none (an image-info file) is read as this set's.
+_NO_KEYPOINTS = COCO_17
+
+
 def keypoint_count(coco: COCO) -> int:
     """K, the joints per person of a file loaded by `load_coco`: its keypoint names, else its annotations."""
     names = _person_category(coco.dataset["categories"], Path("<coco>")).get("keypoints")
@@ -198,7 +202,19 @@ def keypoint_count(coco: COCO) -> int:
     for ann in coco.dataset.get("annotations", []):
         if ann.get("category_id") == person:
             return len(ann["keypoints"]) // 3
-    return NUM_KEYPOINTS
+    return _NO_KEYPOINTS.num_keypoints
+
+
+def keypoint_set_of(coco: COCO, ann_file: Path | str = "<coco>") -> KeypointSet:
+    """The keypoint set of a file loaded by `load_coco`: the built-in set its keypoint names are, else the one
+    with its keypoint count.
+
+    Raises:
+        UserError: no built-in set has the file's keypoint count.
+    """
+    names = tuple(_person_category(coco.dataset["categories"], Path(ann_file)).get("keypoints") or ())
+    named = [s for s in KEYPOINT_SETS.values() if names and s.names == names]
+    return named[0] if named else keypoint_set_with(keypoint_count(coco), str(ann_file))
 
 
 def clip_bbox_xywh(bbox_xywh: tuple[float, float, float, float] | np.ndarray,
@@ -225,9 +241,7 @@ def clip_bbox_xywh(bbox_xywh: tuple[float, float, float, float] | np.ndarray,
 def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>") -> list[Instance]:
     """The training/evaluation instances of an already loaded COCO object (see `load_instances`)."""
     person_id = person_category_id(coco)
-    if keypoint_count(coco) != NUM_KEYPOINTS:
-        raise UserError(f"{ann_file} has {keypoint_count(coco)} keypoints per person, expected {NUM_KEYPOINTS}; "
-                        "kdcache needs COCO-17 person keypoints")
+    num_keypoints = keypoint_set_of(coco, ann_file).num_keypoints  # a set kdcache knows, or refused
     instances = []
     dropped = {"crowd": 0, "no_keypoints": 0, "box": 0}
     for ann in coco.dataset.get("annotations", []):
@@ -236,8 +250,8 @@ def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>") -> list[Ins
         if ann.get("iscrowd", 0):
             dropped["crowd"] += 1
             continue
-        # load_coco gave every person a box, K = 17 keypoints (checked above) and num_keypoints.
-        kpts = np.asarray(ann["keypoints"], dtype=np.float32).reshape(NUM_KEYPOINTS, 3)
+        # load_coco gave every person a box, K keypoints (checked above) and num_keypoints.
+        kpts = np.asarray(ann["keypoints"], dtype=np.float32).reshape(num_keypoints, 3)
         if kpts[:, 2].max() <= 0 or ann["num_keypoints"] == 0:
             dropped["no_keypoints"] += 1
             continue

@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.augment import StudentAugConfig
+from kdcache.codec import DEFAULT_INPUT_HW, DEFAULT_SIGMA
+from kdcache.errors import UserError
+from kdcache.losses import KDConfig
+from kdcache.predict import PredictConfig
 from kdcache.student import StudentConfig
 from kdcache.transforms import AugmentConfig
 
@@ -54,11 +58,12 @@ class TrainTeacherConfig:
     ann: Path                   # COCO person-keypoints annotation file (training split)
     images: Path                # folder holding its images
     run: RunConfig
-    arch: str = "vitpose-s"     # ViTPose size: vitpose-s/b/l/h or the CPU sizes vitpose-tiny/nano
+    arch: str = "vitpose-s"     # a teacher preset (kdcache.teacher.ARCHS): vitpose-s/b/l/h, CPU sizes vitpose-tiny/nano
     head: str = "classic"       # "classic" (two deconvolutions) or "simple" (bilinear x4 + 3x3 conv)
-    input_hw: tuple[int, int] = (256, 192)   # crop (H, W); heatmaps are a quarter of it
-    sigma: float = 2.0          # target Gaussian sigma in heatmap pixels
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.1))
+    input_hw: tuple[int, int] = DEFAULT_INPUT_HW   # crop (H, W); heatmaps are a quarter of it
+    sigma: float = DEFAULT_SIGMA  # target Gaussian sigma in heatmap pixels
+    # ViTPose's schedule: 210 epochs of AdamW at 5e-4, weight decay 0.1.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=210, lr=5e-4, weight_decay=0.1))
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     val: ValConfig = field(default_factory=ValConfig)
 
@@ -72,8 +77,8 @@ class DumpConfig:
     views: int = 15             # K views per instance; view 0 is un-augmented (14 = 210 epochs / 16, docs/benchmark.md)
     batch_size: int = 64        # teacher batch
     shard_size: int = 1024      # views per HDF5 shard
-    crop_encoding: str = "jpeg90"           # "jpegQ" (quality Q), "png", or "none" (replay from the images)
-    heatmap_encoding: str = "int16-step"    # see kdcache.cache.HEATMAP_ENCODINGS
+    crop_format: str = "jpeg90"             # "jpegQ" (quality Q), "png", or "none" (replay from the images)
+    heatmap_storage: str = "int16-step"     # one of kdcache.heatmap_storage.HEATMAP_STORAGES
     heatmap_rel_error: float = 0.03     # "int16-step": relative L2 error of each joint's map (docs/benchmark.md)
     gzip_level: int = 2                     # deflate level of the heatmap chunks (1 fastest .. 9 smallest)
     teacher_flip: bool = False  # store the mean of the teacher on the crop and on its mirror (flipped back)
@@ -91,11 +96,8 @@ class TrainStudentConfig:
     expert: str | int | None = None     # ViTPose++ expert of the online teacher; None = COCO
     ann: Path | None = None             # ground truth for the online baseline
     images: Path | None = None
-    alpha: float = 0.5          # weight of the teacher (KD) loss; 1 - alpha on ground-truth heatmaps
-    kd_loss: str = "mse"        # teacher term: "mse" on heatmaps or "kl" on spatially softmaxed heatmaps
-    kd_temperature: float = 1.0  # "kl": softmax temperature (the loss is scaled by T^2)
-    confidence_weights: bool = False  # weight each joint's teacher term by the teacher's confidence (peak)
-    sigma: float = 2.0          # ground-truth Gaussian sigma in heatmap pixels
+    kd: KDConfig = field(default_factory=KDConfig)  # the teacher term and its mix with ground truth
+    sigma: float = DEFAULT_SIGMA  # ground-truth Gaussian sigma in heatmap pixels (a cache's must be the same)
     flip_prob: float = 0.5      # train-time mirror of cached views (heatmaps flipped with pairs swapped)
     train_views: int = 0        # cached views 1..k only, epoch e reading view 1 + e mod k (0 = all K - 1)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -105,6 +107,10 @@ class TrainStudentConfig:
     student_aug: StudentAugConfig = field(default_factory=StudentAugConfig)  # photometric/occlusion/jitter
     val: ValConfig = field(default_factory=ValConfig)
 
+    def __post_init__(self) -> None:
+        if self.cache is not None and self.online_teacher is not None:
+            raise UserError("give one of --cache CACHE or --online-teacher CKPT, not both")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -113,16 +119,13 @@ class EvalConfig:
     images: Path                # folder holding its images
     boxes: Path | None = None   # COCO detection results; None = ground-truth boxes
     expert: str | int | None = None  # ViTPose++ expert (dataset name or index); None = COCO
-    flip_test: bool = False     # average with the mirrored crop
     box_score_thr: float = 0.0  # detections below this score are dropped
-    batch_size: int = 64
-    workers: int = 2
+    predict: PredictConfig = field(default_factory=PredictConfig)  # flip test, batch size, workers, progress bar
     device: str = "cpu"
-    metrics_out: Path | None = None
-    results_out: Path | None = None
+    metrics_out: Path | None = None  # the metrics as JSON
+    results_out: Path | None = None  # the COCO keypoint results as JSON
     vis_dir: Path | None = None  # PNGs of predictions over ground truth for the first vis_count images (None = off)
     vis_count: int = 20         # images drawn into vis_dir
-    progress: bool = False      # a progress bar over the inference batches
 
 
 def to_jsonable(obj: Any) -> Any:

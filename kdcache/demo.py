@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.bench import count_gflops, count_params, measure_latency
-from kdcache.checkpoint import load_model
 from kdcache.config import (DumpConfig, OptimConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig,
                             to_jsonable)
 from kdcache.dump import dump_teacher
 from kdcache.evaluate import evaluate_model
 from kdcache.inspect_cache import cache_summary
+from kdcache.losses import KDConfig
+from kdcache.models import load_model
+from kdcache.predict import PredictConfig
 from kdcache.student import StudentConfig
 from kdcache.synth import SynthConfig, synthesize
 from kdcache.train import train_student, train_teacher
@@ -87,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         aug=DEMO_AUG))
     student_run = timed("train-student", train_student, TrainStudentConfig(
         student=StudentConfig(backbone=cfg.student, input_hw=cfg.input_hw), run=run("student"), cache=cache,
-        alpha=cfg.alpha, aug=DEMO_AUG, optim=OptimConfig(epochs=cfg.student_epochs, batch_size=32, lr=2e-3, warmup_steps=50)))
+        kd=KDConfig(alpha=cfg.alpha), aug=DEMO_AUG, optim=OptimConfig(epochs=cfg.student_epochs, batch_size=32, lr=2e-3, warmup_steps=50)))
 
     kb_per_view = cache_summary(cache)["kb_per_view"]
     rows = []
@@ -95,7 +97,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
                        ("student " + cfg.student, student_run / "best.pt")):
         model = load_model(ckpt)
         start = time.perf_counter()
-        metrics, _ = evaluate_model(model, val_ann, data / "val", workers=cfg.workers)
+        metrics, _ = evaluate_model(model, val_ann, data / "val", predict=PredictConfig(workers=cfg.workers))
         timings[f"eval {name}"] = time.perf_counter() - start
         rows.append({"model": name, "AP": metrics["AP"], "AP50": metrics["AP50"],
                      "params_m": count_params(model) / 1e6, "gflops": count_gflops(model, cfg.input_hw),

@@ -33,33 +33,36 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache import cache as cachefmt
-from kdcache import heatmaps as codec
+from kdcache import cache_format as fmt
+from kdcache.cache import check_shards
+from kdcache.cache_writer import ShardRows, add_shard, drop_shards, manifest_lock, write_manifest, write_shard
 from kdcache.checkpoint import provenance
-from kdcache.coco import Instance, load_instances
+from kdcache.codec import UDPHeatmap
+from kdcache.coco import instances_from_coco, keypoint_set_of, load_coco
 from kdcache.config import DumpConfig, to_jsonable
-from kdcache.data import ViewDataset, heatmap_hw_for
+from kdcache.data import ViewDataset
 from kdcache.distributed import world_from_env
 from kdcache.errors import UserError
-from kdcache.teacher import load_teacher, require_coco_keypoints
-from kdcache.teacher_formats import hf_weight_file
-from kdcache.transforms import to_input_tensor
+from kdcache.heatmap_storage import encode_rows, heatmap_storage
+from kdcache.inference import predict_heatmaps
+from kdcache.keypoints import KeypointSet
+from kdcache.teacher import load_teacher, require_keypoint_set, teacher_weights_file
+from kdcache.transforms import ViewSampler
 
 log = logging.getLogger(__name__)
 
-TEACHER_SIGMA = 2.0  # ViTPose's training targets; recorded so students can match it
 # Settings a rerun may change without changing any stored byte.
 RESUMABLE_ANYWAY = ("skip_bad_images",)
 # What an --out folder may hold before it has a manifest (a dump killed early): anything else is not ours.
-_CACHE_FILE_NAMES = (cachefmt.MANIFEST, cachefmt.MANIFEST + ".tmp", cachefmt.LOCK)
+_CACHE_FILE_NAMES = (fmt.MANIFEST, fmt.MANIFEST + ".tmp", fmt.LOCK)
 
 
 class _DumpViews(ViewDataset):
     """ViewDataset for the dump: crops encoded in the worker; an unreadable image gives a `bad` item."""
 
-    def __init__(self, *args: Any, crop_encoding: str, **kwargs: Any):
+    def __init__(self, *args: Any, crop_format: str, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.crop_encoding = crop_encoding
+        self.crop_format = crop_format
         self._identity: tuple[str, np.ndarray] | None = None  # last image's (file, SHA-256 [32] uint8)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -68,8 +71,8 @@ class _DumpViews(ViewDataset):
             item = super().__getitem__(index)
         except UserError as exc:  # message names the file; raised in the main process, on one line
             return {"index": index, "file_name": inst.file_name, "bad": str(exc)}
-        if self.crop_encoding != "none":
-            item["crop_bytes"] = cachefmt.encode_crop(item["crop"], self.crop_encoding)
+        if self.crop_format != "none":
+            item["crop_bytes"] = fmt.encode_crop(item["crop"], self.crop_format)
         else:  # replayed later from the image: record which image it was, to refuse a changed one
             item["image_hw"] = np.array(self._images(inst.file_name).shape[:2], np.int32)  # memoised decode
             item["image_sha256"] = self._image_sha256(inst.file_name)
@@ -79,7 +82,7 @@ class _DumpViews(ViewDataset):
     def _image_sha256(self, file_name: str) -> np.ndarray:
         """SHA-256 of the image file's bytes, [32] uint8; views come in image order, so one hash per image."""
         if self._identity is None or self._identity[0] != file_name:
-            digest = cachefmt.sha256_file(Path(self._images.images_dir, file_name))
+            digest = fmt.sha256_file(Path(self._images.images_dir, file_name))
             self._identity = (file_name, np.frombuffer(bytes.fromhex(digest), np.uint8))
         return self._identity[1]
 
@@ -89,7 +92,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     good = [item for item in items if item["bad"] is None]
     batch: dict[str, Any] = {"bad": [(item["file_name"], item["bad"]) for item in items if item["bad"] is not None],
                              "size": len(items), "index": items[0]["index"]}
-    for key in ("crop", "affine", "flip", "image_id", "ann_id", "view", "keypoints", *cachefmt.REPLAY_COLUMNS):
+    for key in ("crop", *(c.name for c in fmt.ROW_COLUMNS + fmt.REPLAY_COLUMNS)):  # confidence: the teacher's
         batch[key] = np.stack([item[key] for item in good]) if good and key in good[0] else None
     batch["crop_bytes"] = [item.get("crop_bytes") for item in good]
     batch["file_name"] = [item["file_name"] for item in good]
@@ -105,24 +108,27 @@ def _device(device: str) -> str:
 
 def _teacher_sha(path: Path) -> str:
     """SHA-256 of the teacher's weights: the file, or a HuggingFace folder's weight file."""
-    return cachefmt.sha256_file(path if path.is_file() else hf_weight_file(path))
+    return fmt.sha256_file(teacher_weights_file(path))
 
 
-def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, teacher_sha: str, num_views: int) -> dict[str, Any]:
+def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, keypoint_set: KeypointSet, teacher_sha: str,
+                  num_views: int) -> dict[str, Any]:
     """Everything that decides the cache's content; a rerun must match it exactly to resume."""
-    input_hw = tuple(teacher.config.input_hw)
+    codec: UDPHeatmap = teacher.codec  # the teacher family's: the targets it was trained with
     dump = to_jsonable(cfg)
     dump.pop("run")
     dump["seed"] = cfg.run.seed
     for key in ("teacher", "ann", "images"):  # absolute: crop replay and reruns from another folder
         dump[key] = str(Path(dump[key]).resolve())
     return {
-        "schema_version": cachefmt.SCHEMA_VERSION,
-        "input_hw": list(input_hw),
-        "heatmap_hw": list(heatmap_hw_for(input_hw)),
-        "sigma": TEACHER_SIGMA,
-        "crop_encoding": cfg.crop_encoding,
-        "heatmap_encoding": cfg.heatmap_encoding,
+        "schema_version": fmt.SCHEMA_VERSION,
+        "codec": codec.to_record(),
+        "keypoint_set": keypoint_set.name,
+        "input_hw": list(codec.input_hw),  # the codec's, repeated for readers that know schema 2 only
+        "heatmap_hw": list(codec.heatmap_hw),
+        "sigma": codec.sigma,
+        "crop_encoding": cfg.crop_format,
+        "heatmap_encoding": cfg.heatmap_storage,
         "heatmap_rel_error": cfg.heatmap_rel_error,
         "teacher_flip": cfg.teacher_flip,
         "teacher": {"arch": teacher.config.arch, "head": teacher.config.head, "sha256": teacher_sha,
@@ -142,15 +148,15 @@ def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Create the manifest, or check that the existing one was made with the same settings."""
-    with cachefmt.manifest_lock(out):
-        manifest = cachefmt.read_manifest(out)
+    with manifest_lock(out):
+        manifest = fmt.read_manifest(out)
         if manifest is None:
             manifest = {**settings, "complete": False, "shards": [], "skipped_images": []}
-            cachefmt.write_manifest(out, manifest)
+            write_manifest(out, manifest)
             return manifest
-    if manifest.get("schema_version") != cachefmt.SCHEMA_VERSION:
+    if manifest.get("schema_version") != fmt.SCHEMA_VERSION:
         raise UserError(f"{out} holds a cache of schema version {manifest.get('schema_version')}; "
-                        f"this kdcache writes version {cachefmt.SCHEMA_VERSION}: choose a new --out")
+                        f"this kdcache writes version {fmt.SCHEMA_VERSION}: choose a new --out")
     mine, theirs = _comparable(settings), _comparable(manifest)
     differing = [k for k in mine if theirs.get(k) != mine[k]]
     if differing:
@@ -172,7 +178,7 @@ def _check_out_folder(out: Path) -> None:
     except OSError as exc:
         reason = exc.strerror or exc
         raise UserError(f"cannot write into --out {out} ({reason}); choose a folder you can write to") from None
-    if not (out / cachefmt.MANIFEST).exists():
+    if not (out / fmt.MANIFEST).exists():
         foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in
                          _CACHE_FILE_NAMES and not p.name.startswith("shard-"))
         if foreign:
@@ -184,12 +190,12 @@ def _check_out_folder(out: Path) -> None:
 def _drop_damaged_shards(out: Path, manifest: dict[str, Any], mine: set[int], verify: bool) -> dict[str, Any]:
     """Unlist this rank's listed shards that are missing, truncated, unreadable (or, with `verify`, whose
     SHA-256 differs), so that they are written again; returns the manifest as it now stands."""
-    problems = cachefmt.check_shards(out, [e for e in manifest["shards"] if e["index"] in mine], verify)
+    problems = check_shards(out, [e for e in manifest["shards"] if e["index"] in mine], verify)
     if not problems:
         return manifest
     for problem in problems.values():
         log.warning("rewriting damaged shard %s", problem)
-    return cachefmt.drop_shards(out, set(problems))
+    return drop_shards(out, set(problems))
 
 
 def dump_teacher(cfg: DumpConfig, verify: bool = False) -> Path:
@@ -201,22 +207,24 @@ def dump_teacher(cfg: DumpConfig, verify: bool = False) -> Path:
     """
     if cfg.views < 1:
         raise UserError(f"--views must be at least 1 (got {cfg.views})")
-    cachefmt.parse_crop_encoding(cfg.crop_encoding)
-    cachefmt.heatmap_encoding(cfg.heatmap_encoding)
+    fmt.parse_crop_format(cfg.crop_format)
+    heatmap_storage(cfg.heatmap_storage)
     if not 0 < cfg.heatmap_rel_error < 0.5:
         raise UserError(f"--heatmap-error must be in (0, 0.5) (got {cfg.heatmap_rel_error})")
     out = Path(cfg.run.out)
     _check_out_folder(out)
     if not Path(cfg.images).is_dir():
         raise UserError(f"--images {cfg.images} is not a folder; pass the folder holding {Path(cfg.ann).name}'s images")
-    teacher = load_teacher(cfg.teacher, _device(cfg.run.device), expert=cfg.expert)
-    require_coco_keypoints(teacher, cfg.teacher, cfg.expert)
-    teacher_sha = _teacher_sha(Path(cfg.teacher))
-    instances = load_instances(cfg.ann)
+    coco = load_coco(cfg.ann)
+    keypoint_set = keypoint_set_of(coco, cfg.ann)
+    instances = instances_from_coco(coco, cfg.ann)
     if not instances:
         raise UserError(f"{cfg.ann} has no usable person instances (non-crowd, with keypoints, positive area)")
+    teacher = load_teacher(cfg.teacher, _device(cfg.run.device), expert=cfg.expert)
+    require_keypoint_set(teacher, keypoint_set, cfg.teacher, cfg.expert)
+    teacher_sha = _teacher_sha(Path(cfg.teacher))
     items = [(i, v) for i in range(len(instances)) for v in range(cfg.views)]
-    settings = dump_settings(cfg, teacher, teacher_sha, len(items))
+    settings = dump_settings(cfg, teacher, keypoint_set, teacher_sha, len(items))
 
     manifest = _open_manifest(out, settings)
     rank, world = world_from_env()
@@ -228,7 +236,9 @@ def dump_teacher(cfg: DumpConfig, verify: bool = False) -> Path:
         log.info("resuming: %d shards complete, %d to write on rank %d", len(done), len(todo), rank)
     if todo:
         attrs = {**{k: v for k, v in settings.items() if k != "num_shards"}, **provenance()}
-        _run(teacher, instances, items, todo, cfg, out, attrs, show=cfg.run.progress and rank == 0)
+        sampler = ViewSampler(cfg.aug, teacher.codec, keypoint_set, cfg.run.seed)
+        dataset = _DumpViews(instances, cfg.images, sampler, items=items, crop_format=cfg.crop_format)
+        _run(teacher, dataset, todo, cfg, out, attrs, show=cfg.run.progress and rank == 0)
     return out
 
 
@@ -242,28 +252,15 @@ def _batches(todo: list[int], num_items: int, cfg: DumpConfig) -> list[list[int]
     return out
 
 
-@torch.inference_mode()
-def _teacher_heatmaps(teacher: torch.nn.Module, crops: np.ndarray, flip: bool) -> np.ndarray:
-    """crops: [B, H, W, 3] uint8 -> heatmaps [B, K, h, w] float32 (mirror-averaged when `flip`)."""
-    device = next(teacher.parameters()).device
-    x = to_input_tensor(crops).to(device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        heat = teacher(x).float()
-        if flip:
-            heat = (heat + codec.flip_heatmaps(teacher(torch.flip(x, dims=[3])).float())) * 0.5
-    return heat.cpu().numpy()
-
-
-def _run(teacher: torch.nn.Module, instances: list[Instance], items: list[tuple[int, int]], todo: list[int],
-         cfg: DumpConfig, out: Path, attrs: dict[str, Any], show: bool) -> None:
-    input_hw = tuple(teacher.config.input_hw)
-    dataset = _DumpViews(instances, cfg.images, input_hw, cfg.aug, cfg.run.seed, items=items,
-                         crop_encoding=cfg.crop_encoding)
-    loader = DataLoader(dataset, batch_sampler=_batches(todo, len(items), cfg), num_workers=cfg.run.workers,
+def _run(teacher: torch.nn.Module, dataset: _DumpViews, todo: list[int], cfg: DumpConfig, out: Path,
+         attrs: dict[str, Any], show: bool) -> None:
+    sampler = dataset.sampler
+    num_items = len(dataset)
+    loader = DataLoader(dataset, batch_sampler=_batches(todo, num_items, cfg), num_workers=cfg.run.workers,
                         collate_fn=_collate, prefetch_factor=4 if cfg.run.workers else None,
                         persistent_workers=False)
-    writer = _ShardWriter(out, attrs, cfg, (len(instances[0].keypoints), *heatmap_hw_for(input_hw)))
-    expected = {s: min((s + 1) * cfg.shard_size, len(items)) - s * cfg.shard_size for s in todo}
+    writer = _ShardWriter(out, attrs, cfg, (sampler.keypoint_set.num_keypoints, *sampler.codec.heatmap_hw))
+    expected = {s: min((s + 1) * cfg.shard_size, num_items) - s * cfg.shard_size for s in todo}
     bar = tqdm(total=sum(expected.values()), unit="view", disable=not show)
     try:
         for batch in loader:
@@ -273,7 +270,8 @@ def _run(teacher: torch.nn.Module, instances: list[Instance], items: list[tuple[
                 file_name, message = batch["bad"][0]
                 raise UserError(f"{message} (pass --skip-bad-images to go on without it; complete shards are "
                                 "kept and the same command resumes)")
-            heat = _teacher_heatmaps(teacher, batch["crop"], cfg.teacher_flip) if batch["crop"] is not None else None
+            heat = None if batch["crop"] is None else predict_heatmaps(
+                teacher, batch["crop"], sampler.codec, sampler.keypoint_set, cfg.teacher_flip).cpu().numpy()
             writer.put(shard, batch, heat)
             expected[shard] -= batch["size"]
             if expected[shard] == 0:
@@ -296,12 +294,13 @@ class _ShardWriter:
     ENCODE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))  # the other half: teacher and workers
 
     def __init__(self, out: Path, attrs: dict[str, Any], cfg: DumpConfig, heatmap_shape: tuple[int, int, int]):
-        self.out, self.attrs, self.cfg, self.heatmap_shape = out, attrs, cfg, heatmap_shape
-        self.side = cachefmt.heatmap_encoding(cfg.heatmap_encoding).side
+        self.out, self.attrs, self.cfg = out, attrs, cfg
+        self.storage = heatmap_storage(cfg.heatmap_storage)
+        self.new_rows = lambda: ShardRows(heatmap_shape, self.storage, replay=cfg.crop_format == "none")
+        self.rows = self.new_rows()
         self.pool = ThreadPoolExecutor(self.ENCODE_THREADS, thread_name_prefix="kdcache-encode")
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
-        self.rows: dict[str, list] = {}
         self.thread = threading.Thread(target=self._loop, name="kdcache-shard-writer", daemon=True)
         self.thread.start()
 
@@ -331,8 +330,7 @@ class _ShardWriter:
     def _encode(self, heat: np.ndarray) -> tuple[list[bytes], np.ndarray | None, np.ndarray]:
         """heat: [B, K, h, w] float32 -> (deflated chunks, side array, confidence [B, K])."""
         cfg = self.cfg
-        chunks, side = cachefmt.encode_heatmap_rows(heat, cfg.heatmap_encoding, cfg.heatmap_rel_error,
-                                                    cfg.gzip_level)
+        chunks, side = encode_rows(heat, self.storage, cfg.heatmap_rel_error, cfg.gzip_level)
         return chunks, side, heat.max(axis=(2, 3))
 
     def _loop(self) -> None:
@@ -346,40 +344,16 @@ class _ShardWriter:
 
     def _do(self, kind: str, shard: int, batch: dict[str, Any] | None, encoded: Future | None) -> None:
         if kind == "end":
-            self._write(shard)
+            entry = write_shard(self.out, shard, self.rows, {**self.attrs, "shard_index": shard}, self.cfg.gzip_level)
+            add_shard(self.out, entry)
+            self.rows = self.new_rows()
             return
-        rows = self.rows
-        if not rows:
-            rows.update({name: [] for name in ("heatmaps", "crop", "image_file", "skipped_images",
-                                               *cachefmt.META_COLUMNS, *cachefmt.REPLAY_COLUMNS)})
-            if self.side:
-                rows[self.side] = []
-        rows["skipped_images"].extend(name for name, _ in batch["bad"])
+        self.rows.skipped_images.extend(name for name, _ in batch["bad"])
         if encoded is None:  # every view of the batch was skipped
             return
         chunks, side, confidence = encoded.result()
-        rows["heatmaps"].extend(chunks)
-        if self.side:
-            rows[self.side].append(side)
-        rows["confidence"].append(confidence)
-        for name in ("affine", "flip", "image_id", "ann_id", "view", "keypoints"):
-            rows[name].append(batch[name])
-        rows["crop"].extend(batch["crop_bytes"])
-        rows["image_file"].extend(batch["file_name"])
-        for name in cachefmt.REPLAY_COLUMNS:
-            if batch[name] is not None:
-                rows[name].append(batch[name])
-
-    def _write(self, shard: int) -> None:
-        cfg, k = self.cfg, self.heatmap_shape[0]
-        empty = {"confidence": (0, k), "affine": (0, 2, 3), "keypoints": (0, k, 3),  # a shard of bad images
-                 **{name: (0, *shape) for name, shape in cachefmt.REPLAY_SHAPES.items()}}
-        rows = {name: (values if name in ("heatmaps", "crop", "image_file", "skipped_images") else
-                       np.concatenate(values) if values else np.zeros(empty.get(name, (0,))))
-                for name, values in self.rows.items()}
-        unused = ("crop",) if cfg.crop_encoding == "none" else ("image_file", *cachefmt.REPLAY_COLUMNS)
-        rows.update(dict.fromkeys(unused))
-        entry = cachefmt.write_shard(self.out, shard, rows, {**self.attrs, "shard_index": shard},
-                                     self.heatmap_shape, cfg.heatmap_encoding, cfg.gzip_level)
-        cachefmt.add_shard(self.out, entry)
-        self.rows = {}
+        columns = {name: batch[name] for name in (c.name for c in fmt.ROW_COLUMNS + fmt.REPLAY_COLUMNS)
+                   if batch.get(name) is not None}
+        replay = self.rows.replay
+        self.rows.add(chunks, side, {**columns, "confidence": confidence}, [] if replay else batch["crop_bytes"],
+                      batch["file_name"] if replay else [])

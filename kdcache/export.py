@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from kdcache import __version__
+from kdcache.codec import UDPHeatmap
 from kdcache.errors import UserError
-from kdcache.keypoints import FLIP_PAIRS, IMAGENET_MEAN, IMAGENET_STD, KEYPOINT_NAMES, SKELETON
+from kdcache.inference import IMAGENET_MEAN, IMAGENET_STD
+from kdcache.keypoints import KeypointSet
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "heatmaps"
 
 
-def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], opset: int = 17) -> float:
+def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], keypoint_set: KeypointSet,
+                opset: int = 17) -> float:
     """Write `model` as ONNX with a dynamic batch dimension and check it with onnxruntime.
 
     The graph takes `input: [N, 3, H, W] float32` (RGB, ImageNet-normalised, (H, W) = input_hw) and returns
@@ -59,7 +62,7 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
     model.eval()
     try:
         _export(model, onnx_path, torch.zeros(1, 3, *input_hw), opset)
-        write_metadata(onnx_path, preprocessing_metadata(model, input_hw))
+        write_metadata(onnx_path, preprocessing_metadata(model, input_hw, keypoint_set))
         x = torch.randn(2, 3, *input_hw, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             expected = model(x).float().numpy()
@@ -82,9 +85,10 @@ def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], op
     return max_diff
 
 
-def preprocessing_metadata(model: nn.Module, input_hw: tuple[int, int]) -> dict[str, str]:
+def preprocessing_metadata(model: nn.Module, input_hw: tuple[int, int], keypoint_set: KeypointSet) -> dict[str, str]:
     """What a runtime needs besides the graph to feed it and read its output, as ONNX metadata strings."""
     config = getattr(model, "config", None)
+    codec = getattr(model, "codec", None) or UDPHeatmap.for_input(input_hw)  # a kdcache model names its own
     return {
         "kdcache_version": __version__,
         "model": json.dumps(config.to_dict() if config is not None else {}),
@@ -97,11 +101,13 @@ def preprocessing_metadata(model: nn.Module, input_hw: tuple[int, int]) -> dict[
         "std": json.dumps(list(IMAGENET_STD)),
         "crop": "top-down person crop: box center, aspect w/h 0.75, padding 1.25, UDP affine to (W-1, H-1)",
         "output_name": OUTPUT_NAME,
-        "heatmap_size_hw": json.dumps([input_hw[0] // 4, input_hw[1] // 4]),
+        "heatmap_size_hw": json.dumps(list(codec.heatmap_hw)),
         "heatmap_decoding": "UDP: argmax + DARK refinement; crop pixel = heatmap pixel * (W-1)/(w-1)",
-        "keypoint_names": json.dumps(list(KEYPOINT_NAMES)),
-        "flip_pairs": json.dumps([list(p) for p in FLIP_PAIRS]),  # 0-based, for flip test
-        "skeleton": json.dumps([list(p) for p in SKELETON]),  # 1-based, as in COCO files
+        "codec": json.dumps(codec.to_record()),
+        "keypoint_set": keypoint_set.name,
+        "keypoint_names": json.dumps(list(keypoint_set.names)),
+        "flip_pairs": json.dumps([list(p) for p in keypoint_set.flip_pairs]),  # 0-based, for flip test
+        "skeleton": json.dumps([list(p) for p in keypoint_set.skeleton]),  # 1-based, as in COCO files
     }
 
 

@@ -10,7 +10,9 @@ import numpy as np
 
 from kdcache.cache import open_cache
 from kdcache.errors import UserError
+from kdcache.viz import contact_sheet
 
+SHEET_VIEWS = 16  # views drawn on a contact sheet
 # Datasets by what they are, for the bytes-per-view breakdown.
 CROP_DATASETS = ("crop", "crop_offset", "image_file", "image_hw", "image_sha256")
 HEATMAP_DATASETS = ("heatmaps", "heatmap_step", "heatmap_range")
@@ -78,10 +80,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def contact_sheet_of(path: Path, png: Path, count: int = 16) -> Path:
+def contact_sheet_of(path: Path, png: Path, count: int = SHEET_VIEWS) -> Path:
     """PNG of `count` views spread over the cache: crops with their cached heatmaps and decoded skeleton."""
-    from kdcache.viz import contact_sheet
-
     cache = open_cache(path, allow_incomplete=True)
     if len(cache) == 0:
         raise UserError(f"cache {path} holds no views to draw")
@@ -89,4 +89,4 @@ def contact_sheet_of(path: Path, png: Path, count: int = 16) -> Path:
     rows = [cache[int(i)] for i in picks]
     titles = [f"ann {r['ann_id']} v{r['view']}{' flip' if r['flip'] else ''}" for r in rows]
     return contact_sheet(np.stack([r["crop"] for r in rows]), np.stack([r["heatmaps"] for r in rows]),
-                         Path(png), titles=titles)
+                         Path(png), cache.codec, cache.keypoint_set, titles=titles)

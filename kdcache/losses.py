@@ -1,9 +1,17 @@
-"""Heatmap losses: ground-truth MSE with target weights, and distillation terms against teacher heatmaps."""
+"""Heatmap losses: ground-truth MSE with target weights, and distillation terms against teacher heatmaps.
+
+A new teacher term is one function `fn(pred, teacher, weight [N, K] or None, temperature) -> scalar` and its
+entry in `KD_LOSSES` (train-student --kd-loss offers every entry).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from kdcache.errors import UserError
 
 
 def heatmap_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,9 +55,23 @@ def kd_mse(pred: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | Non
 KD_LOSSES = {"mse": kd_mse, "kl": heatmap_kl}
 
 
+@dataclass(frozen=True)
+class KDConfig:
+    """The distillation loss: which teacher term, and how it mixes with ground truth."""
+
+    alpha: float = 0.5          # weight of the teacher (KD) term; 1 - alpha on ground-truth heatmaps
+    loss: str = "mse"           # the teacher term, one of KD_LOSSES
+    temperature: float = 1.0    # "kl": softmax temperature (the loss is scaled by T^2)
+    confidence_weights: bool = False  # weight each joint's teacher term by the teacher's confidence (its peak)
+
+    def __post_init__(self) -> None:
+        if self.loss not in KD_LOSSES:
+            raise UserError(f"unknown --kd-loss {self.loss!r}; choose one of {', '.join(KD_LOSSES)}")
+
+
 def distillation_loss(pred: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
-                      target_weight: torch.Tensor, alpha: float, kind: str = "mse", temperature: float = 1.0,
-                      kd_weight: torch.Tensor | None = None) -> torch.Tensor:
+                      target_weight: torch.Tensor, kd: KDConfig, confidence: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """alpha * KD(pred, teacher) + (1 - alpha) * MSE(pred, ground truth).
 
     The teacher term covers every joint (the teacher has an opinion on unlabelled ones too); the
@@ -57,12 +79,13 @@ def distillation_loss(pred: torch.Tensor, teacher: torch.Tensor, target: torch.T
 
     Args:
         pred, teacher, target: [N, K, h, w] heatmaps; target_weight: [N, K].
-        temperature: of the "kl" term.
-        kd_weight: [N, K] factor on each joint's teacher term (e.g. the teacher's confidence); None = 1.
+        confidence: [N, K] the teacher's per-joint confidence; it multiplies each joint's teacher term when
+            `kd.confidence_weights` (else it is not used).
     """
     loss = pred.new_zeros((), dtype=torch.float32)
-    if alpha > 0:
-        loss = loss + alpha * KD_LOSSES[kind](pred, teacher, kd_weight, temperature)
-    if alpha < 1:
-        loss = loss + (1 - alpha) * heatmap_mse(pred, target, target_weight)
+    if kd.alpha > 0:
+        weight = confidence if kd.confidence_weights else None
+        loss = loss + kd.alpha * KD_LOSSES[kd.loss](pred, teacher, weight, kd.temperature)
+    if kd.alpha < 1:
+        loss = loss + (1 - kd.alpha) * heatmap_mse(pred, target, target_weight)
     return loss

@@ -31,7 +31,7 @@ import numpy as np
 
 from kdcache import synth_figure as sf
 from kdcache.errors import UserError
-from kdcache.keypoints import KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON
+from kdcache.keypoints import COCO_17
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ def _render_to_file(job: tuple) -> tuple[dict, list[dict]]:
 
 
 def _write_json(path: Path, images: list[dict], annotations: list[dict]) -> None:
-    category = {"id": 1, "name": "person", "supercategory": "person",
-                "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(p) for p in SKELETON]}
+    category = COCO_17.category(1)
     doc = {"info": {"description": "kdcache synthetic person keypoints", "version": "1"},
            "licenses": [], "images": images, "annotations": annotations, "categories": [category]}
     tmp = path.with_suffix(".json.tmp")
@@ -179,7 +178,7 @@ def _place_person(rng: np.random.Generator, w: int, h: int) -> dict:
     cx0, cy0, cx1, cy1 = max(rx0, 0), max(ry0, 0), min(rx1, w), min(ry1, h)
     clip = (slice(cy0, max(cy1, cy0)), slice(cx0, max(cx1, cx0)))
     labels_in = labels[cy0 - ry0:max(cy1, cy0) - ry0, cx0 - rx0:max(cx1, cx0) - rx0]
-    return {"fig": fig, "xy": fig.points[:NUM_KEYPOINTS] + (dx, dy), "labels_in": labels_in,
+    return {"fig": fig, "xy": fig.points[:COCO_17.num_keypoints] + (dx, dy), "labels_in": labels_in,
             "mask": labels_in > 0, "clip": clip, "total": int((labels > 0).sum()),
             "key": y1 + dy + rng.normal(0, 0.05 * h)}  # lower feet = nearer, with some randomness
 
@@ -190,7 +189,7 @@ def _annotate(p: dict, covered: np.ndarray, w: int, h: int) -> dict | None:
     visible = mask & ~covered[clip]
     if p["total"] == 0 or visible.sum() < MIN_VISIBLE_FRACTION * p["total"]:
         return None
-    kps = np.zeros((NUM_KEYPOINTS, 3))
+    kps = np.zeros((COCO_17.num_keypoints, 3))
     for k, (x, y) in enumerate(p["xy"]):
         v = int(p["fig"].face_vis[k]) if k < 5 else 2
         if v == 0 or not (0 <= x <= w - 1 and 0 <= y <= h - 1):

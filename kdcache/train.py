@@ -1,7 +1,9 @@
-"""Training: the teacher on ground truth, and students from the cache (or, as a baseline, online).
+"""Training: the teacher on ground truth, and students from a training source (a cache, an online teacher,
+or ground truth: `kdcache.sources`).
 
-Both go through `_fit`: AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on
-GPU, a checkpoint every epoch, validation AP with `best.pt`, and a CSV metrics log. A run folder:
+Both go through `fit`, which runs any source: AdamW, linear warm-up then cosine decay (`kdcache.optim`),
+gradient clipping, bf16 autocast on GPU, DDP under torchrun, a checkpoint every epoch, validation AP with
+`best.pt`, and a CSV metrics log. A run folder:
 
     config.json   the resolved stage config, kdcache version and git revision
     last.pt       kdcache checkpoint after the latest epoch, with the optimiser state to resume from
@@ -24,30 +26,32 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from kdcache.augment import StudentAugConfig
 from kdcache.checkpoint import atomic_torch_save, checkpoint_dict, provenance, read_checkpoint
-from kdcache.coco import load_instances
+from kdcache.codec import UDPHeatmap
+from kdcache.coco import load_coco
 from kdcache.config import OptimConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig, ValConfig, to_jsonable
-from kdcache.data import CachedDataset, ViewDataset
-from kdcache.distributed import barrier, close_world, init_world
+from kdcache.data import TrainViews
+from kdcache.distributed import World, barrier, close_world, init_world
 from kdcache.errors import UserError
-from kdcache.losses import KD_LOSSES, distillation_loss, heatmap_mse
+from kdcache.evaluate import evaluate_model
+from kdcache.metrics import require_scorable
+from kdcache.optim import make_optimizer
+from kdcache.predict import PredictConfig
+from kdcache.sources import GroundTruth, TrainingSource, annotated_views, student_source
 from kdcache.student import build_student
-from kdcache.teacher import build_vitpose, load_teacher, require_coco_keypoints, vitpose_config
-from kdcache.transforms import to_input_tensor
+from kdcache.teacher import build_teacher
 
 log = logging.getLogger(__name__)
-
-# loss_fn(model, batch, x) -> scalar loss; batch holds the collated item tensors, x the normalised crops.
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.json", "tensorboard")
@@ -96,243 +100,198 @@ def check_validation_set(val: ValConfig) -> None:
     """A validation set that could not be scored would fail after the first epoch: check it up front."""
     if val.ann is None:
         return
-    from kdcache.coco import load_coco
-    from kdcache.evaluate import require_scorable
-
     if not Path(val.images).is_dir():
         raise UserError(f"--val-images {val.images} is not a folder; pass the folder of {val.ann}'s images")
     require_scorable(load_coco(val.ann), val.ann)
 
 
 def train_teacher(cfg: TrainTeacherConfig) -> Path:
-    """Train a ViTPose model on ground-truth heatmaps; returns the run folder."""
+    """Train a teacher (a family's preset, `cfg.arch`) on ground-truth heatmaps; returns the run folder."""
     prepare_run_folder(cfg.run)
     check_validation_set(cfg.val)
-    instances = load_instances(cfg.ann)
-    if not instances:
-        raise UserError(f"{cfg.ann} has no usable person instances; check the annotation file")
+    views = annotated_views(cfg.ann, cfg.images, cfg.aug, UDPHeatmap.for_input(cfg.input_hw, cfg.sigma), cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
-    model = build_vitpose(vitpose_config(cfg.arch, head=cfg.head, input_hw=cfg.input_hw))
+    model = build_teacher(cfg.arch, cfg.head, cfg.input_hw)
     check_resume_fits(cfg.run, model)
-    dataset = ViewDataset(instances, cfg.images, cfg.input_hw, cfg.aug, cfg.run.seed, sigma=cfg.sigma)
-
-    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return heatmap_mse(model(x), batch["target"], batch["target_weight"])
-
-    return _fit(model, dataset, loss_fn, cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
+    return fit(model, GroundTruth(TrainViews(views, StudentAugConfig())), cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
 
 
 def train_student(cfg: TrainStudentConfig) -> Path:
-    """Train a student from a teacher cache, online from a teacher checkpoint, or (neither given) on ground
-    truth only; returns the run folder."""
-    if cfg.cache is not None and cfg.online_teacher is not None:
-        raise UserError("give one of --cache CACHE or --online-teacher CKPT, not both")
-    if cfg.kd_loss not in KD_LOSSES:
-        raise UserError(f"unknown --kd-loss {cfg.kd_loss!r}; choose one of {', '.join(KD_LOSSES)}")
+    """Train a student from the source `cfg` asks for (`sources.student_source`: a teacher cache, an online
+    teacher, or ground truth only); returns the run folder."""
     prepare_run_folder(cfg.run)
     check_validation_set(cfg.val)
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_student(cfg.student)
     check_resume_fits(cfg.run, model)
-
-    def kd(pred: torch.Tensor, teacher: torch.Tensor, confidence: torch.Tensor,
-           batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return distillation_loss(pred, teacher, batch["target"], batch["target_weight"], cfg.alpha, cfg.kd_loss,
-                                 cfg.kd_temperature, confidence if cfg.confidence_weights else None)
-
-    if cfg.cache is not None:
-        dataset = CachedDataset(cfg.cache, cfg.sigma, cfg.flip_prob, cfg.run.seed, images=cfg.images,
-                                student_aug=cfg.student_aug, train_views=cfg.train_views)
-        cache_hw = dataset.cache.input_hw
-        if tuple(cache_hw) != tuple(cfg.student.input_hw):
-            raise UserError(f"cache {cfg.cache} holds {cache_hw[0]}x{cache_hw[1]} crops but the student is set "
-                            f"to {cfg.student.input_hw[0]}x{cfg.student.input_hw[1]}; pass --input-size "
-                            f"{cache_hw[0]}x{cache_hw[1]} or dump a cache at the student's size")
-
-        def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return kd(model(x), batch["teacher"], batch["teacher_confidence"], batch)
-    else:
-        if cfg.ann is None or cfg.images is None:
-            raise UserError("training without --cache needs --ann and --images (the ground truth to augment)")
-        teacher = None
-        if cfg.online_teacher is not None:
-            teacher = load_teacher(cfg.online_teacher, cfg.run.device, expert=cfg.expert)
-            require_coco_keypoints(teacher, cfg.online_teacher, cfg.expert)
-            if tuple(teacher.config.input_hw) != tuple(cfg.student.input_hw):
-                raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
-                                "pass --input-size to match them")
-        elif cfg.alpha > 0:
-            log.info("no --cache or --online-teacher: training on ground truth only (alpha ignored)")
-        view_seed = cfg.run.seed if cfg.view_seed is None else cfg.view_seed
-        dataset = ViewDataset(load_instances(cfg.ann), cfg.images, cfg.student.input_hw, cfg.aug, view_seed,
-                              sigma=cfg.sigma, student_aug=cfg.student_aug, keep_clean=teacher is not None)
-
-        def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            if teacher is None:
-                return heatmap_mse(model(x), batch["target"], batch["target_weight"])
-            # x is the student's input; the teacher sees the crop before photometric changes, as in the dump.
-            clean = to_input_tensor(batch["crop"]) if "student_crop" in batch else x
-            with torch.no_grad():
-                target = teacher(clean).float()
-            return kd(model(x), target, target.amax(dim=(2, 3)), batch)
-
-    return _fit(model, dataset, loss_fn, cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
+    return fit(model, student_source(cfg), cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
-    """Linear warm-up from 1/1000 over `warmup` steps, then cosine decay to 0 at `total`, or step decay
-    (x0.1 at 81 % and again at 95 % of the run, ViTPose's epochs 170 and 200 of 210)."""
-    if step < warmup:
-        return 1e-3 + (1 - 1e-3) * step / warmup
-    if schedule == "step":
-        return 0.1 ** sum(step >= m * total for m in (170 / 210, 200 / 210))
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, optim: OptimConfig, run: RunConfig,
-         val: ValConfig, config: dict[str, Any]) -> Path:
-    out = Path(run.out)
+def fit(model: nn.Module, source: TrainingSource, optim: OptimConfig, run: RunConfig, val: ValConfig,
+        config: dict[str, Any]) -> Path:
+    """Train `model` on `source` into the run folder `run.out`; returns it. `config` goes into config.json."""
     world = init_world(run.device)  # under torchrun: DDP, each rank a 1/world share of every epoch
-    device = world.device
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(run.seed)
-    model.to(device).train()
-    trained = model
-    if world.size > 1:
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # Reseeded at every epoch, so epoch e's order does not depend on how the run got there (resume).
-    order = torch.Generator()
-    drop_last = len(dataset) >= 2 * optim.batch_size * world.size
-    sampler = (DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=run.seed, drop_last=drop_last)
-               if world.size > 1 else None)
-    loader = DataLoader(dataset, batch_size=optim.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=run.workers, drop_last=drop_last, generator=order,
-                        pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise UserError("the training set is empty; check --ann / --cache")
-    total = optim.epochs * len(loader)
-    if optim.max_steps > 0:
-        total = min(total, optim.max_steps)
-    epochs = math.ceil(total / len(loader))
-    warmup = min(optim.warmup_steps, max(1, total // 5))  # short runs still reach the peak rate
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-    if optim.schedule not in ("cosine", "step"):
-        raise UserError(f"unknown schedule {optim.schedule!r}; choose cosine or step")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, optim.schedule))
-    # The EMA copy is what validation sees and checkpoints hold; the raw weights are kept to resume.
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
-        optim.ema), use_buffers=True) if optim.ema > 0 else None)
-
-    best_ap, step, first_epoch = -1.0, 0, 0
-    if run.resume and (out / "last.pt").exists():
-        state = read_checkpoint(out / "last.pt")
-        if "optimizer" not in state:
-            raise UserError(f"{out / 'last.pt'} holds no training state to resume from; start a new --out")
-        model.load_state_dict(state["train_state_dict"] if ema is not None else state["state_dict"])
-        if ema is not None:
-            ema.module.load_state_dict(state["state_dict"])
-            ema.n_averaged.fill_(state["ema_updates"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        best_ap, step, first_epoch = state["best_ap"], state["step"], state["epoch"]
-        log.info("resuming %s after epoch %d (step %d)", out, first_epoch, step)
-        if world.is_main:
-            _keep_metrics_rows(out / "metrics.csv", first_epoch)
-    elif world.is_main:
-        (out / "config.json").write_text(json.dumps({"config": config, **provenance()}, indent=1))
-    log.info("training %d steps (%d epochs of %d) on %s%s", total, epochs, len(loader), device,
-             f", rank {world.rank} of {world.size}" if world.size > 1 else "")
-
-    metrics = open(out / "metrics.csv", "a" if first_epoch else "w", newline="") if world.is_main else None
+    trainer = _Trainer(model, source, optim, run, val, world)
+    trainer.start(config)
+    out = trainer.out
+    metrics = open(out / "metrics.csv", "a" if trainer.first_epoch else "w", newline="") if world.is_main else None
     board = _tensorboard(out) if world.is_main else None
     # One bar over the whole run's steps: its ETA is the run's, not the epoch's.
-    bar = tqdm(total=total, initial=step, unit="step", disable=not (run.progress and world.is_main), leave=False)
-    run_start, run_start_step = time.perf_counter(), step
+    bar = tqdm(total=trainer.total, initial=trainer.step, unit="step", disable=not (run.progress and world.is_main),
+               leave=False)
     with metrics or contextlib.nullcontext(), board or contextlib.nullcontext(), bar:
         writer = csv.writer(metrics) if metrics else None
-        if writer and not first_epoch:
+        if writer and not trainer.first_epoch:
             writer.writerow(["epoch", "step", "loss", "lr", "seconds", "crops_per_s", "val_AP"])
-        for epoch in range(first_epoch, epochs):
-            if step >= total:
+        for epoch in range(trainer.first_epoch, trainer.epochs):
+            if trainer.step >= trainer.total:
                 break
-            order.manual_seed(run.seed * 100_003 + epoch)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            start, losses, seen = time.perf_counter(), [], 0
-            bar.set_description(f"epoch {epoch + 1}/{epochs}")
-            for batch in loader:
-                student_crop = batch.get("student_crop", batch["crop"])  # photometric changes, if any
-                x = to_input_tensor(student_crop.to(device, non_blocking=True))
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-                         if isinstance(v, torch.Tensor) and (k != "crop" or "student_crop" in batch)}
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = loss_fn(trained, batch, x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if optim.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                step += 1
-                seen += x.shape[0]
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.2e}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
-                if board is not None:
-                    board.add_scalar("train/loss", losses[-1], step)
-                    board.add_scalar("train/lr", sched.get_last_lr()[0], step)
-                if step >= total:
-                    break
-            seconds = time.perf_counter() - start
-            if not world.is_main:  # rank 0 validates and writes; the others wait for it
-                barrier(world)
-                continue
-            shown = model if ema is None else ema.module
-            extra = {} if ema is None else {"train_state_dict": {k: v.detach().cpu() for k, v in
-                                                                 model.state_dict().items()},
-                                            "ema_updates": int(ema.n_averaged)}
-
-            def save_last(ap: float | None, best: float) -> None:
-                atomic_torch_save(checkpoint_dict(shown, epoch=epoch + 1, step=step, val_ap=ap, best_ap=best,
-                                                  optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                                  rng=torch.get_rng_state(), **extra), out / "last.pt")
-
-            try:
-                ap = _validate(shown, val, epoch, last=step >= total or epoch == epochs - 1, progress=run.progress)
-            except BaseException:
-                save_last(None, best_ap)  # the epoch's training is kept; --resume goes on from here
-                raise
-            improved = ap is not None and ap > best_ap
-            best_ap = ap if improved else best_ap
-            save_last(ap, best_ap)
-            if improved:
-                atomic_torch_save(checkpoint_dict(shown, epoch=epoch + 1, step=step, val_ap=ap), out / "best.pt")
-            # The row goes in only once its epoch's checkpoint has landed.
-            writer.writerow([epoch + 1, step, f"{np.mean(losses):.6g}", f"{sched.get_last_lr()[0]:.6g}",
-                             f"{seconds:.2f}", f"{seen / seconds:.2f}", "" if ap is None else f"{ap:.3f}"])
-            metrics.flush()
-            if board is not None:
-                board.add_scalar("train/crops_per_s", seen / seconds, step)
-                if ap is not None:
-                    board.add_scalar("val/AP", ap, step)
-            eta = (time.perf_counter() - run_start) / max(1, step - run_start_step) * (total - step)
-            log.info("epoch %d/%d: loss %.4g, %.1f crops/s%s; %s", epoch + 1, epochs, np.mean(losses),
-                     seen / seconds, "" if ap is None else f", val AP {ap:.2f}",
-                     f"run ETA {_duration(eta)}" if step < total else "done")
+            losses, seen, seconds = trainer.train_epoch(epoch, bar, board)
+            if world.is_main:  # rank 0 validates and writes; the others wait for it
+                trainer.end_epoch(epoch, losses, seen, seconds, board)
+                writer.writerow(trainer.metrics_row)
+                metrics.flush()
             barrier(world)
-    if world.is_main and best_ap < 0:  # no validation: best.pt is the last weights
+    if world.is_main and trainer.best_ap < 0:  # no validation: best.pt is the last weights
         state = read_checkpoint(out / "last.pt")
         atomic_torch_save({k: v for k, v in state.items() if k not in TRAINING_STATE}, out / "best.pt")
     close_world(world)
     return out
+
+
+class _Trainer:
+    """One training run's state: model (DDP-wrapped under torchrun), loader, optimiser, EMA, step, best AP."""
+
+    def __init__(self, model: nn.Module, source: TrainingSource, optim: OptimConfig, run: RunConfig,
+                 val: ValConfig, world: World):
+        self.out, self.run, self.val, self.world, self.source = Path(run.out), run, val, world, source
+        self.device, self.grad_clip = world.device, optim.grad_clip
+        if world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(run.seed)
+        self.model = model.to(self.device).train()
+        self.trained = model
+        if world.size > 1:
+            self.trained = DistributedDataParallel(model, device_ids=[self.device.index]
+                                                   if self.device.type == "cuda" else None)
+        # Reseeded at every epoch, so epoch e's order does not depend on how the run got there (resume).
+        self.order = torch.Generator()
+        dataset = source.dataset
+        drop_last = len(dataset) >= 2 * optim.batch_size * world.size
+        self.sampler = (DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=run.seed,
+                                           drop_last=drop_last) if world.size > 1 else None)
+        self.loader = DataLoader(dataset, batch_size=optim.batch_size, shuffle=self.sampler is None,
+                                 sampler=self.sampler, num_workers=run.workers, drop_last=drop_last,
+                                 generator=self.order, pin_memory=self.device.type == "cuda")
+        if len(self.loader) == 0:
+            raise UserError("the training set is empty; check --ann / --cache")
+        self.total = optim.epochs * len(self.loader)
+        if optim.max_steps > 0:
+            self.total = min(self.total, optim.max_steps)
+        self.epochs = math.ceil(self.total / len(self.loader))
+        self.opt, self.sched, self.ema = make_optimizer(model, optim, self.total)
+        self.best_ap, self.step, self.first_epoch = -1.0, 0, 0
+        self.run_start, self.run_start_step = 0.0, 0
+        self.metrics_row: list[Any] = []
+
+    def start(self, config: dict[str, Any]) -> None:
+        """Resume from last.pt (`run.resume`), or write config.json for a new run."""
+        out, last = self.out, self.out / "last.pt"
+        if self.run.resume and last.exists():
+            state = read_checkpoint(last)
+            if "optimizer" not in state:
+                raise UserError(f"{last} holds no training state to resume from; start a new --out")
+            ema = self.ema
+            self.model.load_state_dict(state["train_state_dict"] if ema is not None else state["state_dict"])
+            if ema is not None:
+                ema.module.load_state_dict(state["state_dict"])
+                ema.n_averaged.fill_(state["ema_updates"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            self.best_ap, self.step, self.first_epoch = state["best_ap"], state["step"], state["epoch"]
+            log.info("resuming %s after epoch %d (step %d)", out, self.first_epoch, self.step)
+            if self.world.is_main:
+                _keep_metrics_rows(out / "metrics.csv", self.first_epoch)
+        elif self.world.is_main:
+            (out / "config.json").write_text(json.dumps({"config": config, **provenance()}, indent=1))
+        self.run_start, self.run_start_step = time.perf_counter(), self.step
+        log.info("training %d steps (%d epochs of %d) on %s%s", self.total, self.epochs, len(self.loader),
+                 self.device, f", rank {self.world.rank} of {self.world.size}" if self.world.size > 1 else "")
+
+    def train_epoch(self, epoch: int, bar: tqdm, board: Any) -> tuple[list[float], int, float]:
+        """One pass over the loader (or up to the run's last step); returns the losses, crops seen, seconds."""
+        self.order.manual_seed(self.run.seed * 100_003 + epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        if hasattr(self.source.dataset, "set_epoch"):
+            self.source.dataset.set_epoch(epoch)
+        start, losses, seen = time.perf_counter(), [], 0
+        bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
+        device = self.device
+        for batch in self.loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = self.source.loss(self.trained, batch)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            self.step += 1
+            seen += len(batch["crop"])
+            losses.append(float(loss.detach()))
+            lr = self.sched.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.2e}", lr=f"{lr:.1e}", refresh=False)
+            if board is not None:
+                board.add_scalar("train/loss", losses[-1], self.step)
+                board.add_scalar("train/lr", lr, self.step)
+            if self.step >= self.total:
+                break
+        return losses, seen, time.perf_counter() - start
+
+    def end_epoch(self, epoch: int, losses: list[float], seen: int, seconds: float, board: Any) -> None:
+        """Validate, write last.pt (and best.pt when AP improved), log; `metrics_row` is the epoch's CSV row.
+
+        The row is written by the caller only once the epoch's checkpoint has landed; a validation that fails
+        still leaves the epoch's last.pt, so --resume goes on from here.
+        """
+        shown = self.model if self.ema is None else self.ema.module
+        extra = {} if self.ema is None else {"train_state_dict": {k: v.detach().cpu() for k, v in
+                                                                  self.model.state_dict().items()},
+                                             "ema_updates": int(self.ema.n_averaged)}
+
+        def save_last(ap: float | None, best: float) -> None:
+            atomic_torch_save(checkpoint_dict(shown, epoch=epoch + 1, step=self.step, val_ap=ap, best_ap=best,
+                                              optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                                              rng=torch.get_rng_state(), **extra), self.out / "last.pt")
+
+        last = self.step >= self.total or epoch == self.epochs - 1
+        try:
+            ap = _validate(shown, self.val, epoch, last=last, progress=self.run.progress)
+        except BaseException:
+            save_last(None, self.best_ap)
+            raise
+        improved = ap is not None and ap > self.best_ap
+        self.best_ap = ap if improved else self.best_ap
+        save_last(ap, self.best_ap)
+        if improved:
+            atomic_torch_save(checkpoint_dict(shown, epoch=epoch + 1, step=self.step, val_ap=ap), self.out / "best.pt")
+        lr = self.sched.get_last_lr()[0]
+        self.metrics_row = [epoch + 1, self.step, f"{np.mean(losses):.6g}", f"{lr:.6g}", f"{seconds:.2f}",
+                            f"{seen / seconds:.2f}", "" if ap is None else f"{ap:.3f}"]
+        if board is not None:
+            board.add_scalar("train/crops_per_s", seen / seconds, self.step)
+            if ap is not None:
+                board.add_scalar("val/AP", ap, self.step)
+        eta = (time.perf_counter() - self.run_start) / max(1, self.step - self.run_start_step) * (self.total - self.step)
+        log.info("epoch %d/%d: loss %.4g, %.1f crops/s%s; %s", epoch + 1, self.epochs, np.mean(losses),
+                 seen / seconds, "" if ap is None else f", val AP {ap:.2f}",
+                 f"run ETA {_duration(eta)}" if self.step < self.total else "done")
 
 
 # What last.pt holds beyond the weights, for --resume only; best.pt leaves it out.
@@ -368,8 +327,6 @@ def _tensorboard(out: Path) -> Any:
 def _validate(model: nn.Module, val: ValConfig, epoch: int, last: bool, progress: bool = False) -> float | None:
     if val.ann is None or not (last or (epoch + 1) % val.every == 0):
         return None
-    from kdcache.evaluate import evaluate_model
-
-    metrics, _ = evaluate_model(model, val.ann, val.images, progress=progress)
+    metrics, _ = evaluate_model(model, val.ann, val.images, predict=PredictConfig(progress=progress))
     model.train()
     return metrics["AP"]

@@ -1,14 +1,15 @@
-"""Crop geometry: box -> (center, scale) -> augmented view -> UDP affine -> crop and keypoints.
+"""Crop geometry: box -> (center, scale) -> augmented view -> the codec's affine -> crop and keypoints.
 
 Conventions (ViTPose / mmpose 0.x with `use_udp=True`), in pixel units rather than mmpose's /200:
 
 - `center`: (x, y) in image pixels; `scale_wh`: (w, h) of the crop region in image pixels.
-- The affine is float64 [2, 3], image pixels -> crop pixels, built like mmpose's
-  `get_warp_matrix(rot, 2 * center, input_wh - 1, scale_wh)`: the region's extent maps onto
-  [0, W-1] x [0, H-1], so pixel centres line up (unbiased data processing).
+- The affine is float64 [2, 3], image pixels -> crop pixels, made by the codec (`UDPHeatmap.crop_affine`:
+  the region's extent maps onto [0, W-1] x [0, H-1], so pixel centres line up).
 - A horizontal flip never touches the image: the mirror x -> (W-1) - x is composed in crop space
-  after the affine, and keypoint rows are permuted by FLIP_INDEX. `cv2.warpAffine(image, affine,
-  (W, H))` therefore gives the (possibly mirrored) crop directly.
+  after the affine, and keypoint rows are permuted by the keypoint set's flip index.
+  `cv2.warpAffine(image, affine, (W, H))` therefore gives the (possibly mirrored) crop directly.
+
+Everything here is numpy and OpenCV: the cache reader replays crops with it and imports no torch.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 
-from kdcache.keypoints import FLIP_INDEX, IMAGENET_MEAN, IMAGENET_STD, UPPER_BODY
+from kdcache.codec import UDPHeatmap
+from kdcache.keypoints import KeypointSet
 
 # Box padding of `_xywh2cs` / `TopDownGetBboxCenterScale`: context around the person.
 BBOX_PADDING = 1.25
@@ -48,7 +49,7 @@ class ViewGeometry:
     Attributes:
         center: float64 [2], crop center in image pixels (after shift / half-body).
         scale_wh: float64 [2], crop region (w, h) in image pixels (after half-body / scaling).
-        rot_deg: rotation in degrees, as passed to `udp_affine`.
+        rot_deg: rotation in degrees, as passed to the codec's `crop_affine`.
         flip: whether the crop is mirrored (mirror composed after the affine).
         affine: float64 [2, 3], image pixels -> crop pixels, mirror included.
     """
@@ -79,30 +80,6 @@ def bbox_to_center_scale(bbox_xywh: np.ndarray | tuple[float, ...], aspect_wh: f
     return center, np.array([w, h], dtype=np.float64) * padding
 
 
-def udp_affine(center: np.ndarray, scale_wh: np.ndarray, rot_deg: float,
-               input_hw: tuple[int, int]) -> np.ndarray:
-    """UDP warp matrix, image pixels -> crop pixels (mmpose `get_warp_matrix`).
-
-    The center maps to ((W-1)/2, (H-1)/2) and the region's half width `scale_wh[0] / 2` to
-    (W-1)/2 pixels, i.e. the region spans [0, W-1] x [0, H-1]. A positive `rot_deg` turns image
-    +x towards crop +y (mmpose's sign).
-
-    Returns:
-        float64 [2, 3].
-    """
-    h_in, w_in = input_hw
-    theta = np.deg2rad(rot_deg)
-    cos, sin = np.cos(theta), np.sin(theta)
-    sx = (w_in - 1.0) / float(scale_wh[0])
-    sy = (h_in - 1.0) / float(scale_wh[1])
-    cx, cy = float(center[0]), float(center[1])
-    # Rotate about the center, scale, then move the center to the crop's middle.
-    return np.array([
-        [cos * sx, -sin * sx, sx * (-cx * cos + cy * sin + 0.5 * float(scale_wh[0]))],
-        [sin * sy, cos * sy, sy * (-cx * sin - cy * cos + 0.5 * float(scale_wh[1]))],
-    ], dtype=np.float64)
-
-
 def mirror_affine(affine: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
     """Compose the crop-space mirror x -> (W-1) - x after `affine`.
 
@@ -116,7 +93,7 @@ def mirror_affine(affine: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def half_body_center_scale(keypoints: np.ndarray, upper_first: bool, aspect_wh: float,
+def half_body_center_scale(keypoints: np.ndarray, upper_body: tuple[int, ...], upper_first: bool, aspect_wh: float,
                            padding: float = HALF_BODY_PADDING) -> tuple[np.ndarray, np.ndarray] | None:
     """Crop around the upper or the lower body (mmpose `TopDownHalfBodyTransform.half_body_transform`).
 
@@ -126,6 +103,7 @@ def half_body_center_scale(keypoints: np.ndarray, upper_first: bool, aspect_wh: 
 
     Args:
         keypoints: [K, 3] image pixels and visibility; joints with v > 0 count.
+        upper_body: indices of the upper-body joints (the keypoint set's); the others are lower body.
         upper_first: mmpose draws `randn() < 0.5` (true with probability ~0.69) for this.
 
     Returns:
@@ -133,7 +111,7 @@ def half_body_center_scale(keypoints: np.ndarray, upper_first: bool, aspect_wh: 
     """
     labelled = keypoints[:, 2] > 0
     is_upper = np.zeros(len(keypoints), dtype=bool)
-    is_upper[list(UPPER_BODY)] = True
+    is_upper[list(upper_body)] = True
     upper = keypoints[labelled & is_upper, :2]
     lower = keypoints[labelled & ~is_upper, :2]
     if upper_first and len(upper) > 2:
@@ -157,56 +135,64 @@ def half_body_center_scale(keypoints: np.ndarray, upper_first: bool, aspect_wh: 
     return center, np.array([w, h], dtype=np.float64) * padding
 
 
-def sample_view(bbox_xywh: np.ndarray, keypoints: np.ndarray, seed: int, ann_id: int, view: int,
-                aug: AugmentConfig = AugmentConfig(), input_hw: tuple[int, int] = (256, 192)) -> ViewGeometry:
-    """The geometry of view `view` of an instance, reproducible from (seed, ann_id, view).
+@dataclass(frozen=True)
+class ViewSampler:
+    """The views of instances, each reproducible from (seed, ann_id, view) alone."""
 
-    View 0 is the plain crop (box center/scale, no rotation, no flip). Other views follow ViTPose's
-    training pipeline in its order: center shift, flip, half-body, random scale and rotation, UDP
-    affine. Every random number is drawn up front from `np.random.default_rng([seed, ann_id, view])`,
-    so each parameter depends only on its own draw.
+    aug: AugmentConfig            # ViTPose's view augmentation
+    codec: UDPHeatmap             # crop size and the affine that cuts a crop
+    keypoint_set: KeypointSet     # which joints are upper body (half-body crops)
+    seed: int                     # with ann_id and view, decides every random number of a view
 
-    The mirror is composed in crop space after the rotation; that equals mmpose's flip-then-rotate
-    with the angle negated, and the angle distribution is symmetric, so the distribution of views is
-    ViTPose's. Half-body on the unmirrored joints is the mirror of half-body on mirrored joints (the
-    upper/lower sets are closed under the left/right swap).
+    def geometry(self, bbox_xywh: np.ndarray, keypoints: np.ndarray, ann_id: int, view: int) -> ViewGeometry:
+        """The geometry of view `view` of an instance.
 
-    Args:
-        bbox_xywh: [4] image pixels (clipped box).
-        keypoints: [K, 3] image pixels and visibility (for the half-body crop).
-        seed, ann_id, view: non-negative integers.
-        input_hw: crop (H, W).
-    """
-    if view < 0 or seed < 0 or ann_id < 0:
-        raise ValueError(f"seed, ann_id and view must be non-negative, got {seed}, {ann_id}, {view}")
-    aspect_wh = input_hw[1] / input_hw[0]
-    center, scale_wh = bbox_to_center_scale(bbox_xywh, aspect_wh, BBOX_PADDING)
-    rot_deg, flip = 0.0, False
-    if view > 0:
-        rng = np.random.default_rng([int(seed), int(ann_id), int(view)])
-        u_shift, u_flip, u_half, u_rot = rng.random(4)
-        shift = rng.uniform(-1.0, 1.0, 2)
-        n_half, n_scale, n_rot = rng.standard_normal(3)
+        View 0 is the plain crop (box center/scale, no rotation, no flip). Other views follow ViTPose's
+        training pipeline in its order: center shift, flip, half-body, random scale and rotation, UDP
+        affine. Every random number is drawn up front from `np.random.default_rng([seed, ann_id, view])`,
+        so each parameter depends only on its own draw.
 
-        if u_shift < aug.shift_prob:
-            center = center + shift * aug.shift_factor * scale_wh
-        flip = bool(u_flip <= aug.flip_prob)
-        num_labelled = int(np.count_nonzero(keypoints[:, 2] > 0))
-        if num_labelled > aug.half_body_min_joints and u_half < aug.half_body_prob:
-            half = half_body_center_scale(keypoints, bool(n_half < 0.5), aspect_wh)
-            if half is not None:
-                center, scale_wh = half
-        sf, rf = aug.scale_factor, aug.rot_factor
-        scale_wh = scale_wh * float(np.clip(n_scale * sf + 1.0, 1.0 - sf, 1.0 + sf))
-        if u_rot <= aug.rot_prob:
-            rot_deg = float(np.clip(n_rot * rf, -2.0 * rf, 2.0 * rf))
+        The mirror is composed in crop space after the rotation; that equals mmpose's flip-then-rotate
+        with the angle negated, and the angle distribution is symmetric, so the distribution of views is
+        ViTPose's. Half-body on the unmirrored joints is the mirror of half-body on mirrored joints (the
+        upper/lower sets are closed under the left/right swap).
 
-    affine = udp_affine(center, scale_wh, rot_deg, input_hw)
-    if flip:
-        affine = mirror_affine(affine, input_hw)
-    return ViewGeometry(center=np.asarray(center, dtype=np.float64),
-                        scale_wh=np.asarray(scale_wh, dtype=np.float64),
-                        rot_deg=rot_deg, flip=flip, affine=affine)
+        Args:
+            bbox_xywh: [4] image pixels (clipped box).
+            keypoints: [K, 3] image pixels and visibility (for the half-body crop).
+            ann_id, view: non-negative integers.
+        """
+        seed, aug, input_hw = self.seed, self.aug, self.codec.input_hw
+        if view < 0 or seed < 0 or ann_id < 0:
+            raise ValueError(f"seed, ann_id and view must be non-negative, got {seed}, {ann_id}, {view}")
+        aspect_wh = input_hw[1] / input_hw[0]
+        center, scale_wh = bbox_to_center_scale(bbox_xywh, aspect_wh, BBOX_PADDING)
+        rot_deg, flip = 0.0, False
+        if view > 0:
+            rng = np.random.default_rng([int(seed), int(ann_id), int(view)])
+            u_shift, u_flip, u_half, u_rot = rng.random(4)
+            shift = rng.uniform(-1.0, 1.0, 2)
+            n_half, n_scale, n_rot = rng.standard_normal(3)
+
+            if u_shift < aug.shift_prob:
+                center = center + shift * aug.shift_factor * scale_wh
+            flip = bool(u_flip <= aug.flip_prob)
+            num_labelled = int(np.count_nonzero(keypoints[:, 2] > 0))
+            if num_labelled > aug.half_body_min_joints and u_half < aug.half_body_prob:
+                half = half_body_center_scale(keypoints, self.keypoint_set.upper_body, bool(n_half < 0.5), aspect_wh)
+                if half is not None:
+                    center, scale_wh = half
+            sf, rf = aug.scale_factor, aug.rot_factor
+            scale_wh = scale_wh * float(np.clip(n_scale * sf + 1.0, 1.0 - sf, 1.0 + sf))
+            if u_rot <= aug.rot_prob:
+                rot_deg = float(np.clip(n_rot * rf, -2.0 * rf, 2.0 * rf))
+
+        affine = self.codec.crop_affine(center, scale_wh, rot_deg)
+        if flip:
+            affine = mirror_affine(affine, input_hw)
+        return ViewGeometry(center=np.asarray(center, dtype=np.float64),
+                            scale_wh=np.asarray(scale_wh, dtype=np.float64),
+                            rot_deg=rot_deg, flip=flip, affine=affine)
 
 
 def warp_crop(image_rgb: np.ndarray, affine: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
@@ -232,7 +218,7 @@ def apply_affine(points_xy: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def keypoints_to_crop(keypoints: np.ndarray, affine: np.ndarray, flip: bool,
-                      flip_index: tuple[int, ...] = FLIP_INDEX) -> np.ndarray:
+                      flip_index: tuple[int, ...]) -> np.ndarray:
     """Keypoints in image pixels -> crop pixels of a view.
 
     x, y go through `affine` (which already contains the mirror of a flipped view); on a flipped view
@@ -259,30 +245,6 @@ def crop_to_image(points_xy: np.ndarray, affine: np.ndarray) -> np.ndarray:
     affine = np.asarray(affine, dtype=np.float64)
     inverse = cv2.invertAffineTransform(affine)
     return apply_affine(points_xy, inverse)
-
-
-def to_input_tensor(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Crops -> model input, normalised with ImageNet mean/std on the 0-255 scale.
-
-    Equal (to float rounding) to mmpose's ToTensor (/255) + NormalizeTensor. A torch input stays on
-    its device, so moving uint8 to the GPU first and normalising there is cheap.
-
-    Args:
-        crops: uint8 [N, H, W, 3] RGB, numpy or torch.
-
-    Returns:
-        float32 [N, 3, H, W].
-    """
-    if isinstance(crops, np.ndarray):
-        if not crops.flags.writeable:
-            crops = crops.copy()
-        crops = torch.from_numpy(np.ascontiguousarray(crops))
-    if crops.ndim != 4 or crops.shape[-1] != 3:
-        raise ValueError(f"expected crops [N, H, W, 3], got {tuple(crops.shape)}")
-    x = crops.permute(0, 3, 1, 2).to(torch.float32)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
 
 
 def flip_crop(crop: np.ndarray) -> np.ndarray:

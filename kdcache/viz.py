@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-from kdcache.coco import as_coco, instances_from_coco, read_image
+from kdcache.codec import UDPHeatmap
+from kdcache.coco import as_coco, instances_from_coco, keypoint_set_of, read_image
 from kdcache.errors import UserError
-from kdcache.heatmaps import decode, heatmap_to_crop
-from kdcache.keypoints import KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON
+from kdcache.keypoints import KeypointSet
 
 # RGB. Left and right must differ at a glance (a left/right swap is the classic pose bug); magenta and white
 # do not occur in the JET heatmap overlay, so the skeleton stays readable on top of it.
@@ -32,12 +32,12 @@ HEAT_ALPHA = 0.6  # overlay opacity where the heatmap is 1; it fades to 0 with t
 _SHIFT = 4  # OpenCV fixed-point bits: sub-pixel keypoints drawn where they are, not rounded
 
 
-def _side_rgb(k: int) -> tuple[int, int, int]:
-    name = KEYPOINT_NAMES[k] if k < len(KEYPOINT_NAMES) else ""
+def _side_rgb(keypoint_set: KeypointSet, k: int) -> tuple[int, int, int]:
+    name = keypoint_set.names[k] if k < keypoint_set.num_keypoints else ""
     return LEFT_RGB if name.startswith("left_") else RIGHT_RGB if name.startswith("right_") else CENTER_RGB
 
 
-def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarray,
+def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarray, keypoint_set: KeypointSet,
               threshold: float = 0.2, color: tuple[int, int, int] | None = None,
               radius: int | None = None) -> np.ndarray:
     """Skeleton on a copy of `image_rgb`: left limbs magenta, right green, the rest (head, torso bars) white.
@@ -45,6 +45,7 @@ def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarra
     Args:
         image_rgb: uint8 [H, W, 3].
         keypoints_xy: float [K, 2] pixel coordinates (x, y) in `image_rgb`.
+        keypoint_set: the skeleton, and the names that say which joints are left and right.
         scores: float [K]; keypoints below `threshold` (or not finite) are not drawn, nor their limbs.
         color: RGB for every limb and joint instead of the left/right/centre colours.
         radius: joint dot radius in pixels (default: line thickness + 1).
@@ -57,21 +58,22 @@ def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarra
     ok = (np.asarray(scores) >= threshold) & np.isfinite(xy).all(axis=1)
     thickness = max(1, round(min(out.shape[:2]) / 128))
     points = [tuple(int(round(v * (1 << _SHIFT))) for v in p) if good else None for p, good in zip(xy, ok)]
-    for a, b in SKELETON:  # 1-based, as in the COCO json
+    side = lambda k: _side_rgb(keypoint_set, k)  # noqa: E731
+    for a, b in keypoint_set.skeleton:  # 1-based, as in the COCO json
         a, b = a - 1, b - 1
         if max(a, b) >= len(points) or points[a] is None or points[b] is None:
             continue
-        limb = color or (_side_rgb(a) if _side_rgb(a) == _side_rgb(b) else CENTER_RGB)
+        limb = color or (side(a) if side(a) == side(b) else CENTER_RGB)
         cv2.line(out, points[a], points[b], limb, thickness, cv2.LINE_AA, _SHIFT)
     dot = (thickness + 1 if radius is None else radius) << _SHIFT
     for k, p in enumerate(points):
         if p is not None:
-            cv2.circle(out, p, dot, color or _side_rgb(k), -1, cv2.LINE_AA, _SHIFT)
+            cv2.circle(out, p, dot, color or side(k), -1, cv2.LINE_AA, _SHIFT)
     return out
 
 
 def draw_predictions(image_rgb: np.ndarray, gt_keypoints: np.ndarray, pred_keypoints: np.ndarray,
-                     pred_scores: np.ndarray, threshold: float = 0.3) -> np.ndarray:
+                     pred_scores: np.ndarray, keypoint_set: KeypointSet, threshold: float = 0.3) -> np.ndarray:
     """Ground-truth skeletons (green, larger dots) under predicted ones (orange) with each instance's score.
 
     Args:
@@ -91,7 +93,7 @@ def draw_predictions(image_rgb: np.ndarray, gt_keypoints: np.ndarray, pred_keypo
     _text(out, "ground truth", (2, 2), GT_RGB, font_scale)  # legend, under everything else
     _text(out, "prediction", (2, 6 + th + base), PRED_RGB, font_scale)
     for kp in np.asarray(gt_keypoints, dtype=np.float64):
-        out = draw_pose(out, kp[:, :2], kp[:, 2], threshold=1, color=GT_RGB, radius=thickness + 3)
+        out = draw_pose(out, kp[:, :2], kp[:, 2], keypoint_set, threshold=1, color=GT_RGB, radius=thickness + 3)
     preds = np.asarray(pred_keypoints, dtype=np.float64)
     # Scores first, skeletons over them: a label never hides a predicted joint.
     for kp, score in zip(preds, np.asarray(pred_scores, dtype=np.float64)):
@@ -100,7 +102,7 @@ def draw_predictions(image_rgb: np.ndarray, gt_keypoints: np.ndarray, pred_keypo
             x, y = kp[shown, :2].min(axis=0)
             _text(out, f"{score:.2f}", (int(x), int(y) - 2 * thickness), PRED_RGB, font_scale, anchor="bottom")
     for kp in preds:
-        out = draw_pose(out, kp[:, :2], kp[:, 2], threshold=threshold, color=PRED_RGB)
+        out = draw_pose(out, kp[:, :2], kp[:, 2], keypoint_set, threshold=threshold, color=PRED_RGB)
     return out
 
 
@@ -129,28 +131,28 @@ def write_png(path: Path, image_rgb: np.ndarray) -> Path:
     return path
 
 
-def heat_overlay(crop_rgb: np.ndarray, heatmaps: np.ndarray) -> np.ndarray:
+def heat_overlay(crop_rgb: np.ndarray, heatmaps: np.ndarray, codec: UDPHeatmap) -> np.ndarray:
     """`crop_rgb` (uint8 [H, W, 3]) with the max over K of `heatmaps` (float [K, h, w], 1 = peak) as JET colours.
 
-    The heatmap is resized with the UDP grid (heatmap pixel i at crop pixel i*(W-1)/(w-1)), the one
-    `heatmap_to_crop` uses, so blobs sit exactly under the decoded keypoints.
+    The heatmap is resized with the codec's grid (UDP: heatmap pixel i at crop pixel i*(W-1)/(w-1)), the one
+    its decoding uses, so blobs sit exactly under the decoded keypoints.
     """
     H, W = crop_rgb.shape[:2]
-    h, w = heatmaps.shape[-2:]
     heat = np.clip(np.asarray(heatmaps, dtype=np.float32).max(axis=0), 0.0, 1.0)
-    scale = np.array([[(W - 1) / max(w - 1, 1), 0, 0], [0, (H - 1) / max(h - 1, 1), 0]], dtype=np.float64)
+    stride_x, stride_y = codec.stride
+    scale = np.array([[stride_x, 0, 0], [0, stride_y, 0]], dtype=np.float64)
     heat = cv2.warpAffine(heat, scale, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     colors = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     alpha = (HEAT_ALPHA * heat)[..., None]
     return (crop_rgb * (1 - alpha) + colors * alpha).round().astype(np.uint8)
 
 
-def render_tile(crop_rgb: np.ndarray, heatmaps: np.ndarray, title: str | None = None) -> np.ndarray:
+def render_tile(crop_rgb: np.ndarray, heatmaps: np.ndarray, codec: UDPHeatmap, keypoint_set: KeypointSet,
+                title: str | None = None) -> np.ndarray:
     """One contact-sheet tile: heat overlay + decoded skeleton (+ title), uint8 [H, W, 3] RGB."""
-    H, W = crop_rgb.shape[:2]
-    coords, scores = decode(heatmaps[None].astype(np.float32))
-    xy = heatmap_to_crop(coords[0], (H, W), heatmaps.shape[-2:])
-    tile = draw_pose(heat_overlay(crop_rgb, heatmaps), xy, scores[0])
+    W = crop_rgb.shape[1]
+    xy, scores = codec.decode(heatmaps[None].astype(np.float32))
+    tile = draw_pose(heat_overlay(crop_rgb, heatmaps, codec), xy[0], scores[0], keypoint_set)
     if title:
         scale = max(0.3, W / 480)
         (tw, th), base = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
@@ -159,13 +161,13 @@ def render_tile(crop_rgb: np.ndarray, heatmaps: np.ndarray, title: str | None = 
     return tile
 
 
-def contact_sheet(crops: np.ndarray, heatmaps: np.ndarray, path: Path, cols: int = 8,
-                  titles: list[str] | None = None) -> Path:
+def contact_sheet(crops: np.ndarray, heatmaps: np.ndarray, path: Path, codec: UDPHeatmap,
+                  keypoint_set: KeypointSet, cols: int = 8, titles: list[str] | None = None) -> Path:
     """Tile crops with their heatmaps and decoded skeletons into one image file.
 
     Args:
         crops: uint8 [N, H, W, 3] RGB.
-        heatmaps: float32 [N, K, h, w], e.g. [N, 17, 64, 48] teacher heatmaps.
+        heatmaps: float32 [N, K, h, w], e.g. [N, 17, 64, 48] teacher heatmaps made by `codec`.
         path: output image (PNG; any extension cv2.imwrite knows); parent folders are created.
         cols: tiles per row; the sheet is ceil(N / cols) × min(cols, N) tiles, unused tiles black.
         titles: optional text per tile, printed at its top left.
@@ -187,7 +189,7 @@ def contact_sheet(crops: np.ndarray, heatmaps: np.ndarray, path: Path, cols: int
     for i in range(n):
         r, c = divmod(i, cols)
         sheet[r * H:(r + 1) * H, c * W:(c + 1) * W] = render_tile(
-            crops[i].astype(np.uint8), heatmaps[i], titles[i] if titles else None
+            crops[i].astype(np.uint8), heatmaps[i], codec, keypoint_set, titles[i] if titles else None
         )
     return write_png(path, sheet)
 
@@ -201,6 +203,8 @@ def write_pictures(ann: Path | COCO, images: Path, results: list[dict[str, Any]]
     `out_dir/<image id, 12 digits>.png`, drawn on the full image.
     """
     coco, name = as_coco(ann)
+    keypoint_set = keypoint_set_of(coco, name)
+    k = keypoint_set.num_keypoints
     gt: dict[int, list[np.ndarray]] = {}
     for inst in instances_from_coco(coco, name):
         gt.setdefault(inst.image_id, []).append(inst.keypoints)
@@ -211,9 +215,10 @@ def write_pictures(ann: Path | COCO, images: Path, results: list[dict[str, Any]]
     for image_id in sorted(coco.imgs)[:count]:
         img = coco.imgs[image_id]
         image = read_image(Path(images) / img["file_name"], (img["width"], img["height"]))
-        gt_kp = np.asarray(gt.get(image_id, []), np.float32).reshape(-1, NUM_KEYPOINTS, 3)
+        gt_kp = np.asarray(gt.get(image_id, []), np.float32).reshape(-1, k, 3)
         mine = pred.get(image_id, [])
-        pred_kp = np.asarray([r["keypoints"] for r in mine], np.float32).reshape(-1, NUM_KEYPOINTS, 3)
-        picture = draw_predictions(image, gt_kp, pred_kp, np.asarray([r["score"] for r in mine]), threshold)
+        pred_kp = np.asarray([r["keypoints"] for r in mine], np.float32).reshape(-1, k, 3)
+        picture = draw_predictions(image, gt_kp, pred_kp, np.asarray([r["score"] for r in mine]), keypoint_set,
+                                   threshold)
         paths.append(write_png(Path(out_dir) / f"{image_id:012d}.png", picture))
     return paths

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from kdcache import heatmaps as codec
 from kdcache.augment import StudentAugConfig, jitter, occlude, photometric
+from kdcache.codec import UDPHeatmap, dark_udp
 
 INPUT_HW, HEATMAP_HW = (128, 96), (32, 24)
+CODEC = UDPHeatmap(INPUT_HW, HEATMAP_HW, sigma=2.0)
 
 
 def _crop(seed=0):
@@ -41,12 +42,12 @@ def test_jitter_keeps_keypoints_on_their_heatmap_peaks(seed):
     keypoints[:, 0] = rng.uniform(30, 66, 17)
     keypoints[:, 1] = rng.uniform(40, 88, 17)
     keypoints[:, 2] = 2
-    heat, _ = codec.encode(keypoints, INPUT_HW, HEATMAP_HW, sigma=2.0)
+    heat, _ = CODEC.encode(keypoints)
     cfg = StudentAugConfig(jitter_prob=1.0, jitter_rot=15, jitter_scale=0.15, jitter_shift=0.05)
-    crop, warped, moved = jitter(_crop(seed), heat, keypoints, np.random.default_rng(seed), cfg)
+    crop, warped, moved = jitter(_crop(seed), heat, keypoints, np.random.default_rng(seed), cfg, CODEC)
     assert crop.shape == (*INPUT_HW, 3) and warped.shape == heat.shape
     assert np.abs(moved[:, :2] - keypoints[:, :2]).max() > 1.0  # it did move
-    decoded, _ = codec.decode(warped[None])
+    decoded, _ = dark_udp(warped[None])
     stride = np.array([(INPUT_HW[1] - 1) / (HEATMAP_HW[1] - 1), (INPUT_HW[0] - 1) / (HEATMAP_HW[0] - 1)])
     err = np.linalg.norm(decoded[0] * stride - moved[:, :2], axis=1)  # crop pixels
     assert err.max() < 0.5
@@ -57,6 +58,6 @@ def test_jitter_drops_joints_pushed_outside():
     heat = np.zeros((17, *HEATMAP_HW), np.float32)
     cfg = StudentAugConfig(jitter_prob=1.0, jitter_rot=0, jitter_scale=0, jitter_shift=0.05)
     for seed in range(10):
-        _, _, moved = jitter(_crop(), heat, keypoints, np.random.default_rng(seed), cfg)
+        _, _, moved = jitter(_crop(), heat, keypoints, np.random.default_rng(seed), cfg, CODEC)
         inside = (moved[:, 0] >= 0) & (moved[:, 1] >= 0)
         assert ((moved[:, 2] > 0) == inside).all()

@@ -97,7 +97,7 @@ def test_bench_command_prints_one_table(tmp_path, capsys):
 
     from kdcache.checkpoint import checkpoint_dict
     from kdcache.cli import main
-    from kdcache.teacher import build_vitpose, vitpose_config
+    from kdcache.vitpose import build_vitpose, vitpose_config
 
     path = tmp_path / "nano.pt"
     torch.save(checkpoint_dict(build_vitpose(vitpose_config("vitpose-nano", input_hw=(64, 48)))), path)

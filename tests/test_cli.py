@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache import open_cache, read_manifest
+from kdcache.cache import open_cache
+from kdcache.cache_format import read_manifest
 from kdcache.cli import main
 from kdcache.coco import load_instances
 
@@ -80,8 +81,8 @@ def test_dump_refuses_other_settings(pipeline, capsys):
 
 def test_cached_targets_match_teacher(pipeline):
     """What the cache holds is the teacher's output on the stored crop (up to JPEG and quantisation)."""
-    from kdcache.checkpoint import load_model
-    from kdcache.transforms import to_input_tensor
+    from kdcache.models import load_model
+    from kdcache.inference import to_input_tensor
 
     cache = open_cache(pipeline["root"] / "cache")
     teacher = load_model(pipeline["root"] / "teacher/best.pt")

@@ -11,16 +11,14 @@ import torch
 import kdcache.checkpoint as checkpoint_mod
 import kdcache.train as train_mod
 from kdcache.cli import main
-from kdcache.synth import SynthConfig, synthesize
 
 QUIET = ["--workers", "0", "--no-progress"]
 TEACHER = ["--arch", "vitpose-nano", "--input-size", "128x96", "--batch-size", "4", "--warmup-steps", "1"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = synthesize(SynthConfig(out=tmp_path_factory.mktemp("faults") / "data", train_images=8, val_images=2,
-                                  seed=3, max_people=1))
+def data(synth_data):
+    root = synth_data(8, 2, 3, max_people=1)
     return {"root": root, "train": ["--ann", str(root / "annotations/person_keypoints_train.json"),
                                     "--images", str(root / "train")]}
 
@@ -61,7 +59,7 @@ def test_resume_with_another_model_is_one_line(error_line, data, tmp_path, capsy
 def test_out_that_is_a_file_or_cannot_be_written_fails_before_any_work(error_line, data, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr(train_mod, "load_instances", lambda *a: pytest.fail("work began before --out was checked"))
+    monkeypatch.setattr(train_mod, "annotated_views", lambda *a: pytest.fail("work began before --out was checked"))
     assert _teacher(data, blocker) == 2
     assert "is a file, not a folder" in error_line()
 
@@ -141,7 +139,8 @@ def test_best_holds_weights_only_and_config_records_absolute_paths(data, tmp_pat
 
 
 def test_view_augmentation_from_the_command_line_is_recorded(error_line, data, tmp_path, capsys):
-    from kdcache.cache import open_cache, read_manifest
+    from kdcache.cache import open_cache
+    from kdcache.cache_format import read_manifest
 
     run = tmp_path / "teacher"
     assert _teacher(data, run, "--max-steps", "1", "--rot-prob", "0", "--half-body-prob", "0",
@@ -181,7 +180,7 @@ def test_out_of_memory_is_one_line(error_line, data, tmp_path, capsys, monkeypat
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_mod, "_fit", oom)
+    monkeypatch.setattr(train_mod, "fit", oom)
     assert _teacher(data, tmp_path / "x") == 1
     err = error_line()
     assert "out of memory" in err and "--batch-size" in err

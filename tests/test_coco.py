@@ -119,8 +119,10 @@ def test_read_image_decodes_raw_pixels_despite_exif_orientation(tmp_path):
 
 
 def test_image_of_another_size_than_annotated_is_refused(tmp_path):
+    from kdcache.codec import UDPHeatmap
     from kdcache.data import ViewDataset
-    from kdcache.transforms import AugmentConfig
+    from kdcache.keypoints import COCO_17
+    from kdcache.transforms import AugmentConfig, ViewSampler
 
     assert cv2.imwrite(str(tmp_path / "a.png"), np.zeros((80, 100, 3), np.uint8))  # 100 wide, 80 high
     assert read_image(tmp_path / "a.png", expect_wh=(100, 80)).shape == (80, 100, 3)
@@ -134,7 +136,8 @@ def test_image_of_another_size_than_annotated_is_refused(tmp_path):
     kpts = np.zeros((17, 3), np.float32)
     kpts[0] = (30, 30, 2)
     inst = Instance(1, 5, "a.png", (80, 100), np.array([10, 10, 40, 50], np.float32), kpts, 2000.0)
-    views = ViewDataset([inst], tmp_path, (64, 48), AugmentConfig(), seed=0, items=[(0, 0)])
+    sampler = ViewSampler(AugmentConfig(), UDPHeatmap.for_input((64, 48)), COCO_17, seed=0)
+    views = ViewDataset([inst], tmp_path, sampler, items=[(0, 0)])
     with pytest.raises(UserError, match=message):
         views[0]  # the dump and ground-truth training read images here
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from kdcache.synth import SynthConfig, synthesize
-from kdcache.teacher import build_vitpose, vitpose_config
+from kdcache.vitpose import build_vitpose, vitpose_config
 
 
 def _train(data, out, nproc: int, batch: int) -> None:

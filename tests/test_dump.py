@@ -19,15 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache import cache as cachefmt
-from kdcache.checkpoint import checkpoint_dict
+from kdcache import cache_format as fmt
+from kdcache.cache import open_cache, verify_cache
 from kdcache.cli import main
 from kdcache.coco import load_instances
 from kdcache.config import DumpConfig, RunConfig
 from kdcache.dump import dump_teacher
 from kdcache.errors import UserError
-from kdcache.synth import SynthConfig, synthesize
-from kdcache.teacher import build_vitpose, vitpose_config
 
 REPO = Path(__file__).resolve().parents[1]
 # One intra-op thread: the same float results in every process (pytest's, the CLI's, each torchrun rank).
@@ -36,14 +34,12 @@ DUMP = ["--views", "3", "--shard-size", "4", "--batch-size", "2", "--workers", "
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, synth_data, nano_teacher):
+    """Shared data and teacher (tests copy the images before changing them)."""
     root = tmp_path_factory.mktemp("dump")
-    data = synthesize(SynthConfig(out=root / "data", train_images=6, val_images=0, seed=3, max_people=2))
-    torch.manual_seed(0)
-    teacher = build_vitpose(vitpose_config("vitpose-nano", input_hw=(128, 96)))
-    torch.save(checkpoint_dict(teacher, epoch=0, step=0), root / "teacher.pt")
+    data = synth_data(6, 0, 3, max_people=2)
     ann = data / "annotations/person_keypoints_train.json"
-    return {"root": root, "ann": ann, "images": data / "train", "teacher": root / "teacher.pt",
+    return {"root": root, "ann": ann, "images": data / "train", "teacher": nano_teacher((128, 96)),
             "instances": load_instances(ann)}
 
 
@@ -58,7 +54,7 @@ def _cli(args):
 
 def _shards(path):
     """What must be identical between two runs: the manifest minus nothing, and every shard's bytes."""
-    manifest = cachefmt.read_manifest(path)
+    manifest = fmt.read_manifest(path)
     return manifest, {s["name"]: (path / s["name"]).read_bytes() for s in manifest["shards"]}
 
 
@@ -90,13 +86,13 @@ def _kill_after_new_shard(args, out, have: int) -> int:
     proc = subprocess.Popen(_cli(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        manifest = cachefmt.read_manifest(out) if (out / "manifest.json").exists() else None
+        manifest = fmt.read_manifest(out) if (out / "manifest.json").exists() else None
         if manifest and len(manifest["shards"]) > have:
             break
         time.sleep(0.002)
     proc.kill()  # SIGKILL: no cleanup of any kind
     proc.wait()
-    manifest = cachefmt.read_manifest(out)
+    manifest = fmt.read_manifest(out)
     assert not manifest["complete"], "the dump finished before it could be killed; give it more work"
     return len(manifest["shards"])
 
@@ -110,7 +106,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(setup, reference, tmp_path):
     ref_manifest, ref_shards = _shards(reference)
     assert manifest == ref_manifest and manifest["complete"]
     assert shards == ref_shards  # bit for bit: no duplicate, no missing view, same values
-    assert not list(out.glob("*.tmp")) and cachefmt.verify_cache(out) == []
+    assert not list(out.glob("*.tmp")) and verify_cache(out) == []
 
 
 def test_torchrun_ranks_write_the_single_process_cache(setup, reference, tmp_path):
@@ -119,7 +115,7 @@ def test_torchrun_ranks_write_the_single_process_cache(setup, reference, tmp_pat
     result = subprocess.run(launch + _args(setup, out), env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest, shards = _shards(out)
-    assert manifest == cachefmt.read_manifest(reference) and manifest["complete"]
+    assert manifest == fmt.read_manifest(reference) and manifest["complete"]
     assert shards == _shards(reference)[1]
 
 
@@ -135,8 +131,8 @@ def test_missing_image_stops_with_one_line_and_rerun_resumes(setup, tmp_path, ca
     assert main(_args(setup, out, images)) == 2
     err = error_line()
     assert victim.name in err and "--skip-bad-images" in err
-    manifest = cachefmt.read_manifest(out)
-    assert 0 < len(manifest["shards"]) < manifest["num_shards"] and cachefmt.verify_cache(out)[0].startswith("incomplete")
+    manifest = fmt.read_manifest(out)
+    assert 0 < len(manifest["shards"]) < manifest["num_shards"] and verify_cache(out)[0].startswith("incomplete")
     victim.write_bytes(saved)
     assert main(_args(setup, out, images)) == 0
     assert _shards(out) == _shards(tmp_path / "ref")
@@ -151,9 +147,9 @@ def test_skip_bad_images_lists_them_and_keeps_the_rest(setup, tmp_path, capsys):
     out = tmp_path / "cache"
     assert main(_args(setup, out, images, "--skip-bad-images")) == 0
     assert "skipped 2 unreadable images" in capsys.readouterr().out
-    manifest = cachefmt.read_manifest(out)
+    manifest = fmt.read_manifest(out)
     assert manifest["complete"] and manifest["skipped_images"] == sorted([garbage, truncated])
-    cache = cachefmt.open_cache(out)
+    cache = open_cache(out)
     good = [inst for inst in setup["instances"] if inst.file_name not in (garbage, truncated)]
     keys = sorted((cache[i]["ann_id"], cache[i]["view"]) for i in range(len(cache)))
     assert keys == sorted((inst.ann_id, v) for inst in good for v in range(3))
@@ -162,20 +158,20 @@ def test_skip_bad_images_lists_them_and_keeps_the_rest(setup, tmp_path, capsys):
 
 
 def test_teacher_flip_and_confidence(setup, tmp_path):
-    from kdcache.heatmaps import flip_heatmaps
+    from kdcache.inference import to_input_tensor
+    from kdcache.keypoints import COCO_17
     from kdcache.teacher import load_teacher
-    from kdcache.transforms import to_input_tensor
 
     out = tmp_path / "cache"
     assert main(_args(setup, out, None, "--teacher-flip", "--crop", "png", "--heatmap-error", "0.008")) == 0
-    cache = cachefmt.open_cache(out)
+    cache = open_cache(out)
     assert cache.manifest["teacher_flip"]
     teacher = load_teacher(setup["teacher"])
     rows = [cache[i] for i in range(4)]
     x = to_input_tensor(np.stack([r["crop"] for r in rows]))  # PNG: exactly the crops the teacher saw
     with torch.no_grad():
         plain = teacher(x)
-        expected = ((plain + flip_heatmaps(teacher(torch.flip(x, dims=[3])))) / 2).numpy()
+        expected = ((plain + teacher.codec.flip(teacher(torch.flip(x, dims=[3])), COCO_17)) / 2).numpy()
     for row, want, unflipped in zip(rows, expected, plain.numpy()):
         assert np.linalg.norm(row["heatmaps"] - want) / np.linalg.norm(want) < 0.01
         assert np.linalg.norm(row["heatmaps"] - unflipped) > 5 * np.linalg.norm(row["heatmaps"] - want)
@@ -187,14 +183,14 @@ def test_crop_none_replays_the_same_crops(setup, tmp_path):
 
     assert main(_args(setup, tmp_path / "png", None, "--crop", "png")) == 0
     assert main(_args(setup, tmp_path / "none", None, "--crop", "none")) == 0
-    png, none = cachefmt.open_cache(tmp_path / "png"), cachefmt.open_cache(tmp_path / "none")
+    png, none = open_cache(tmp_path / "png"), open_cache(tmp_path / "none")
     assert len(png) == len(none)
     for i in (0, len(png) // 2, len(png) - 1):
         np.testing.assert_array_equal(none[i]["crop"], png[i]["crop"])
         np.testing.assert_array_equal(none[i]["heatmaps"], png[i]["heatmaps"])
     with h5py.File(tmp_path / "none/shard-00000.h5", "r") as f:
         assert "crop" not in f and f["image_file"][0].decode() == setup["instances"][0].file_name
-    dataset = CachedDataset(tmp_path / "none", sigma=2.0, flip_prob=0.0, seed=0)
+    dataset = CachedDataset(none, flip_prob=0.0, seed=0)
     assert dataset.row_of(0) == 1  # epoch 0: view 1 of instance 0
     np.testing.assert_array_equal(dataset[0]["crop"], png[1]["crop"])
 
@@ -245,12 +241,12 @@ def test_rerun_rewrites_missing_truncated_and_corrupt_shards(setup, inproc, tmp_
         dump_teacher(_cfg(setup, out))  # sizes and headers are always checked
     assert "shard-00000.h5: missing" in caplog.text and "shard-00001.h5: " in caplog.text
     assert "shard-00002.h5" not in caplog.text
-    assert cachefmt.verify_cache(out) == ["shard-00002.h5: checksum mismatch (corrupt)"]
+    assert verify_cache(out) == ["shard-00002.h5: checksum mismatch (corrupt)"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kdcache.dump"):
         dump_teacher(_cfg(setup, out), verify=True)
     assert "rewriting damaged shard shard-00002.h5: checksum mismatch" in caplog.text
-    assert cachefmt.verify_cache(out) == [] and _shards(out) == _shards(inproc)
+    assert verify_cache(out) == [] and _shards(out) == _shards(inproc)
     assert not list(out.glob("*.tmp"))
 
 
@@ -278,7 +274,7 @@ def test_full_disk_keeps_complete_shards_and_the_rerun_finishes(setup, inproc, t
     ref_manifest, ref_shards = _shards(inproc)
     assert [s["index"] for s in manifest["shards"]] == listed and not manifest["complete"]
     assert shards == {name: ref_shards[name] for name in shards}
-    assert cachefmt.verify_cache(out) == [f"incomplete: {len(listed)} of {ref_manifest['num_shards']} shards"]
+    assert verify_cache(out) == [f"incomplete: {len(listed)} of {ref_manifest['num_shards']} shards"]
     monkeypatch.undo()  # the disk has room again
     dump_teacher(_cfg(setup, out))
     assert _shards(out) == (ref_manifest, ref_shards) and not list(out.glob("*.tmp"))
@@ -319,7 +315,7 @@ def test_crop_none_refuses_replay_from_changed_images(setup, tmp_path, monkeypat
     images = tmp_path / "images"
     shutil.copytree(setup["images"], images)
     out = tmp_path / "none"
-    dump_teacher(_cfg(setup, out, images, crop_encoding="none"))
+    dump_teacher(_cfg(setup, out, images, crop_format="none"))
     with h5py.File(out / "shard-00000.h5", "r") as f:  # the contract: readable with h5py alone
         names = [name.decode() for name in f["image_file"][:]]
         image_hw, image_sha = f["image_hw"][:], f["image_sha256"][:]
@@ -328,9 +324,9 @@ def test_crop_none_refuses_replay_from_changed_images(setup, tmp_path, monkeypat
         assert list(hw) == list(cv2.imread(str(images / name)).shape[:2])
         assert sha.tobytes().hex() == hashlib.sha256((images / name).read_bytes()).hexdigest()
 
-    hashed, real = [], cachefmt.sha256_file
-    monkeypatch.setattr(cachefmt, "sha256_file", lambda path: hashed.append(path) or real(path))
-    cache = cachefmt.open_cache(out)
+    hashed, real = [], fmt.sha256_file
+    monkeypatch.setattr(fmt, "sha256_file", lambda path: hashed.append(path) or real(path))
+    cache = open_cache(out)
     crops = [cache[i]["crop"] for i in range(len(cache))]
     assert len(hashed) == len({inst.file_name for inst in setup["instances"]})  # once per image, not per row
 
@@ -338,7 +334,7 @@ def test_crop_none_refuses_replay_from_changed_images(setup, tmp_path, monkeypat
     image = cv2.imread(str(images / first))
     image[:8, :8] = 255 - image[:8, :8]
     cv2.imwrite(str(images / first), image)  # same size, other pixels
-    fresh = cachefmt.open_cache(out)  # as in a new process
+    fresh = open_cache(out)  # as in a new process
     with pytest.raises(UserError, match=f"image {images / first} has changed since cache {out} was dumped "
                                         "\\(same size, other content.*restore the images .*or dump the teacher again"):
         fresh[0]
@@ -355,4 +351,4 @@ def test_crop_none_refuses_replay_from_changed_images(setup, tmp_path, monkeypat
     for shard in out.glob("shard-*.h5"):  # a cache dumped before these datasets existed: replayed unchecked
         with h5py.File(shard, "a") as f:
             del f["image_hw"], f["image_sha256"]
-    assert cachefmt.open_cache(out)[0]["crop"].shape == crops[0].shape
+    assert open_cache(out)[0]["crop"].shape == crops[0].shape

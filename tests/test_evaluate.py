@@ -7,78 +7,25 @@ import cv2
 import numpy as np
 import pytest
 
-from kdcache import heatmaps as codec
 from kdcache.coco import load_instances
-from kdcache.evaluate import coco_keypoint_metrics, coco_results, gt_person_boxes, heatmaps_to_image, oks_nms
-from kdcache.keypoints import NUM_KEYPOINTS
-from kdcache.synth import SynthConfig, synthesize
-from kdcache.transforms import bbox_to_center_scale, keypoints_to_crop, udp_affine
+from kdcache.keypoints import COCO_17
+from kdcache.predict import PredictConfig
 
-INPUT_HW = (256, 192)
-
-
-def test_oracle_heatmaps_score_near_100(tmp_path):
-    """Ground truth encoded as heatmaps in each box's crop, decoded and projected back, scores ~AP 100."""
-    data = synthesize(SynthConfig(out=tmp_path, train_images=1, val_images=6, seed=3))
-    ann = data / "annotations/person_keypoints_val.json"
-    instances = load_instances(ann)
-    boxes = gt_person_boxes(ann)
-    heat, affines, areas = [], [], []
-    for inst in instances:
-        center, scale_wh = bbox_to_center_scale(inst.bbox_xywh)
-        affine = udp_affine(center, scale_wh, 0.0, INPUT_HW)
-        kp = keypoints_to_crop(inst.keypoints, affine, False)
-        h, _ = codec.encode(kp, INPUT_HW, (64, 48), 2.0)
-        heat.append(h)
-        affines.append(affine)
-        areas.append(scale_wh[0] * scale_wh[1])
-    kps = heatmaps_to_image(np.stack(heat), np.stack(affines), INPUT_HW)
-    labelled = np.stack([i.keypoints for i in instances])[..., 2] > 0
-    inside = (np.stack([i.keypoints for i in instances])[..., :2] > 0).all(-1)
-    err = np.linalg.norm(kps[..., :2] - np.stack([i.keypoints[:, :2] for i in instances]), axis=-1)
-    assert np.median(err[labelled & inside]) < 0.5  # pixels in the original image
-    metrics = coco_keypoint_metrics(ann, coco_results(boxes, kps, np.asarray(areas)))
-    assert metrics["AP"] > 95.0
-
-
-def test_coco_results_format_and_rescoring():
-    from kdcache.evaluate import PersonBox
-
-    kps = np.zeros((2, NUM_KEYPOINTS, 3), np.float32)
-    kps[0, :, :2] = np.arange(NUM_KEYPOINTS)[:, None] * 10
-    kps[1, :, :2] = kps[0, :, :2] + 300  # far away: not suppressed
-    kps[0, :, 2] = 0.1
-    kps[0, :4, 2] = 0.9            # only 4 keypoints count: mean 0.9
-    kps[1, :, 2] = 0.5
-    boxes = [PersonBox(7, "a.jpg", np.zeros(4, np.float32), 0.5), PersonBox(7, "a.jpg", np.zeros(4, np.float32), 1.0)]
-    res = coco_results(boxes, kps, np.array([1e4, 1e4]))
-    assert len(res) == 2 and all(len(r["keypoints"]) == 51 and r["category_id"] == 1 for r in res)
-    scores = sorted(r["score"] for r in res)
-    np.testing.assert_allclose(scores, [0.45, 0.5], rtol=1e-6)
-
-
-def test_oks_nms_suppresses_duplicates_only():
-    rng = np.random.default_rng(0)
-    base = rng.uniform(0, 100, (NUM_KEYPOINTS, 3))
-    dup = base + np.array([0.5, 0.5, 0])
-    far = base + np.array([60.0, 0, 0])
-    kps = np.stack([base, dup, far])
-    keep = oks_nms(kps, np.array([0.9, 0.8, 0.7]), np.array([1e4, 1e4, 1e4]), thr=0.9)
-    assert keep == [0, 2]
+NUM_KEYPOINTS = COCO_17.num_keypoints
 
 
 # ---- through the command line on a tiny model -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, synth_data):
     """Three synthetic val images; a random ViTPose-nano at 128x96 whose heatmaps peak near 1 (scores pass 0.3)."""
     import torch
 
     from kdcache.checkpoint import checkpoint_dict
-    from kdcache.teacher import build_vitpose, vitpose_config
+    from kdcache.vitpose import build_vitpose, vitpose_config
 
     root = tmp_path_factory.mktemp("eval")
-    data = synthesize(SynthConfig(out=root / "data", train_images=0, val_images=3, seed=5, max_people=2))
+    data = synth_data(0, 3, 5, max_people=2)
     torch.manual_seed(0)
     model = build_vitpose(vitpose_config("vitpose-nano", input_hw=(128, 96))).eval()
     last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # heatmaps are linear in it
@@ -157,27 +104,6 @@ def test_eval_with_detections_thresholds_rescores_and_suppresses(tiny, tmp_path)
     np.testing.assert_allclose(ratios["0"], sorted([*scores, 0.05]), rtol=1e-2)  # the weak box was kept at 0
 
 
-def test_detection_file_filters_like_mmpose(tiny, tmp_path):
-    from kdcache.errors import UserError
-    from kdcache.evaluate import detected_person_boxes
-
-    image_ids = sorted({i.image_id for i in load_instances(tiny["ann"])})
-    dets = [{"image_id": image_ids[-1], "category_id": 1, "bbox": [1, 2, 30, 40], "score": 0.3},
-            {"image_id": image_ids[0], "category_id": 1, "bbox": [5, 6, 30, 40], "score": 0.2},
-            {"image_id": image_ids[0], "category_id": 1, "bbox": [5, 6, 0, 40], "score": 0.9},  # empty
-            {"image_id": image_ids[0], "category_id": 1, "bbox": [5, 6, 30, 40], "score": 0.1},  # below thr
-            {"image_id": image_ids[0], "category_id": 3, "bbox": [5, 6, 30, 40], "score": 0.9},  # not a person
-            {"image_id": -1, "bbox": [5, 6, 30, 40], "score": 0.9}]  # unknown image
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps(dets))
-    boxes = detected_person_boxes(tiny["ann"], path, score_thr=0.2)  # kept: score >= thr, as mmpose
-    assert [(b.image_id, b.score) for b in boxes] == [(image_ids[0], 0.2), (image_ids[-1], 0.3)]  # by image
-    np.testing.assert_array_equal(boxes[0].bbox_xywh, [5, 6, 30, 40])  # as given, not clipped
-    path.write_text(json.dumps([{"image_id": image_ids[0], "bbox": [1, 2, 3]}]))
-    with pytest.raises(UserError, match="not a COCO detection results list"):
-        detected_person_boxes(tiny["ann"], path, 0.0)
-
-
 # ---- real-world annotation files, results files and outputs ----------------------------------------
 
 def _oracle_predictions(ann):
@@ -208,13 +134,14 @@ def _person_id(data, new_id):
 
 @pytest.fixture()
 def model(tiny):
-    from kdcache.checkpoint import load_model
+    from kdcache.models import load_model
 
     return load_model(tiny["model"])
 
 
 def test_person_category_of_another_id_scores_the_same(tiny, model, tmp_path, monkeypatch):
     import kdcache.evaluate as ev
+    from kdcache.boxes import detected_person_boxes
 
     ann7 = _rewrite(tiny["ann"], tmp_path / "person7.json", lambda d: _person_id(d, 7))
     monkeypatch.setattr(ev, "predict_keypoints", _oracle_predictions(tiny["ann"]))
@@ -227,7 +154,7 @@ def test_person_category_of_another_id_scores_the_same(tiny, model, tmp_path, mo
             for i in load_instances(ann7)]
     dets.append({**dets[0], "category_id": 1, "bbox": [0.0, 0.0, 20.0, 20.0]})
     (tmp_path / "d.json").write_text(json.dumps(dets))
-    assert len(ev.detected_person_boxes(ann7, tmp_path / "d.json", 0.0)) == len(dets) - 1
+    assert len(detected_person_boxes(ann7, tmp_path / "d.json", 0.0)) == len(dets) - 1
     assert ev.evaluate_model(model, ann7, tiny["images"], boxes=tmp_path / "d.json")[0]["AP"] == 100.0
 
 
@@ -255,42 +182,6 @@ def test_nothing_to_score_is_refused_before_inference_and_nothing_is_written(tin
     assert not metrics.exists()
 
 
-def test_empty_area_range_is_none_printed_as_a_dash_and_written_as_null(tiny, tmp_path):
-    from kdcache.evaluate import format_metrics, score_results
-
-    def large(data):  # every person "large" (area > 96^2): COCOeval has no medium one to average
-        for a in data["annotations"]:
-            a["area"] = 20000.0
-    ann = _rewrite(tiny["ann"], tmp_path / "large.json", large)
-    oracle = [{"image_id": i.image_id, "category_id": 1, "keypoints": i.keypoints.reshape(-1).tolist(), "score": 1.0}
-              for i in load_instances(ann)]
-    (tmp_path / "r.json").write_text(json.dumps(oracle))
-    metrics = score_results(ann, tmp_path / "r.json", metrics_out=tmp_path / "out" / "m.json")
-    assert metrics["APm"] is None and metrics["ARm"] is None and metrics["APl"] == metrics["AP"] == 100.0
-    table = format_metrics(metrics).splitlines()
-    assert table[3].startswith("APm") and table[3].endswith("=      –") and table[4].endswith("= 100.00")
-    written = json.loads((tmp_path / "out" / "m.json").read_text())
-    assert written["APm"] is None and written["AP"] == 100.0 and "-100" not in (tmp_path / "out" / "m.json").read_text()
-
-
-def test_converted_annotation_files_score_without_crashing(tiny, tmp_path):
-    """CrowdPose/AIC-style ground truth (no area, num_keypoints, iscrowd; a person without keypoints) scores as
-    COCO's own: area from the box, num_keypoints from the visibilities, the keypoint-less person ignored."""
-    from kdcache.evaluate import coco_keypoint_metrics
-
-    def convert(data):
-        for a in data["annotations"]:
-            for key in ("area", "num_keypoints", "iscrowd", "segmentation"):
-                a.pop(key, None)
-        data["annotations"].append({"id": 999, "image_id": data["images"][0]["id"], "category_id": 1,
-                                    "bbox": [1.0, 1.0, 30.0, 60.0]})
-    ann = _rewrite(tiny["ann"], tmp_path / "converted.json", convert)
-    oracle = [{"image_id": i.image_id, "category_id": 1, "keypoints": i.keypoints.reshape(-1).tolist(), "score": 1.0}
-              for i in load_instances(ann)]
-    assert len(oracle) == len(load_instances(tiny["ann"]))
-    assert coco_keypoint_metrics(ann, oracle)["AP"] == 100.0
-
-
 def test_model_with_another_keypoint_count_is_refused_before_inference(tiny, tmp_path):
     import dataclasses
 
@@ -300,11 +191,11 @@ def test_model_with_another_keypoint_count_is_refused_before_inference(tiny, tmp
     from kdcache.config import EvalConfig
     from kdcache.errors import UserError
     from kdcache.evaluate import evaluate
-    from kdcache.teacher import build_vitpose, vitpose_config
+    from kdcache.vitpose import build_vitpose, vitpose_config
 
     cfg16 = dataclasses.replace(vitpose_config("vitpose-nano", input_hw=(128, 96)), num_keypoints=16)
     torch.save(checkpoint_dict(build_vitpose(cfg16)), tmp_path / "mpii.pt")
-    cfg = EvalConfig(model=tmp_path / "mpii.pt", ann=tiny["ann"], images=tmp_path / "no-images", workers=0)
+    cfg = EvalConfig(model=tmp_path / "mpii.pt", ann=tiny["ann"], images=tmp_path / "no-images")
     with pytest.raises(UserError, match=r"model predicts 16 keypoints but .*person_keypoints_val.json has 17"):
         evaluate(cfg)
 
@@ -318,7 +209,7 @@ def test_unwritable_outputs_are_refused_before_the_model_is_loaded(tiny, tmp_pat
 
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "a_file").write_text("x")
-    base = dict(model=tmp_path / "no-model.pt", ann=tiny["ann"], images=tiny["images"], workers=0)
+    base = dict(model=tmp_path / "no-model.pt", ann=tiny["ann"], images=tiny["images"])
     cases = [({"metrics_out": tmp_path / "a_folder"}, r"--metrics-out .*a_folder is a folder"),
              ({"results_out": tmp_path / "a_file" / "sub" / "r.json"}, r"--results-out .*r.json cannot be created: "
                                                                         r".*a_file is a file"),
@@ -387,8 +278,8 @@ def test_eval_refuses_images_of_another_size_than_annotated(tiny, model, tmp_pat
 def test_progress_bar_over_the_inference_batches(tiny, model, capsys):
     from kdcache.evaluate import evaluate_model
 
-    evaluate_model(model, tiny["ann"], tiny["images"], batch_size=2)
+    evaluate_model(model, tiny["ann"], tiny["images"], predict=PredictConfig(batch_size=2))
     assert "batch" not in capsys.readouterr().err
-    evaluate_model(model, tiny["ann"], tiny["images"], batch_size=2, progress=True)
+    evaluate_model(model, tiny["ann"], tiny["images"], predict=PredictConfig(batch_size=2, progress=True))
     err = capsys.readouterr().err
     assert "eval:" in err and "0/2 " in err and "batch" in err  # 3 boxes in batches of 2; later redraws are timed

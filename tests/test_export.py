@@ -8,6 +8,7 @@ import torch
 
 from kdcache.errors import UserError
 from kdcache.export import export_onnx
+from kdcache.keypoints import COCO_17
 from kdcache.student import StudentConfig, build_student
 
 INPUT_HW = (128, 96)  # small crops keep the test fast; the graph is the same
@@ -29,7 +30,7 @@ def test_export_matches_pytorch_with_dynamic_batch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = _student()
     path = tmp_path / "out" / "student.onnx"
-    diff = export_onnx(model, path, INPUT_HW)
+    diff = export_onnx(model, path, INPUT_HW, COCO_17)
     assert path.is_file() and 0 <= diff <= 1e-4
     assert model.training  # exported in eval mode, then put back
 
@@ -47,7 +48,7 @@ def test_export_matches_pytorch_with_dynamic_batch(tmp_path):
 def test_missing_extra_is_a_user_error(tmp_path, monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"pip install 'kdcache\[export\]'"):
-        export_onnx(torch.nn.Conv2d(3, 17, 1), tmp_path / "x.onnx", (8, 8))
+        export_onnx(torch.nn.Conv2d(3, 17, 1), tmp_path / "x.onnx", (8, 8), COCO_17)
 
 
 def test_disagreement_is_a_user_error(tmp_path, monkeypatch):
@@ -56,7 +57,7 @@ def test_disagreement_is_a_user_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kdcache.export, "MAX_ABS_DIFF", -1.0)  # any difference, even 0, is too much
     with pytest.raises(UserError, match="differs from PyTorch"):
-        export_onnx(torch.nn.Conv2d(3, 17, 1), tmp_path / "x.onnx", (8, 8))
+        export_onnx(torch.nn.Conv2d(3, 17, 1), tmp_path / "x.onnx", (8, 8), COCO_17)
 
 
 def test_export_writes_the_preprocessing_into_the_metadata(tmp_path):
@@ -65,17 +66,18 @@ def test_export_writes_the_preprocessing_into_the_metadata(tmp_path):
 
     import onnx
 
-    from kdcache.keypoints import FLIP_PAIRS, IMAGENET_MEAN, IMAGENET_STD, KEYPOINT_NAMES
-    from kdcache.transforms import to_input_tensor
+    from kdcache.inference import IMAGENET_MEAN, IMAGENET_STD, to_input_tensor
 
     model = _student()
-    export_onnx(model, tmp_path / "s.onnx", INPUT_HW)
+    export_onnx(model, tmp_path / "s.onnx", INPUT_HW, COCO_17)
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "s.onnx")).metadata_props}
     assert json.loads(meta["input_size_hw"]) == list(INPUT_HW)
     assert json.loads(meta["heatmap_size_hw"]) == [INPUT_HW[0] // 4, INPUT_HW[1] // 4]
     assert meta["color_order"] == "RGB" and meta["input_name"] == "input" and meta["output_name"] == "heatmaps"
-    assert json.loads(meta["keypoint_names"]) == list(KEYPOINT_NAMES)
-    assert [tuple(p) for p in json.loads(meta["flip_pairs"])] == list(FLIP_PAIRS)
+    assert json.loads(meta["keypoint_names"]) == list(COCO_17.names) and meta["keypoint_set"] == "coco-17"
+    assert [tuple(p) for p in json.loads(meta["flip_pairs"])] == list(COCO_17.flip_pairs)
+    assert json.loads(meta["codec"]) == {"name": "udp-heatmap", "input_hw": list(INPUT_HW),
+                                         "heatmap_hw": [INPUT_HW[0] // 4, INPUT_HW[1] // 4], "sigma": 2.0}
     assert json.loads(meta["model"])["backbone"] == "mobilenetv3_small_100"
     # The recipe the metadata gives reproduces kdcache's own normalisation.
     crop = np.random.default_rng(0).integers(0, 256, (1, *INPUT_HW, 3), dtype=np.uint8)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kdcache.losses import distillation_loss, heatmap_kl, heatmap_mse
+from kdcache.errors import UserError
+from kdcache.losses import KD_LOSSES, KDConfig, distillation_loss, heatmap_kl, heatmap_mse
 
 torch.manual_seed(0)
 PRED, TEACHER, TARGET = torch.rand(3, 17, 8, 6), torch.rand(3, 17, 8, 6), torch.rand(3, 17, 8, 6)
@@ -26,24 +27,34 @@ def test_kl_is_zero_on_the_teacher_and_matches_the_definition():
     assert heatmap_kl(PRED, TEACHER, temperature=t) == pytest.approx(want.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mse", "kl"])
+@pytest.mark.parametrize("kind", list(KD_LOSSES))
 def test_alpha_mixes_teacher_and_ground_truth(kind):
-    kd = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 1.0, kind)
-    gt = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 0.0, kind)
+    kd = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, KDConfig(1.0, kind))
+    gt = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, KDConfig(0.0, kind))
     assert gt == pytest.approx(heatmap_mse(PRED, TARGET, WEIGHT).item())
-    assert distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 0.3, kind) == pytest.approx(
+    assert distillation_loss(PRED, TEACHER, TARGET, WEIGHT, KDConfig(0.3, kind)) == pytest.approx(
         (0.3 * kd + 0.7 * gt).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["mse", "kl"])
+@pytest.mark.parametrize("kind", list(KD_LOSSES))
 def test_confidence_weights_scale_each_joints_teacher_term_linearly(kind):
+    weighted = KDConfig(1.0, kind, confidence_weights=True)
+
     def per_joint(k, w):
         conf = torch.zeros(3, 17)
         conf[:, k] = w
-        return distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 1.0, kind, kd_weight=conf).item()
+        return distillation_loss(PRED, TEACHER, TARGET, WEIGHT, weighted, conf).item()
 
     assert per_joint(4, 0.0) == 0.0
     assert per_joint(4, 0.5) == pytest.approx(0.5 * per_joint(4, 1.0), rel=1e-5)
-    ones = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 1.0, kind, kd_weight=torch.ones(3, 17)).item()
-    assert ones == pytest.approx(distillation_loss(PRED, TEACHER, TARGET, WEIGHT, 1.0, kind).item(), rel=1e-6)
+    ones = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, weighted, torch.ones(3, 17)).item()
+    assert ones == pytest.approx(distillation_loss(PRED, TEACHER, TARGET, WEIGHT, KDConfig(1.0, kind)).item(), rel=1e-6)
+    # Without confidence_weights the confidence is not used.
+    unweighted = distillation_loss(PRED, TEACHER, TARGET, WEIGHT, KDConfig(1.0, kind), torch.zeros(3, 17)).item()
+    assert unweighted == pytest.approx(ones, rel=1e-6)
     assert sum(per_joint(k, 1.0) for k in range(17)) == pytest.approx(ones, rel=1e-5)
+
+
+def test_an_unknown_teacher_term_is_refused_by_name():
+    with pytest.raises(UserError, match="unknown --kd-loss 'l1'; choose one of mse, kl"):
+        KDConfig(loss="l1")

@@ -10,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kdcache.keypoints import KEYPOINT_NAMES, SKELETON
+from kdcache.keypoints import COCO_17
 from kdcache.synth import BAND_BGR, SynthConfig, render_image, synthesize
 
 
@@ -30,8 +30,8 @@ def test_layout_and_invariants(tiny: Path) -> None:
         coco = _quiet(COCO, str(tiny / "annotations" / f"person_keypoints_{split}.json"))
         (cat,) = coco.loadCats(coco.getCatIds())
         assert cat["id"] == 1 and cat["name"] == "person" and cat["supercategory"] == "person"
-        assert cat["keypoints"] == list(KEYPOINT_NAMES)
-        assert [tuple(p) for p in cat["skeleton"]] == list(SKELETON)
+        assert cat["keypoints"] == list(COCO_17.names)
+        assert [tuple(p) for p in cat["skeleton"]] == list(COCO_17.skeleton)
         assert len(coco.getImgIds()) == count
         ids |= set(coco.getImgIds())
         for img in coco.loadImgs(coco.getImgIds()):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import kdcache.train as train_mod
+import kdcache.sources as sources_mod
 from kdcache.config import OptimConfig, RunConfig, TrainTeacherConfig
 from kdcache.student import NAMED_STUDENTS
-from kdcache.synth import SynthConfig, synthesize
-from kdcache.train import lr_factor, train_teacher
+from kdcache.optim import lr_factor
+from kdcache.train import train_teacher
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -27,8 +27,8 @@ def test_step_schedule_drops_tenfold_twice():
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ema):
-    data = synthesize(SynthConfig(out=tmp_path / "data", train_images=4, val_images=0, seed=2))
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ema, synth_data):
+    data = synth_data(4, 0, 2)
     cfg = TrainTeacherConfig(ann=data / "annotations/person_keypoints_train.json", images=data / "train",
                              run=RunConfig(out=tmp_path / "a", workers=0, progress=False), arch="vitpose-nano",
                              input_hw=(64, 64), optim=OptimConfig(epochs=3, batch_size=2, lr=1e-3, warmup_steps=2,
@@ -37,7 +37,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ema
     steps_per_epoch = torch.load(tmp_path / "a/last.pt", weights_only=True)["step"] // 3
 
     calls = {"n": 0}
-    real_loss = train_mod.heatmap_mse
+    real_loss = sources_mod.heatmap_mse
 
     def crashing_loss(*args, **kwargs):
         calls["n"] += 1
@@ -46,11 +46,11 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ema
         return real_loss(*args, **kwargs)
 
     crashed = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=tmp_path / "b"))
-    monkeypatch.setattr(train_mod, "heatmap_mse", crashing_loss)
+    monkeypatch.setattr(sources_mod, "heatmap_mse", crashing_loss)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_teacher(crashed)
     assert torch.load(tmp_path / "b/last.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(train_mod, "heatmap_mse", real_loss)
+    monkeypatch.setattr(sources_mod, "heatmap_mse", real_loss)
     train_teacher(dataclasses.replace(crashed, run=dataclasses.replace(crashed.run, resume=True)))
 
     a = torch.load(tmp_path / "a/last.pt", weights_only=True)
@@ -72,22 +72,18 @@ INPUT_HW = (64, 64)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, synth_data, nano_teacher):
     """Six instances, a nano teacher, and its cache of 3 views per instance (64x64: fast)."""
-    from kdcache.checkpoint import checkpoint_dict
     from kdcache.config import DumpConfig
     from kdcache.dump import dump_teacher
-    from kdcache.teacher import build_vitpose, vitpose_config
 
     root = tmp_path_factory.mktemp("students")
-    data = synthesize(SynthConfig(out=root / "data", train_images=6, val_images=0, seed=4, max_people=1))
-    torch.manual_seed(0)
-    torch.save(checkpoint_dict(build_vitpose(vitpose_config("vitpose-nano", input_hw=INPUT_HW)), epoch=0, step=0),
-               root / "teacher.pt")
+    data = synth_data(6, 0, 4, max_people=1)
+    teacher = nano_teacher(INPUT_HW)
     ann, images = data / "annotations/person_keypoints_train.json", data / "train"
-    cache = dump_teacher(DumpConfig(teacher=root / "teacher.pt", ann=ann, images=images, views=3,
+    cache = dump_teacher(DumpConfig(teacher=teacher, ann=ann, images=images, views=3,
                                     run=RunConfig(out=root / "cache", workers=0, progress=False)))
-    return {"root": root, "ann": ann, "images": images, "cache": cache, "teacher": root / "teacher.pt"}
+    return {"root": root, "ann": ann, "images": images, "cache": cache, "teacher": teacher}
 
 
 def test_a_cached_epoch_is_one_view_per_instance_cycling_the_augmented_views(tiny):
@@ -95,7 +91,7 @@ def test_a_cached_epoch_is_one_view_per_instance_cycling_the_augmented_views(tin
     from kdcache.data import CachedDataset
 
     rows = open_cache(tiny["cache"])
-    dataset = CachedDataset(tiny["cache"], sigma=2.0, flip_prob=0.0, seed=0)
+    dataset = CachedDataset(rows, flip_prob=0.0, seed=0)
     assert len(dataset) == len(rows) // 3 == 6
     views = []
     for epoch in range(5):
@@ -114,7 +110,7 @@ def test_train_views_restricts_epochs_to_the_first_k_views(tiny):
     from kdcache.errors import UserError
 
     rows = open_cache(tiny["cache"])
-    dataset = CachedDataset(tiny["cache"], sigma=2.0, flip_prob=0.0, seed=0, train_views=1)
+    dataset = CachedDataset(rows, flip_prob=0.0, seed=0, train_views=1)
     views = []
     for epoch in range(4):
         dataset.set_epoch(epoch)
@@ -122,7 +118,7 @@ def test_train_views_restricts_epochs_to_the_first_k_views(tiny):
     assert views == [1, 1, 1, 1]
     for bad in (3, -1):  # the cache has 2 augmented views
         with pytest.raises(UserError, match=r"holds 2 augmented views per instance; pass 1\.\.2"):
-            CachedDataset(tiny["cache"], sigma=2.0, flip_prob=0.0, seed=0, train_views=bad)
+            CachedDataset(rows, flip_prob=0.0, seed=0, train_views=bad)
 
 
 def _student_cfg(tiny, out, backbone="mobilenetv3_small_100", **kwargs):
@@ -135,27 +131,34 @@ def _student_cfg(tiny, out, backbone="mobilenetv3_small_100", **kwargs):
 
 
 def test_ground_truth_only_student_never_calls_the_teacher_loss(tiny, tmp_path, monkeypatch):
+    from kdcache.losses import KDConfig
     from kdcache.train import train_student
 
     def no_kd(*args, **kwargs):
         raise AssertionError("distillation loss used without a teacher")
 
-    monkeypatch.setattr(train_mod, "distillation_loss", no_kd)
-    run = train_student(_student_cfg(tiny, tmp_path / "gt", ann=tiny["ann"], images=tiny["images"], alpha=0.5))
+    monkeypatch.setattr(sources_mod, "distillation_loss", no_kd)
+    run = train_student(_student_cfg(tiny, tmp_path / "gt", ann=tiny["ann"], images=tiny["images"],
+                                     kd=KDConfig(alpha=0.5)))
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_online_teacher_sees_clean_crops_while_the_student_sees_photometric_changes(tiny, tmp_path, monkeypatch):
+    import kdcache.train as train_mod
     from kdcache.augment import StudentAugConfig
+    from kdcache.codec import UDPHeatmap
+    from kdcache.coco import load_instances
     from kdcache.data import ViewDataset
+    from kdcache.inference import to_input_tensor
+    from kdcache.keypoints import COCO_17
     from kdcache.teacher import load_teacher
     from kdcache.train import train_student
-    from kdcache.transforms import AugmentConfig, to_input_tensor
+    from kdcache.transforms import AugmentConfig, ViewSampler
 
     seen = {"teacher": [], "student": []}
     teacher = load_teacher(tiny["teacher"])
     teacher.register_forward_hook(lambda m, args, out: seen["teacher"].append(args[0].clone()))
-    monkeypatch.setattr(train_mod, "load_teacher", lambda *a, **k: teacher)
+    monkeypatch.setattr(sources_mod, "load_teacher", lambda *a, **k: teacher)
     real_build = train_mod.build_student
 
     def build(cfg):
@@ -167,7 +170,8 @@ def test_online_teacher_sees_clean_crops_while_the_student_sees_photometric_chan
     aug = StudentAugConfig(color_prob=1.0, noise_prob=1.0)
     train_student(_student_cfg(tiny, tmp_path / "online", online_teacher=tiny["teacher"], ann=tiny["ann"],
                                images=tiny["images"], student_aug=aug))
-    plain = ViewDataset(train_mod.load_instances(tiny["ann"]), tiny["images"], INPUT_HW, AugmentConfig(), 0)
+    sampler = ViewSampler(AugmentConfig(), UDPHeatmap.for_input(INPUT_HW), COCO_17, 0)
+    plain = ViewDataset(load_instances(tiny["ann"]), tiny["images"], sampler)
     clean = to_input_tensor(np.stack([plain[i]["crop"] for i in range(len(plain))]))
     key = lambda x: sorted(round(float(v), 3) for v in x.sum(dim=(1, 2, 3)))  # noqa: E731  order-free
     assert key(torch.cat(seen["teacher"])) == key(clean)
@@ -204,14 +208,14 @@ def test_tensorboard_scalars_when_installed(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("backbone", NAMED_STUDENTS)
 def test_every_named_student_trains_and_evaluates_from_a_cache(tiny, tmp_path, backbone):
-    from kdcache.checkpoint import load_model
+    from kdcache.models import load_model
     from kdcache.evaluate import evaluate_model
     from kdcache.train import train_student
 
     run = train_student(_student_cfg(tiny, tmp_path / backbone, backbone, cache=tiny["cache"]))
     model = load_model(run / "last.pt")
     assert model.config.backbone == backbone
-    metrics, results = evaluate_model(model, tiny["ann"], tiny["images"], workers=0)
+    metrics, results = evaluate_model(model, tiny["ann"], tiny["images"])  # PredictConfig: 0 workers
     assert len(results) == 6 and 0.0 <= metrics["AP"] <= 100.0  # one scored instance per person
 
 
@@ -221,14 +225,14 @@ def test_view_seed_gives_an_online_run_the_views_a_cache_holds(tiny, tmp_path, m
     from kdcache.train import train_student
 
     seen = []
-    real = train_mod.ViewDataset
+    real = sources_mod.ViewDataset
 
     def spy(*args, **kwargs):
         dataset = real(*args, **kwargs)
         seen.append(dataset)
         return dataset
 
-    monkeypatch.setattr(train_mod, "ViewDataset", spy)
+    monkeypatch.setattr(sources_mod, "ViewDataset", spy)
     cfg = _student_cfg(tiny, tmp_path / "online", online_teacher=tiny["teacher"], ann=tiny["ann"],
                        images=tiny["images"], view_seed=0)
     train_student(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=7)))
@@ -238,4 +242,4 @@ def test_view_seed_gives_an_online_run_the_views_a_cache_holds(tiny, tmp_path, m
     for index in range(len(dataset)):
         row = rows[index * 3 + 2]
         np.testing.assert_allclose(dataset[index]["affine"], row["affine"], atol=1e-9)
-    assert dataset.seed == 0
+    assert dataset.sampler.seed == 0

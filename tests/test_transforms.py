@@ -1,17 +1,21 @@
-"""Crop geometry: box -> center/scale, UDP affine, mirror, view sampling, warps and input tensors."""
+"""Crop geometry: box -> center/scale, UDP affine, mirror, view sampling and warps."""
 
 import numpy as np
-import pytest
-import torch
 
-from kdcache.keypoints import IMAGENET_MEAN, IMAGENET_STD, NUM_KEYPOINTS
-from kdcache.transforms import (AugmentConfig, apply_affine, bbox_to_center_scale, crop_to_image,
-                                flip_crop, keypoints_to_crop, mirror_affine, sample_view,
-                                to_input_tensor, udp_affine, warp_crop)
+from kdcache.codec import UDPHeatmap, udp_affine
+from kdcache.keypoints import COCO_17
+from kdcache.transforms import (AugmentConfig, ViewSampler, apply_affine, bbox_to_center_scale, crop_to_image,
+                                flip_crop, keypoints_to_crop, mirror_affine, warp_crop)
 
 INPUT_HW = (256, 192)
 H, W = INPUT_HW
 BBOX = np.array([120.0, 60.0, 90.0, 200.0], dtype=np.float32)
+NUM_KEYPOINTS = COCO_17.num_keypoints
+
+
+def sample_view(bbox, kpts, seed, ann_id, view, aug=AugmentConfig(), input_hw=INPUT_HW):
+    """View `view` of an instance through a COCO-17 `ViewSampler` with the UDP codec of `input_hw`."""
+    return ViewSampler(aug, UDPHeatmap.for_input(input_hw), COCO_17, seed).geometry(bbox, kpts, ann_id, view)
 
 
 def _person(rng, labelled=NUM_KEYPOINTS):
@@ -75,7 +79,7 @@ def test_warp_crop_puts_a_dot_where_keypoints_to_crop_says():
     weight = crop[..., 0].astype(np.float64)
     cy, cx = np.mgrid[0:H, 0:W]
     centroid = np.array([(weight * cx).sum(), (weight * cy).sum()]) / weight.sum()
-    crop_kpts = keypoints_to_crop(kpts, g.affine, g.flip)
+    crop_kpts = keypoints_to_crop(kpts, g.affine, g.flip, COCO_17.flip_index)
     # The view is mirrored: the physical left wrist is now labelled right wrist (row 10).
     np.testing.assert_allclose(crop_kpts[10, :2], centroid, atol=0.25)  # a half-pixel slip fails
 
@@ -84,7 +88,7 @@ def test_crop_to_image_inverts_keypoints_to_crop():
     rng = np.random.default_rng(2)
     kpts = _person(rng)
     g = _flipped_rotated_view(kpts)
-    crop_kpts = keypoints_to_crop(kpts, g.affine, flip=False)
+    crop_kpts = keypoints_to_crop(kpts, g.affine, False, COCO_17.flip_index)
     np.testing.assert_allclose(crop_to_image(crop_kpts[:, :2], g.affine), kpts[:, :2], atol=1e-3)
     pts = rng.uniform(0, 200, (3, 4, 2))  # any leading shape
     np.testing.assert_allclose(apply_affine(crop_to_image(pts, g.affine), g.affine), pts, atol=1e-9)
@@ -97,8 +101,8 @@ def test_keypoints_to_crop_flip_swaps_left_and_right():
     kpts[10] = (190, 160, 2)  # right wrist: image right
     center, scale = bbox_to_center_scale(BBOX)
     a = udp_affine(center, scale, 0.0, INPUT_HW)
-    plain = keypoints_to_crop(kpts, a, flip=False)
-    flipped = keypoints_to_crop(kpts, mirror_affine(a, INPUT_HW), flip=True)
+    plain = keypoints_to_crop(kpts, a, False, COCO_17.flip_index)
+    flipped = keypoints_to_crop(kpts, mirror_affine(a, INPUT_HW), True, COCO_17.flip_index)
     assert flipped.dtype == np.float32
     assert plain[9, 0] < (W - 1) / 2 < plain[10, 0]
     # The physical left wrist is on the crop's right and is now the right wrist, visibility with it.
@@ -169,22 +173,3 @@ def test_warp_crop_with_mirror_equals_flipped_crop():
     flipped = flip_crop(warp_crop(image, a, INPUT_HW)).astype(np.int32)
     # Same geometry; OpenCV's fixed-point sampling may round a rare pixel differently.
     assert np.abs(mirrored - flipped).max() <= 1 and np.abs(mirrored - flipped).mean() < 0.05
-
-
-def test_to_input_tensor_normalises_numpy_and_torch():
-    crops = np.zeros((2, 4, 3, 3), dtype=np.uint8)
-    crops[0, 0, 0] = (124, 116, 104)  # ~ImageNet mean
-    crops[1, 3, 2] = (255, 0, 255)
-    x = to_input_tensor(crops)
-    assert x.shape == (2, 3, 4, 3) and x.dtype == torch.float32
-    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
-    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), (np.array([124, 116, 104]) - mean) / std, atol=1e-6)
-    np.testing.assert_allclose(x[1, :, 3, 2].numpy(), (np.array([255, 0, 255]) - mean) / std, rtol=1e-6)
-    np.testing.assert_allclose(x[0, :, 1, 1].numpy(), -mean / std, rtol=1e-6)
-    # Equal to ToTensor (/255) + NormalizeTensor with the 0-1 constants.
-    ref = (crops.transpose(0, 3, 1, 2) / 255.0 - np.array([0.485, 0.456, 0.406])[:, None, None]) \
-        / np.array([0.229, 0.224, 0.225])[:, None, None]
-    np.testing.assert_allclose(x.numpy(), ref, atol=1e-5)
-    torch.testing.assert_close(to_input_tensor(torch.from_numpy(crops)), x)
-    with pytest.raises(ValueError):
-        to_input_tensor(crops[0])

@@ -4,11 +4,13 @@ import cv2
 import numpy as np
 import pytest
 
-from kdcache.heatmaps import encode
-from kdcache.keypoints import KEYPOINT_NAMES
+from kdcache.codec import UDPHeatmap
+from kdcache.keypoints import COCO_17
 from kdcache.viz import CENTER_RGB, GT_RGB, LEFT_RGB, PRED_RGB, RIGHT_RGB, contact_sheet, draw_pose, draw_predictions
 
 INPUT_HW, HEATMAP_HW = (64, 48), (16, 12)
+CODEC = UDPHeatmap(INPUT_HW, HEATMAP_HW, sigma=1.0)
+KEYPOINT_NAMES = COCO_17.names
 GREY = 128
 
 
@@ -17,14 +19,15 @@ def _gaussians(points_xy, k=17):
     kpts = np.zeros((k, 3), np.float32)
     kpts[: len(points_xy), :2] = points_xy
     kpts[: len(points_xy), 2] = 2
-    return encode(kpts, INPUT_HW, HEATMAP_HW, sigma=1.0)[0]
+    return CODEC.encode(kpts)[0]
 
 
 @pytest.mark.parametrize("n, cols, grid", [(5, 3, (2, 3)), (2, 8, (1, 2)), (4, 4, (1, 4))])
 def test_sheet_size_is_rows_by_cols_tiles(tmp_path, n, cols, grid):
     crops = np.full((n, *INPUT_HW, 3), GREY, np.uint8)
     heatmaps = np.stack([_gaussians([(20.0, 30.0)])] * n)
-    path = contact_sheet(crops, heatmaps, tmp_path / "sub" / "sheet.png", cols=cols, titles=[f"#{i}" for i in range(n)])
+    path = contact_sheet(crops, heatmaps, tmp_path / "sub" / "sheet.png", CODEC, COCO_17, cols=cols,
+                         titles=[f"#{i}" for i in range(n)])
     image = cv2.imread(str(path))
     assert image.shape == (grid[0] * INPUT_HW[0], grid[1] * INPUT_HW[1], 3)
 
@@ -33,7 +36,8 @@ def test_tile_shows_heat_at_the_peak_and_the_crop_elsewhere(tmp_path):
     crops = np.full((2, *INPUT_HW, 3), GREY, np.uint8)
     peak_xy = (30.0, 12.0)  # crop pixels, top right of the 48x64 tile
     heatmaps = np.stack([_gaussians([peak_xy]), np.zeros((17, *HEATMAP_HW), np.float32)])
-    sheet = cv2.cvtColor(cv2.imread(str(contact_sheet(crops, heatmaps, tmp_path / "s.png", cols=2))), cv2.COLOR_BGR2RGB)
+    sheet = contact_sheet(crops, heatmaps, tmp_path / "s.png", CODEC, COCO_17, cols=2)
+    sheet = cv2.cvtColor(cv2.imread(str(sheet)), cv2.COLOR_BGR2RGB)
     tile, empty = sheet[:, :48].astype(int), sheet[:, 48:].astype(int)
     x, y = int(peak_xy[0]), int(peak_xy[1])
     ring = tile[y - 3:y + 4, x - 3:x + 4].reshape(-1, 3)
@@ -50,12 +54,12 @@ def test_draw_pose_colours_left_and_right_apart():
     xy[rs], xy[re] = (60, 40), (60, 160)  # vertical right upper arm at x=60
     scores = np.zeros(17)
     scores[[ls, le, rs, re]] = 1.0
-    out = draw_pose(image, xy, scores)
+    out = draw_pose(image, xy, scores, COCO_17)
     assert tuple(out[100, 140]) == LEFT_RGB and tuple(out[100, 60]) == RIGHT_RGB
     assert tuple(out[40, 100]) == CENTER_RGB  # the shoulder bar joins both sides
     assert (image == 0).all()  # drew on a copy
     scores[le] = 0.1  # below threshold: the left arm disappears
-    assert tuple(draw_pose(image, xy, scores)[100, 140]) == (0, 0, 0)
+    assert tuple(draw_pose(image, xy, scores, COCO_17)[100, 140]) == (0, 0, 0)
 
 
 def test_skeleton_lands_on_the_decoded_peak(tmp_path):
@@ -63,8 +67,9 @@ def test_skeleton_lands_on_the_decoded_peak(tmp_path):
     input_hw, heatmap_hw = (128, 96), (32, 24)  # the real 4x ratio and sigma, where DARK decoding is exact
     kpts = np.zeros((17, 3), np.float32)
     kpts[0] = (80.0, 100.0, 2)  # far from the origin, where a plain stride-4 mapping is ~2.5 px off
-    heatmaps = encode(kpts, input_hw, heatmap_hw, sigma=2.0)[0]
-    sheet = contact_sheet(np.zeros((1, *input_hw, 3), np.uint8), heatmaps[None], tmp_path / "p.png")
+    codec = UDPHeatmap(input_hw, heatmap_hw, sigma=2.0)
+    heatmaps = codec.encode(kpts)[0]
+    sheet = contact_sheet(np.zeros((1, *input_hw, 3), np.uint8), heatmaps[None], tmp_path / "p.png", codec, COCO_17)
     image = cv2.cvtColor(cv2.imread(str(sheet)), cv2.COLOR_BGR2RGB)
     assert tuple(image[100, 80]) == CENTER_RGB  # joint 0 (nose) is a centre joint; its dot has radius 2 px
     assert tuple(image[100, 77]) != CENTER_RGB
@@ -79,7 +84,7 @@ def test_predictions_over_ground_truth_in_two_colours_with_scores():
     pred[0, [ls, le]] = [(220, 100, 0.9), (220, 180, 0.8)]
     pred[0, 0] = (250, 60, 0.29)  # below the 0.3 threshold: not drawn
     pred[1, ls] = (150, 200, 0.1)  # a prediction with nothing above threshold: no skeleton, no score
-    out = draw_predictions(image, gt, pred, np.array([0.87, 0.05]), threshold=0.3)
+    out = draw_predictions(image, gt, pred, np.array([0.87, 0.05]), COCO_17, threshold=0.3)
     assert tuple(out[100, 60]) == GT_RGB and tuple(out[140, 60]) == GT_RGB  # joint and limb
     assert tuple(out[100, 220]) == PRED_RGB and tuple(out[140, 220]) == PRED_RGB
     assert tuple(out[60, 250]) == (GREY,) * 3 and tuple(out[200, 150]) == (GREY,) * 3
@@ -87,6 +92,6 @@ def test_predictions_over_ground_truth_in_two_colours_with_scores():
     # The score is written just above the prediction's top-left joint, in the prediction colour.
     label = out[70:97, 215:260].reshape(-1, 3).astype(int)
     assert (np.abs(label - PRED_RGB).max(axis=1) < 40).sum() > 10  # text is anti-aliased (OpenCV 5 always)
-    other = draw_predictions(image, gt, pred, np.array([0.12, 0.05]), threshold=0.3)
+    other = draw_predictions(image, gt, pred, np.array([0.12, 0.05]), COCO_17, threshold=0.3)
     assert not np.array_equal(other[70:97, 215:260], out[70:97, 215:260])
     assert np.array_equal(other[:, :200], out[:, :200])  # nothing else depends on the score

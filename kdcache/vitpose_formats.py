@@ -1,4 +1,4 @@
-"""Released ViTPose weight files -> one official-named state dict for `kdcache.teacher.ViTPose`.
+"""Released ViTPose weight files -> one official-named state dict for `kdcache.vitpose.ViTPose`.
 
 What arrives, and what this module does with it:
 
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from kdcache.checkpoint import read_state_dict, unwrap_state_dict
 from kdcache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ HF_BACKBONE_DEFAULTS = {"image_size": [256, 192], "patch_size": [16, 16], "num_a
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 
-_WRAPPERS = ("state_dict", "model", "module")
 _EXTRAS = re.compile(r"^(associate_keypoint_heads\.|backbone\.cls_token$)")
 _EXPERT = re.compile(r"^backbone\.blocks\.(\d+)\.mlp\.experts\.(\d+)\.(weight|bias)$")
 
@@ -59,20 +59,6 @@ class TeacherWeights:
     state_dict: dict[str, torch.Tensor]  # official names; one MLP per block, one head, no extras
     overrides: dict = field(default_factory=dict)  # ViTPoseConfig fields: num_heads, layer_norm_eps
     trained_hw: tuple[int, int] | None = None  # crop (H, W) the file was made for, when it says
-
-
-def unwrap_state_dict(obj: Mapping, path: Path) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint object (wrapper keys and a `module.` prefix removed)."""
-    sd = obj
-    for key in _WRAPPERS:  # {'state_dict': ...}, {'model': ...}, {'model': {'state_dict': ...}}, ...
-        if isinstance(sd.get(key), Mapping):
-            sd = sd[key]
-    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path} is not a ViTPose checkpoint: no state dict of tensors found "
-                        f"(top-level keys: {sorted(obj)[:6]})")
-    if all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return dict(sd)
 
 
 def is_huggingface(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -211,8 +197,6 @@ def find_hf_config(path: Path) -> dict:
 
 def read_hf_tensors(weights: Path) -> dict[str, torch.Tensor]:
     """Tensors of a HuggingFace weight file: safetensors, a weights_only torch .bin, or a sharded index."""
-    from kdcache.checkpoint import read_checkpoint
-
     if weights.name.endswith(".index.json"):
         try:
             shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
@@ -224,15 +208,7 @@ def read_hf_tensors(weights: Path) -> dict[str, torch.Tensor]:
         return out
     if not weights.is_file():
         raise UserError(f"HuggingFace weight file {weights} does not exist")
-    if weights.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(weights))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{weights} is not a readable safetensors file ({e})") from None
-    return unwrap_state_dict(read_checkpoint(weights), weights)
+    return read_state_dict(weights)
 
 
 def from_huggingface(sd: Mapping[str, torch.Tensor], config: Mapping, path: Path

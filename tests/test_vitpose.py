@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import UserError
-from kdcache.teacher import (
-    ARCHS, ViTPose, ViTPoseConfig, build_vitpose, config_from_state_dict, load_teacher, resize_pos_embed,
-    teacher_from_checkpoint, vitpose_config,
-)
+from kdcache.teacher import load_teacher, teacher_from_checkpoint
+from kdcache.vitpose import ARCHS, ViTPose, ViTPoseConfig, build_vitpose, vitpose_config
+from kdcache.vitpose_family import config_from_state_dict, resize_pos_embed
 
 
 def randomised(cfg: ViTPoseConfig, seed: int = 0) -> torch.nn.Module:

@@ -11,10 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdcache.checkpoint import checkpoint_dict, load_model
+from kdcache.checkpoint import checkpoint_dict
+from kdcache.models import load_model
 from kdcache.errors import UserError
-from kdcache.teacher import ViTPose, load_teacher, vitpose_config
-from kdcache.teacher_formats import VITPOSE_PLUS_DATASETS
+from kdcache.teacher import load_teacher
+from kdcache.vitpose import ViTPose, vitpose_config
+from kdcache.vitpose_formats import VITPOSE_PLUS_DATASETS
 
 INPUT_HW = (64, 48)
 DIM, DEPTH, HEADS, HIDDEN, DECONV = 192, 6, 3, 768, 128  # vitpose-tiny
@@ -344,11 +346,11 @@ def test_dump_teacher_uses_the_chosen_expert_and_hashes_hf_weights(plus, tmp_pat
     not COCO's is refused; an HF folder is hashed by its weight file, so two folders never look alike."""
     import numpy as np
 
-    from kdcache.cache import open_cache, read_manifest
-    from kdcache.cache import sha256_file
+    from kdcache.cache import open_cache
+    from kdcache.cache_format import read_manifest, sha256_file
     from kdcache.cli import main
     from kdcache.synth import SynthConfig, synthesize
-    from kdcache.transforms import to_input_tensor
+    from kdcache.inference import to_input_tensor
 
     data = synthesize(SynthConfig(out=tmp_path / "data", train_images=2, val_images=0, seed=1, max_people=1))
     torch.save({"state_dict": plus}, tmp_path / "plus.pth")

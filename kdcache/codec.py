@@ -1,19 +1,35 @@
-"""The keypoint codec: UDP Gaussian heatmaps (encode) and argmax + DARK-UDP (decode).
+"""The keypoint codec: how a crop is cut, and keypoints <-> heatmaps (UDP, as ViTPose is trained and tested).
 
-Under UDP, heatmap pixel i and crop pixel i * (W_in-1)/(w-1) are the same point: the stride is
-(size-1)/(size-1), not size/size. ViTPose trains with these targets (mmpose `TopDownGenerateTarget`
-with encoding='UDP', sigma 2) and decodes with `keypoints_from_heatmaps(use_udp=True, kernel=11)`.
+`UDPHeatmap` owns the crop size, the heatmap size and the target sigma; callers hold one object instead of
+passing the three numbers around. Under unbiased data processing (UDP) heatmap pixel i and crop pixel
+i * (W_in-1)/(w-1) are the same point: the stride is (size-1)/(size-1), not size/size. ViTPose trains with
+these targets (mmpose `TopDownGenerateTarget` with encoding='UDP', sigma 2), cuts crops with the UDP warp
+(`get_warp_matrix`) and decodes with `keypoints_from_heatmaps(use_udp=True, kernel=11)`.
+
+A codec is recorded in every cache (`to_record`) and rebuilt from it (`codec_from_record`), so a student's
+targets are checked to be the teacher's kind. A new codec (TokenPose's classic affine + DARK) is one more
+class with the same methods, and its entry in `CODECS`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
-import torch
 
-from kdcache.keypoints import FLIP_INDEX
+from kdcache.errors import UserError
+from kdcache.keypoints import KeypointSet
+
+HEATMAP_STRIDE = 4              # nominal crop pixels per heatmap pixel: 256x192 crops -> 64x48 heatmaps
+DEFAULT_SIGMA = 2.0             # ViTPose's target Gaussian, in heatmap pixels
+DEFAULT_INPUT_HW = (256, 192)   # ViTPose's crop (H, W)
+
+
+def heatmap_hw_for(input_hw: tuple[int, int]) -> tuple[int, int]:
+    """Heatmaps are at stride 4 of the input: 256x192 -> 64x48."""
+    return input_hw[0] // HEATMAP_STRIDE, input_hw[1] // HEATMAP_STRIDE
 
 
 def heatmap_stride(input_hw: tuple[int, int], heatmap_hw: tuple[int, int]) -> tuple[float, float]:
@@ -21,8 +37,8 @@ def heatmap_stride(input_hw: tuple[int, int], heatmap_hw: tuple[int, int]) -> tu
     return ((input_hw[1] - 1.0) / (heatmap_hw[1] - 1.0), (input_hw[0] - 1.0) / (heatmap_hw[0] - 1.0))
 
 
-def encode(keypoints_crop: np.ndarray, input_hw: tuple[int, int] = (256, 192),
-           heatmap_hw: tuple[int, int] = (64, 48), sigma: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def udp_gaussians(keypoints_crop: np.ndarray, input_hw: tuple[int, int], heatmap_hw: tuple[int, int],
+                  sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """UDP Gaussian targets (mmpose `_udp_generate_target`, GaussianHeatmap).
 
     mu = xy / stride with the UDP stride; the map is exp(-d^2 / (2 sigma^2)) (peak 1, not normalised),
@@ -142,7 +158,7 @@ def _blurred_log_3x3(maps: np.ndarray, px: np.ndarray, py: np.ndarray, kernel: i
     return np.take_along_axis(log_blur, ix[..., None, :], axis=3)
 
 
-def decode(heatmaps: np.ndarray, kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
+def dark_udp(heatmaps: np.ndarray, kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps -> sub-pixel keypoints: argmax + DARK-UDP (mmpose `post_dark_udp`), vectorised.
 
     The maps are blurred (kernel 11 for sigma 2), clipped to [0.001, 50] and logged; the argmax is then
@@ -157,7 +173,7 @@ def decode(heatmaps: np.ndarray, kernel: int = 11) -> tuple[np.ndarray, np.ndarr
     Returns:
         coords: float32 [N, K, 2] heatmap pixels (x, y); scores: float32 [N, K].
     """
-    if isinstance(heatmaps, torch.Tensor):
+    if not isinstance(heatmaps, np.ndarray) and hasattr(heatmaps, "detach"):  # torch, not imported here
         heatmaps = heatmaps.detach().float().cpu().numpy()
     maps = np.asarray(heatmaps, dtype=np.float32)
     if maps.ndim != 4:
@@ -191,18 +207,31 @@ def decode(heatmaps: np.ndarray, kernel: int = 11) -> tuple[np.ndarray, np.ndarr
     return refined.astype(np.float32), scores
 
 
-def heatmap_to_crop(coords: np.ndarray, input_hw: tuple[int, int] = (256, 192),
-                    heatmap_hw: tuple[int, int] = (64, 48)) -> np.ndarray:
-    """Heatmap pixels [..., 2] -> crop pixels [..., 2] with the UDP stride (size-1)/(size-1)."""
-    stride_x, stride_y = heatmap_stride(input_hw, heatmap_hw)
-    out = np.array(coords, dtype=np.float64, copy=True)
-    out[..., 0] *= stride_x
-    out[..., 1] *= stride_y
-    return out
+def udp_affine(center: np.ndarray, scale_wh: np.ndarray, rot_deg: float,
+               input_hw: tuple[int, int]) -> np.ndarray:
+    """UDP warp matrix, image pixels -> crop pixels (mmpose `get_warp_matrix`).
+
+    The center maps to ((W-1)/2, (H-1)/2) and the region's half width `scale_wh[0] / 2` to
+    (W-1)/2 pixels, i.e. the region spans [0, W-1] x [0, H-1]. A positive `rot_deg` turns image
+    +x towards crop +y (mmpose's sign).
+
+    Returns:
+        float64 [2, 3].
+    """
+    h_in, w_in = input_hw
+    theta = np.deg2rad(rot_deg)
+    cos, sin = np.cos(theta), np.sin(theta)
+    sx = (w_in - 1.0) / float(scale_wh[0])
+    sy = (h_in - 1.0) / float(scale_wh[1])
+    cx, cy = float(center[0]), float(center[1])
+    # Rotate about the center, scale, then move the center to the crop's middle.
+    return np.array([
+        [cos * sx, -sin * sx, sx * (-cx * cos + cy * sin + 0.5 * float(scale_wh[0]))],
+        [sin * sy, cos * sy, sy * (-cx * sin - cy * cos + 0.5 * float(scale_wh[1]))],
+    ], dtype=np.float64)
 
 
-def flip_heatmaps(heatmaps: np.ndarray | torch.Tensor,
-                  flip_index: Sequence[int] = FLIP_INDEX) -> np.ndarray | torch.Tensor:
+def flip_heatmaps(heatmaps: Any, flip_index: tuple[int, ...]) -> Any:
     """Heatmaps of a mirrored crop -> heatmaps of the crop (and vice versa: it is an involution).
 
     Mirrors the width axis and swaps left/right channels. Under UDP pixel x mirrors to w-1-x exactly,
@@ -215,6 +244,71 @@ def flip_heatmaps(heatmaps: np.ndarray | torch.Tensor,
         The same type and shape (numpy: a new contiguous array).
     """
     index = list(flip_index)
-    if isinstance(heatmaps, torch.Tensor):
-        return heatmaps[..., index, :, :].flip(-1)
-    return np.ascontiguousarray(np.asarray(heatmaps)[..., index, :, ::-1])
+    if isinstance(heatmaps, np.ndarray):
+        return np.ascontiguousarray(heatmaps[..., index, :, ::-1])
+    return heatmaps[..., index, :, :].flip(-1)  # torch (not imported here: the cache reader stays torch-free)
+
+
+@dataclass(frozen=True)
+class UDPHeatmap:
+    """ViTPose's codec: UDP crops, UDP Gaussian targets, argmax + DARK-UDP decoding, shift-free flips."""
+
+    input_hw: tuple[int, int] = DEFAULT_INPUT_HW  # crop (H, W) in pixels
+    heatmap_hw: tuple[int, int] = heatmap_hw_for(DEFAULT_INPUT_HW)  # heatmap (h, w)
+    sigma: float = DEFAULT_SIGMA  # target Gaussian, heatmap pixels
+
+    name: ClassVar[str] = "udp-heatmap"
+    blur_kernel: ClassVar[int] = 11  # DARK's Gaussian blur before the log (ViTPose's modulate_kernel)
+
+    @classmethod
+    def for_input(cls, input_hw: tuple[int, int], sigma: float = DEFAULT_SIGMA) -> UDPHeatmap:
+        """The codec of crops of `input_hw`, with heatmaps at stride 4."""
+        return cls(tuple(input_hw), heatmap_hw_for(input_hw), float(sigma))
+
+    @property
+    def stride(self) -> tuple[float, float]:
+        """(x, y) crop pixels per heatmap pixel: (W_in-1)/(w-1) and (H_in-1)/(h-1)."""
+        return heatmap_stride(self.input_hw, self.heatmap_hw)
+
+    def crop_affine(self, center: np.ndarray, scale_wh: np.ndarray, rot_deg: float) -> np.ndarray:
+        """Image pixels -> crop pixels, float64 [2, 3] (`udp_affine`)."""
+        return udp_affine(center, scale_wh, rot_deg, self.input_hw)
+
+    def encode(self, keypoints_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """keypoints_crop [K, 3] (x, y crop pixels, v) -> targets float32 [K, h, w], weights float32 [K]."""
+        return udp_gaussians(keypoints_crop, self.input_hw, self.heatmap_hw, self.sigma)
+
+    def decode(self, heatmaps: Any) -> tuple[np.ndarray, np.ndarray]:
+        """heatmaps [N, K, h, w] -> keypoints float64 [N, K, 2] in crop pixels (x, y), scores float32 [N, K]."""
+        coords, scores = dark_udp(heatmaps, self.blur_kernel)
+        return self.heatmap_to_crop(coords), scores
+
+    def heatmap_to_crop(self, coords: np.ndarray) -> np.ndarray:
+        """Heatmap pixels [..., 2] -> crop pixels [..., 2] (float64) with the UDP stride."""
+        stride_x, stride_y = self.stride
+        out = np.array(coords, dtype=np.float64, copy=True)
+        out[..., 0] *= stride_x
+        out[..., 1] *= stride_y
+        return out
+
+    def flip(self, heatmaps: Any, keypoint_set: KeypointSet) -> Any:
+        """Heatmaps of the mirrored crop -> heatmaps of the crop, numpy or torch (`flip_heatmaps`)."""
+        return flip_heatmaps(heatmaps, keypoint_set.flip_index)
+
+    def to_record(self) -> dict[str, Any]:
+        """What a cache records about the codec of its targets (JSON values)."""
+        return {"name": self.name, "input_hw": list(self.input_hw), "heatmap_hw": list(self.heatmap_hw),
+                "sigma": float(self.sigma)}
+
+
+# Codecs by the name a cache records.
+CODECS = {UDPHeatmap.name: UDPHeatmap}
+
+
+def codec_from_record(record: dict[str, Any]) -> UDPHeatmap:
+    """The codec a cache recorded (`to_record`)."""
+    kind = CODECS.get(record.get("name"))
+    if kind is None:
+        raise UserError(f"the cache's targets were made by codec {record.get('name')!r}, which this kdcache does "
+                        f"not know (it knows {', '.join(CODECS)}); update kdcache")
+    return kind(tuple(record["input_hw"]), tuple(record["heatmap_hw"]), float(record["sigma"]))

@@ -1,0 +1,140 @@
+"""Training sources: where a model's targets come from. Each owns its dataset and its loss terms; the
+training loop (`kdcache.train.fit`) runs any of them and does not know which.
+
+    GroundTruth   augmented views of annotated people, ground-truth heatmaps (train-teacher, and train-student
+                  with neither --cache nor --online-teacher)
+    CachedKD      a teacher cache's views and heatmaps, mixed with ground truth (train-student --cache)
+    OnlineKD      augmented views, the teacher run on each batch (train-student --online-teacher: the baseline)
+
+A source is any object with `dataset` (items: dicts of numpy arrays with "crop" uint8 [H, W, 3] and, when
+the student sees changed pixels, "student_crop") and `loss(model, batch) -> scalar` over a collated batch
+already on the device. `student_source` picks the one a TrainStudentConfig asks for; a new source is one
+more class here, its branch there, and its tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kdcache.cache import open_cache
+from kdcache.cache_format import check_compatible
+from kdcache.cache_reader import Cache
+from kdcache.codec import UDPHeatmap
+from kdcache.coco import instances_from_coco, keypoint_set_of, load_coco
+from kdcache.config import TrainStudentConfig
+from kdcache.data import CachedDataset, TrainViews, ViewDataset
+from kdcache.errors import UserError
+from kdcache.inference import predict_heatmaps, to_input_tensor
+from kdcache.losses import KDConfig, distillation_loss, heatmap_mse
+from kdcache.student import StudentConfig
+from kdcache.teacher import load_teacher, require_keypoint_set
+from kdcache.transforms import AugmentConfig, ViewSampler
+
+log = logging.getLogger(__name__)
+
+
+class TrainingSource(Protocol):
+    dataset: Dataset
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar loss of `model` on a collated batch (tensors on the training device)."""
+
+
+def student_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The normalised crops the trained model sees: [N, 3, H, W] (photometric changes included, if any)."""
+    return to_input_tensor(batch.get("student_crop", batch["crop"]))
+
+
+def annotated_views(ann: Path, images: Path, aug: AugmentConfig, codec: UDPHeatmap, seed: int) -> ViewDataset:
+    """One fresh view per annotated person per epoch, in the annotation file's keypoint set."""
+    coco = load_coco(ann)
+    instances = instances_from_coco(coco, ann)
+    if not instances:
+        raise UserError(f"{ann} has no usable person instances; check the annotation file")
+    return ViewDataset(instances, images, ViewSampler(aug, codec, keypoint_set_of(coco, ann), seed))
+
+
+@dataclass
+class GroundTruth:
+    """Ground-truth heatmaps only: mmpose's weighted MSE on the codec's targets."""
+
+    dataset: TrainViews
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return heatmap_mse(model(student_input(batch)), batch["target"], batch["target_weight"])
+
+
+@dataclass
+class CachedKD:
+    """The cached teacher heatmaps of each view, mixed with its ground truth (`KDConfig`)."""
+
+    dataset: CachedDataset
+    kd: KDConfig
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return distillation_loss(model(student_input(batch)), batch["teacher"], batch["target"],
+                                 batch["target_weight"], self.kd, batch["teacher_confidence"])
+
+
+@dataclass
+class OnlineKD:
+    """The teacher run on every batch, on the crop before photometric changes (as the dump sees it)."""
+
+    dataset: TrainViews
+    teacher: nn.Module
+    kd: KDConfig
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = student_input(batch)
+        sampler = self.dataset.views.sampler
+        target = predict_heatmaps(self.teacher, batch["crop"], sampler.codec, sampler.keypoint_set)
+        return distillation_loss(model(x), target, batch["target"], batch["target_weight"], self.kd,
+                                 target.amax(dim=(2, 3)))
+
+
+def check_cache_fits(cache: Cache, student: StudentConfig, sigma: float) -> None:
+    """Refuse a cache whose targets another codec made (crop size, heatmap size, sigma) than the student's."""
+    mismatch = check_compatible(cache.manifest, UDPHeatmap.for_input(student.input_hw, sigma))
+    if mismatch:
+        hw = cache.input_hw
+        raise UserError(f"cache {cache.path} does not match the student: {'; '.join(mismatch)}; pass "
+                        f"--input-size {hw[0]}x{hw[1]} or dump a cache with the student's settings")
+
+
+def _check_keypoints(student: StudentConfig, source: str, keypoint_set_size: int) -> None:
+    if student.num_keypoints != keypoint_set_size:
+        raise UserError(f"the student predicts {student.num_keypoints} keypoints but {source} has "
+                        f"{keypoint_set_size}; build the student for that keypoint set")
+
+
+def student_source(cfg: TrainStudentConfig) -> GroundTruth | CachedKD | OnlineKD:
+    """The source a train-student config asks for: a cache, an online teacher, or (neither) ground truth."""
+    if cfg.cache is not None:
+        cache = open_cache(cfg.cache, images=cfg.images)
+        check_cache_fits(cache, cfg.student, cfg.sigma)
+        _check_keypoints(cfg.student, f"cache {cfg.cache}", cache.keypoint_set.num_keypoints)
+        dataset = CachedDataset(cache, cfg.flip_prob, cfg.run.seed, cfg.student_aug, cfg.train_views)
+        return CachedKD(dataset, cfg.kd)
+    if cfg.ann is None or cfg.images is None:
+        raise UserError("training without --cache needs --ann and --images (the ground truth to augment)")
+    view_seed = cfg.run.seed if cfg.view_seed is None else cfg.view_seed
+    views = annotated_views(cfg.ann, cfg.images, cfg.aug, UDPHeatmap.for_input(cfg.student.input_hw, cfg.sigma),
+                            view_seed)
+    _check_keypoints(cfg.student, str(cfg.ann), views.sampler.keypoint_set.num_keypoints)
+    if cfg.online_teacher is None:
+        if cfg.kd.alpha > 0:
+            log.info("no --cache or --online-teacher: training on ground truth only (alpha ignored)")
+        return GroundTruth(TrainViews(views, cfg.student_aug))
+    teacher = load_teacher(cfg.online_teacher, cfg.run.device, expert=cfg.expert)
+    require_keypoint_set(teacher, views.sampler.keypoint_set, cfg.online_teacher, cfg.expert)
+    if tuple(teacher.config.input_hw) != tuple(cfg.student.input_hw):
+        raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
+                        "pass --input-size to match them")
+    return OnlineKD(TrainViews(views, cfg.student_aug, keep_clean=True), teacher, cfg.kd)

@@ -93,7 +93,8 @@ def measure_latency(
 
 
 def bench_models(
-    models: dict[str, nn.Module], input_hw: tuple[int, int], devices: Sequence[str] = ("cpu",), batch: int = BENCH_BATCH,
+    models: dict[str, nn.Module], input_hw: tuple[int, int], devices: Sequence[str] = ("cpu",),
+    batch: int = BENCH_BATCH,
     iters: int = 10, bf16: bool = False,
 ) -> list[dict[str, Any]]:
     """Benchmark every model under the same conditions on each device.

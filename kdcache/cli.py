@@ -142,7 +142,8 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     kd = KDConfig(alpha=a.alpha, loss=a.kd_loss, temperature=a.kd_temperature,
                   confidence_weights=a.confidence_weights)
     cfg = TrainStudentConfig(student=student, run=run, cache=a.cache, online_teacher=a.online_teacher,
-                             expert=a.expert, ann=a.ann, images=a.images, kd=kd, train_views=a.train_views, view_seed=a.view_seed, student_aug=StudentAugConfig(**probs),
+                             expert=a.expert, ann=a.ann, images=a.images, kd=kd, train_views=a.train_views,
+                             view_seed=a.view_seed, student_aug=StudentAugConfig(**probs),
                              optim=optim, val=val,
                              **({"aug": aug} if aug is not None else {}),
                              **({"flip_prob": flip} if flip is not None and a.cache is not None else {}))

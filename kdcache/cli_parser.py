@@ -170,7 +170,8 @@ def _data(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _optim(p: argparse.ArgumentParser, optim: OptimConfig) -> None:
     p.add_argument("--epochs", type=POSITIVE_INT, default=optim.epochs, help="passes over the training set")
-    p.add_argument("--max-steps", type=COUNT, default=optim.max_steps, help="stop after N optimiser steps (0: no bound)")
+    p.add_argument("--max-steps", type=COUNT, default=optim.max_steps,
+                   help="stop after N optimiser steps (0: no bound)")
     p.add_argument("--lr", type=POSITIVE, default=optim.lr, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=optim.weight_decay, help="AdamW decoupled weight decay")
     p.add_argument("--warmup-steps", type=COUNT, default=optim.warmup_steps, help="linear warm-up steps")
@@ -197,20 +198,7 @@ def _view_aug(p: argparse.ArgumentParser, note: str = "") -> None:
                            help=f"{what} (default: {getattr(defaults, field)})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="kdcache", formatter_class=HelpFormatter,
-                    description="Distil ViTPose into small pose networks from a cached teacher pass.")
-    parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
-                              epilog=f"example:\n  {EXAMPLES[name]}")
-
-    p = command("synth", "write a synthetic dataset in COCO person-keypoints layout")
+def _synth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="dataset root")
     p.add_argument("--train-images", type=COUNT, default=default(SynthConfig, "train_images"), help="training images")
     p.add_argument("--val-images", type=COUNT, default=default(SynthConfig, "val_images"), help="validation images")
@@ -223,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clutter", type=NON_NEGATIVE, default=default(SynthConfig, "clutter"),
                    help="background distractors (0: none)")
 
-    p = command("train-teacher", "train a ViTPose model on ground truth")
+
+def _train_teacher_flags(p: argparse.ArgumentParser) -> None:
     _data(p)
     teacher_optim = default(TrainTeacherConfig, "optim")
     _common(p, batch=teacher_optim.batch_size)
@@ -235,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=size_hw, default=default(TrainTeacherConfig, "input_hw"), help="crop HxW")
     _view_aug(p)
 
-    p = command("dump-teacher", "stage 1: teacher heatmaps of K views per instance -> cache")
+
+def _dump_teacher_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint")
     _data(p)
     _common(p, batch=default(DumpConfig, "batch_size"))
@@ -248,13 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop codec; 'none' stores no crops (training replays them from the images with the "
                         "stored affine)")
     p.add_argument("--jpeg-quality", type=_number(int, 1, 100), default=jpeg_quality, help="crop JPEG quality")
-    p.add_argument("--heatmap-encoding", choices=tuple(HEATMAP_STORAGES), default=default(DumpConfig, "heatmap_storage"),
-                   help="how teacher heatmaps are stored")
+    p.add_argument("--heatmap-encoding", choices=tuple(HEATMAP_STORAGES),
+                   default=default(DumpConfig, "heatmap_storage"), help="how teacher heatmaps are stored")
     p.add_argument("--heatmap-error", type=POSITIVE, default=default(DumpConfig, "heatmap_rel_error"),
                    help="int16-step: relative L2 error of each stored heatmap")
     p.add_argument("--gzip-level", type=int, default=default(DumpConfig, "gzip_level"), choices=range(1, 10),
-                   metavar="1..9",
-                   help="deflate level of the heatmap chunks")
+                   metavar="1..9", help="deflate level of the heatmap chunks")
     p.add_argument("--teacher-flip", action="store_true",
                    help="store the mean of the teacher on the crop and on its mirror (2x teacher time)")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -264,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     _expert_flag(p)
     _view_aug(p)
 
-    p = command("train-student", "stage 2: train a student from the cache (or online, or on ground truth only "
-                "when neither --cache nor --online-teacher is given)")
+
+def _train_student_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="teacher cache from dump-teacher")
     p.add_argument("--online-teacher", type=Path, help="baseline: run this teacher every step instead")
     _expert_flag(p)
@@ -277,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=default(StudentConfig, "pretrained"), help="'timm' (ImageNet weights "
                    "through timm's cache, downloaded there if missing) or a weights file ('': random init)")
     hw = default(StudentConfig, "input_hw")
-    p.add_argument("--input-size", type=size_hw, default=None, help=f"crop HxW (None: the cache's, else {hw[0]}x{hw[1]})")
+    p.add_argument("--input-size", type=size_hw, default=None,
+                   help=f"crop HxW (None: the cache's, else {hw[0]}x{hw[1]})")
     student_optim = default(TrainStudentConfig, "optim")
     _common(p, batch=student_optim.batch_size)
     _optim(p, student_optim)
@@ -303,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "views, else 0)" if auto else ")"))
     _view_aug(p, note="; with --cache only --flip-prob applies: the train-time mirror of cached views")
 
-    p = command("eval", "stage 3: COCO keypoint AP of any checkpoint, or of an existing results file")
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="checkpoint of any kind")
     source.add_argument("--results", type=Path, help="score this COCO keypoint results file as given (no model)")
@@ -317,20 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-out", type=Path, help="write the keypoint results in COCO results format")
     p.add_argument("--vis", type=Path, metavar="DIR",
                    help="write PNGs of the predictions (orange, score >= 0.3) over the ground truth (green)")
-    p.add_argument("--vis-count", type=POSITIVE_INT, default=default(EvalConfig, "vis_count"), help="images drawn by --vis")
+    p.add_argument("--vis-count", type=POSITIVE_INT, default=default(EvalConfig, "vis_count"),
+                   help="images drawn by --vis")
     _expert_flag(p)
     _device_flag(p)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=default(PredictConfig, "batch_size"), help="crops per batch")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=default(PredictConfig, "batch_size"),
+                   help="crops per batch")
     _workers_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = command("inspect", "summary of a cache; --verify checks it; --png draws a contact sheet")
+
+def _inspect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache", type=Path, help="cache folder")
     p.add_argument("--verify", action="store_true", help="check every shard's size, SHA-256 and rows")
     p.add_argument("--png", type=Path, help="write a contact sheet of crops with their heatmaps")
     p.add_argument("--count", type=POSITIVE_INT, default=SHEET_VIEWS, help="views on the contact sheet")
 
-    p = command("bench", "params, GFLOPs, latency and throughput side by side")
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", type=Path, nargs="+", help="checkpoints of any kind")
     _expert_flag(p)
     p.add_argument("--device", help="comma-separated devices, side by side, e.g. cpu,cuda (None: cpu, plus cuda "
@@ -338,12 +333,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=BENCH_BATCH, help="throughput batch")
     p.add_argument("--bf16", action="store_true", help="time CUDA under bf16 autocast (CPU stays fp32)")
 
-    p = command("export", "ONNX export checked against PyTorch, with the preprocessing in its metadata")
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="checkpoint of any kind")
     p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write")
     _expert_flag(p)
 
-    p = command("demo", "the whole pipeline on synthetic data, ending in one table")
+
+def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="demo folder")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds) that checks the plumbing only")
+
+
+# Each command: its one-line help and the function that adds its flags (in `kdcache --help` order).
+COMMAND_FLAGS = {
+    "synth": ("write a synthetic dataset in COCO person-keypoints layout", _synth_flags),
+    "train-teacher": ("train a ViTPose model on ground truth", _train_teacher_flags),
+    "dump-teacher": ("stage 1: teacher heatmaps of K views per instance -> cache", _dump_teacher_flags),
+    "train-student": ("stage 2: train a student from the cache (or online, or on ground truth only when neither "
+                      "--cache nor --online-teacher is given)", _train_student_flags),
+    "eval": ("stage 3: COCO keypoint AP of any checkpoint, or of an existing results file", _eval_flags),
+    "inspect": ("summary of a cache; --verify checks it; --png draws a contact sheet", _inspect_flags),
+    "bench": ("params, GFLOPs, latency and throughput side by side", _bench_flags),
+    "export": ("ONNX export checked against PyTorch, with the preprocessing in its metadata", _export_flags),
+    "demo": ("the whole pipeline on synthetic data, ending in one table", _demo_flags),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="kdcache", formatter_class=HelpFormatter,
+                    description="Distil ViTPose into small pose networks from a cached teacher pass.")
+    parser.add_argument("--version", action="version", version=f"kdcache {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_flags) in COMMAND_FLAGS.items():
+        add_flags(sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
+                                 epilog=f"example:\n  {EXAMPLES[name]}"))
     return parser

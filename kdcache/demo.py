@@ -80,16 +80,19 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     data = timed("synth", synthesize, SynthConfig(out=out / "data", train_images=cfg.train_images,
                                                   val_images=cfg.val_images, seed=cfg.seed,
                                                   max_people=cfg.max_people, clutter=cfg.clutter, workers=cfg.workers))
-    train_ann, val_ann = data / "annotations/person_keypoints_train.json", data / "annotations/person_keypoints_val.json"
+    train_ann = data / "annotations/person_keypoints_train.json"
+    val_ann = data / "annotations/person_keypoints_val.json"
     teacher_run = timed("train-teacher", train_teacher, TrainTeacherConfig(
-        ann=train_ann, images=data / "train", run=run("teacher"), arch=cfg.teacher_arch, input_hw=cfg.input_hw, aug=DEMO_AUG,
+        ann=train_ann, images=data / "train", run=run("teacher"), arch=cfg.teacher_arch, input_hw=cfg.input_hw,
+        aug=DEMO_AUG,
         optim=OptimConfig(epochs=cfg.teacher_epochs, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50)))
     cache = timed("dump-teacher", dump_teacher, DumpConfig(
         teacher=teacher_run / "best.pt", ann=train_ann, images=data / "train", run=run("cache"), views=cfg.views,
         aug=DEMO_AUG))
     student_run = timed("train-student", train_student, TrainStudentConfig(
         student=StudentConfig(backbone=cfg.student, input_hw=cfg.input_hw), run=run("student"), cache=cache,
-        kd=KDConfig(alpha=cfg.alpha), aug=DEMO_AUG, optim=OptimConfig(epochs=cfg.student_epochs, batch_size=32, lr=2e-3, warmup_steps=50)))
+        kd=KDConfig(alpha=cfg.alpha), aug=DEMO_AUG,
+        optim=OptimConfig(epochs=cfg.student_epochs, batch_size=32, lr=2e-3, warmup_steps=50)))
 
     kb_per_view = cache_summary(cache)["kb_per_view"]
     rows = []

@@ -40,11 +40,11 @@ class StudentConfig(ModelConfig):
     title: ClassVar[str] = "student"
 
     backbone: str  # timm model name, e.g. "mobilenetv3_large_100" (a ".tag" suffix picks pretrained weights)
-    head: str = "deconv"  # one of HEADS: "deconv" (ConvT k4 s2 + BN + ReLU, SimpleBaseline), "light" (bilinear + dw-sep)
+    head: str = "deconv"  # HEADS: "deconv" (ConvT k4 s2 + BN + ReLU, SimpleBaseline), "light" (bilinear + dw-sep)
     input_hw: tuple[int, int] = DEFAULT_INPUT_HW  # crop size (H, W) in pixels; heatmaps are input_hw / 4
     num_keypoints: int = COCO_17.num_keypoints  # heatmap channels
     head_channels: int = 128  # width of every upsampling block of the head
-    pretrained: str = ""  # "": random init; "timm": ImageNet weights via timm's cache (downloaded if missing); or a file
+    pretrained: str = ""  # "": random init; "timm": ImageNet weights via timm's cache (fetched if missing); or a file
 
 
 class PoseStudent(nn.Module):

@@ -288,7 +288,8 @@ class _Trainer:
             board.add_scalar("train/crops_per_s", seen / seconds, self.step)
             if ap is not None:
                 board.add_scalar("val/AP", ap, self.step)
-        eta = (time.perf_counter() - self.run_start) / max(1, self.step - self.run_start_step) * (self.total - self.step)
+        per_step = (time.perf_counter() - self.run_start) / max(1, self.step - self.run_start_step)
+        eta = per_step * (self.total - self.step)
         log.info("epoch %d/%d: loss %.4g, %.1f crops/s%s; %s", epoch + 1, self.epochs, np.mean(losses),
                  seen / seconds, "" if ap is None else f", val AP {ap:.2f}",
                  f"run ETA {_duration(eta)}" if self.step < self.total else "done")
@@ -312,7 +313,9 @@ def _keep_metrics_rows(path: Path, epochs: int) -> None:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _tensorboard(out: Path) -> Any:

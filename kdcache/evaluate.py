@@ -21,7 +21,7 @@ from torch import nn
 
 from kdcache.boxes import PersonBox, detected_person_boxes, gt_person_boxes
 from kdcache.codec import UDPHeatmap
-from kdcache.coco import keypoint_count, keypoint_set_of, load_coco, load_keypoint_results, person_category_id
+from kdcache.coco import keypoint_set_of, load_coco, load_keypoint_results, person_category_id
 from kdcache.config import EvalConfig
 from kdcache.errors import UserError
 from kdcache.metrics import coco_keypoint_metrics, require_scorable
@@ -55,10 +55,10 @@ def _person_boxes(coco: COCO, ann: Path, boxes: Path | None, box_score_thr: floa
 
 def _score_model(model: nn.Module, coco: COCO, ann: Path, images: Path, person_boxes: list[PersonBox],
                  predict: PredictConfig) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
-    if _model_keypoints(model) != keypoint_count(coco):
-        raise UserError(f"the model predicts {_model_keypoints(model)} keypoints but {ann} has "
-                        f"{keypoint_count(coco)} per person; evaluate a model trained for this keypoint set")
     keypoint_set = keypoint_set_of(coco, ann)
+    if _model_keypoints(model) != keypoint_set.num_keypoints:
+        raise UserError(f"the model predicts {_model_keypoints(model)} keypoints but {ann} has "
+                        f"{keypoint_set.num_keypoints} per person; evaluate a model trained for this keypoint set")
     was_training = model.training
     model.eval()
     keypoints, areas = predict_keypoints(model, person_boxes, images, _model_codec(model), keypoint_set, predict)

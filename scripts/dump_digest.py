@@ -49,7 +49,9 @@ def _build_inputs(root: Path) -> tuple[Path, Path, Path]:
     with torch.no_grad():
         for p in teacher.keypoint_head.parameters():
             p.mul_(50.0)
-    torch.save(checkpoint_dict(teacher, epoch=0, step=0), root / "teacher.pt")
+    checkpoint = checkpoint_dict(teacher, epoch=0, step=0)
+    checkpoint.update(git_rev="digest", kdcache_version="digest")  # the same teacher bytes at every commit
+    torch.save(checkpoint, root / "teacher.pt")
     return root / "teacher.pt", data / "annotations/person_keypoints_train.json", data / "train"
 
 

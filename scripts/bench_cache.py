@@ -22,33 +22,44 @@ import argparse
 import json
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdcache import cache as cachefmt
-from kdcache import heatmaps as codec
+from kdcache.augment import StudentAugConfig
+from kdcache.cache import open_cache
+from kdcache.cache_format import decode_crop, encode_crop
 from kdcache.checkpoint import checkpoint_dict
-from kdcache.coco import load_instances
+from kdcache.coco import Instance, instances_from_coco, keypoint_set_of, load_coco
+from kdcache.codec import UDPHeatmap, dark_udp
 from kdcache.config import DumpConfig, RunConfig
-from kdcache.data import ViewDataset
+from kdcache.data import TrainViews, ViewDataset
 from kdcache.dump import dump_teacher
+from kdcache.heatmap_storage import encode_rows, heatmap_storage, inflate_row
+from kdcache.inference import to_input_tensor
 from kdcache.inspect_cache import cache_summary
-from kdcache.teacher import build_vitpose, load_teacher, vitpose_config
-from kdcache.transforms import AugmentConfig, to_input_tensor
+from kdcache.teacher import load_teacher
+from kdcache.transforms import AugmentConfig, ViewSampler
+from kdcache.vitpose import build_vitpose, vitpose_config
 
 HEATMAP_OPTIONS = [("int16-step", 0.004), ("int16-step", 0.008), ("int16-step", 0.016), ("int16-step", 0.03),
                    ("float16", 0.0), ("uint8-minmax-per-joint", 0.0)]
 CROP_OPTIONS = ["jpeg75", "jpeg85", "jpeg90", "jpeg95", "png"]
 
 
-def sample_views(teacher: torch.nn.Module, ann: Path, images: Path, n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def people(ann: Path, codec: UDPHeatmap) -> tuple[list[Instance], ViewSampler]:
+    """The person instances of `ann`, and the views of them a dump makes (default augmentation, seed 0)."""
+    coco = load_coco(ann)
+    return instances_from_coco(coco, ann), ViewSampler(AugmentConfig(), codec, keypoint_set_of(coco, ann), 0)
+
+
+def sample_views(teacher: torch.nn.Module, ann: Path, images: Path, n: int,
+                 batch: int) -> tuple[np.ndarray, np.ndarray]:
     """n augmented views (4 per instance, view 0 plain): crops [n, H, W, 3] uint8, fp32 heatmaps [n, K, h, w]."""
-    instances = load_instances(ann)
+    instances, sampler = people(ann, teacher.codec)
     items = [(i, v) for i in range(len(instances)) for v in range(4)][:n]
-    dataset = ViewDataset(instances, images, tuple(teacher.config.input_hw), AugmentConfig(), 0, items=items)
+    dataset = ViewDataset(instances, images, sampler, items=items)
     crops = np.stack([dataset[i]["crop"] for i in range(len(items))])
     heat = []
     with torch.inference_mode():
@@ -59,23 +70,22 @@ def sample_views(teacher: torch.nn.Module, ann: Path, images: Path, n: int, batc
 
 def heatmap_option(heat: np.ndarray, encoding: str, eps: float, level: int) -> dict:
     """Encode every view as a shard would, decode as the reader does; bytes, fidelity and decode time."""
-    chunks, side = cachefmt.encode_heatmap_rows(heat, encoding, eps, level)
-    enc = cachefmt.heatmap_encoding(encoding)
-    itemsize = np.dtype(enc.dtype).itemsize
+    enc = heatmap_storage(encoding)
+    chunks, side = encode_rows(heat, enc, eps, level)
+    dtype = np.dtype(enc.dtype)
     start = time.perf_counter()
     decoded = []
     for i, chunk in enumerate(chunks):
-        raw = zlib.decompress(chunk)
-        stored = (cachefmt.unshuffle_bytes(raw, itemsize) if itemsize > 1 else np.frombuffer(raw, np.uint8))
-        decoded.append(enc.decode(stored.view(enc.dtype).reshape(heat.shape[1:]), None if side is None else side[i]))
+        stored = inflate_row(chunk, dtype, heat.shape[1:], shuffle=dtype.itemsize > 1, deflate=True)
+        decoded.append(enc.decode(stored, None if side is None else side[i]))
     decode_us = (time.perf_counter() - start) / len(chunks) * 1e6
     decoded = np.stack(decoded)
     n = len(heat)
     norm = np.linalg.norm(heat.reshape(n, -1), axis=1)
     live = norm > 0  # a view with no labelled joint has all-zero proxy maps
     rel = np.linalg.norm((decoded - heat).reshape(n, -1), axis=1)[live] / norm[live]
-    ref, _ = codec.decode(heat)
-    got, _ = codec.decode(decoded)
+    ref, _ = dark_udp(heat)  # heatmap pixels
+    got, _ = dark_udp(decoded)
     err = np.linalg.norm(got - ref, axis=-1)
     side_bytes = 0 if side is None else side[0].nbytes
     return {"heatmap_encoding": encoding, "rel_error": eps if encoding == "int16-step" else None,
@@ -86,9 +96,9 @@ def heatmap_option(heat: np.ndarray, encoding: str, eps: float, level: int) -> d
 
 
 def crop_option(crops: np.ndarray, encoding: str) -> dict:
-    blobs = [cachefmt.encode_crop(c, encoding) for c in crops]
+    blobs = [encode_crop(c, encoding) for c in crops]
     start = time.perf_counter()
-    back = [cachefmt.decode_crop(b) for b in blobs]
+    back = [decode_crop(b) for b in blobs]
     decode_us = (time.perf_counter() - start) / len(blobs) * 1e6
     mse = np.mean([(b.astype(np.float64) - c) ** 2 for b, c in zip(back, crops)])
     return {"crop_encoding": encoding, "bytes_per_view": float(np.mean([len(b) for b in blobs])),
@@ -98,12 +108,13 @@ def crop_option(crops: np.ndarray, encoding: str) -> dict:
 def replay_option(ann: Path, images: Path, input_hw: tuple[int, int], n: int) -> dict:
     """Crop encoding "none": decode the whole image and warp (what the reader does), per view."""
     from kdcache.coco import read_image
-    from kdcache.transforms import sample_view, warp_crop
+    from kdcache.transforms import warp_crop
 
-    instances = load_instances(ann)[:n]
+    instances, sampler = people(ann, UDPHeatmap.for_input(input_hw))
+    instances = instances[:n]
     start = time.perf_counter()
     for inst in instances:  # the worst case: every view from a different image
-        geom = sample_view(inst.bbox_xywh, inst.keypoints, 0, inst.ann_id, 1, AugmentConfig(), input_hw)
+        geom = sampler.geometry(inst.bbox_xywh, inst.keypoints, inst.ann_id, 1)
         warp_crop(read_image(images / inst.file_name), geom.affine, input_hw)
     return {"crop_encoding": "none", "bytes_per_view": 0.0, "psnr_db": None,
             "decode_us": (time.perf_counter() - start) / len(instances) * 1e6}
@@ -111,9 +122,9 @@ def replay_option(ann: Path, images: Path, input_hw: tuple[int, int], n: int) ->
 
 def gaussian_proxy(ann: Path, images: Path, input_hw: tuple[int, int], n: int, noise: float) -> np.ndarray:
     """A sharp teacher's maps: ground-truth UDP Gaussians (peak 1) plus N(0, noise) on every pixel."""
-    instances = load_instances(ann)
+    instances, sampler = people(ann, UDPHeatmap.for_input(input_hw, sigma=2.0))
     items = [(i, v) for i in range(len(instances)) for v in range(4)][:n]
-    dataset = ViewDataset(instances, images, input_hw, AugmentConfig(), 0, items=items, sigma=2.0)
+    dataset = TrainViews(ViewDataset(instances, images, sampler, items=items), StudentAugConfig())
     rng = np.random.default_rng(0)
     heat = np.stack([dataset[i]["target"] for i in range(len(items))])
     return (heat + rng.normal(0, noise, heat.shape)).astype(np.float32)
@@ -127,11 +138,12 @@ def write_ratio(args: argparse.Namespace, ckpt: Path, out: Path) -> dict:
     """
     teacher = load_teacher(ckpt)
     input_hw = tuple(teacher.config.input_hw)
-    instances = load_instances(args.ann)
+    instances, sampler = people(args.ann, teacher.codec)
     views = max(1, args.speed_views // len(instances))
     items = [(i, v) for i in range(len(instances)) for v in range(views)][:args.speed_views]
-    dataset = ViewDataset(instances, args.images, input_hw, AugmentConfig(), 0, items=items)
-    batches = [to_input_tensor(np.stack([dataset[i]["crop"] for i in range(s, min(s + args.batch_size, len(items)))]))
+    dataset = ViewDataset(instances, args.images, sampler, items=items)
+    batches = [to_input_tensor(np.stack([dataset[i]["crop"]
+                                         for i in range(s, min(s + args.batch_size, len(items)))]))
                for s in range(0, len(items), args.batch_size)]
     sub_ann = out.with_suffix(".json")
     _subset_annotations(args.ann, sub_ann, {instances[i].ann_id for i, _ in items})
@@ -148,7 +160,7 @@ def write_ratio(args: argparse.Namespace, ckpt: Path, out: Path) -> dict:
                          run=RunConfig(out=out / f"round{r}", workers=args.workers, progress=False))
         start = time.perf_counter()
         dump_teacher(cfg)
-        dump = len(cachefmt.open_cache(cfg.run.out)) / (time.perf_counter() - start)
+        dump = len(open_cache(cfg.run.out)) / (time.perf_counter() - start)
         rounds.append({"forward_views_per_s": forward, "dump_views_per_s": dump, "ratio": dump / forward})
     return {"arch": teacher.config.arch, "input_hw": list(input_hw), "batch_size": args.batch_size,
             "workers": args.workers, "threads": torch.get_num_threads(), "views": len(items), "rounds": rounds,
@@ -162,7 +174,7 @@ def _subset_annotations(ann: Path, out: Path, ann_ids: set[int]) -> None:
 
 
 def read_rate(cache_dir: Path, seconds: float = 5.0) -> dict:
-    cache = cachefmt.open_cache(cache_dir)
+    cache = open_cache(cache_dir)
     order = np.random.default_rng(0).permutation(len(cache))
     cache[int(order[0])]  # index the first shard outside the clock, as a long-running worker has
     done, start = 0, time.perf_counter()
@@ -181,7 +193,7 @@ def main() -> None:
     p.add_argument("--ann", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--views", type=int, default=256, help="views for size and fidelity (default: 256)")
-    p.add_argument("--gzip-level", type=int, default=cachefmt.DEFAULT_GZIP_LEVEL)
+    p.add_argument("--gzip-level", type=int, default=DumpConfig.gzip_level)  # the dump's default
     p.add_argument("--speed-arch", default="vitpose-tiny", help="teacher for the write ratio (random weights)")
     p.add_argument("--speed-views", type=int, default=512, help="views dumped for the write ratio")
     p.add_argument("--input-hw", type=int, nargs=2, default=(256, 192), help="crop size of the speed teacher")

@@ -6,7 +6,7 @@ For each size (S/B/L/H) it times, in rounds that rotate through the models so th
 - `timm backbone`: `timm` VisionTransformer `forward_features` with the same width, depth, heads, MLP ratio,
   qkv bias and 16x12 token grid (no class token), i.e. the same matmuls: the apples-to-apples floor;
 - `ours full`: backbone + the classic deconv head (what the dump runs per crop);
-- optionally `ours flip`: `kdcache.evaluate.predict_heatmaps(..., flip_test=True)` on uint8 crops.
+- optionally `ours flip`: `kdcache.inference.predict_heatmaps(..., flip_test=True)` on uint8 crops.
 
 Random weights (speed does not depend on them), eval mode, `torch.inference_mode`, bf16 autocast on CUDA
 when `--amp` (the dump's setting). Throughput is batch / the best round's time (on a shared machine other
@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import timm
 import torch
 
-from kdcache.teacher import ViTPose, vitpose_config
+from kdcache.vitpose import ViTPose, vitpose_config
 
 TIMM_NAMES = {"vitpose-s": "vit_small_patch16_224", "vitpose-b": "vit_base_patch16_224",
               "vitpose-l": "vit_large_patch16_224", "vitpose-h": "vit_huge_patch14_224"}
@@ -64,9 +64,10 @@ def bench_arch(arch: str, device: torch.device, batch: int, iters: int, warmup: 
     runs = {"ours_backbone": lambda: ours.backbone(x), "timm_backbone": lambda: twin.forward_features(x),
             "ours_full": lambda: ours(x)}
     if flip:
-        from kdcache.evaluate import predict_heatmaps
+        from kdcache.inference import predict_heatmaps
+        from kdcache.keypoints import COCO_17
 
-        runs["ours_flip"] = lambda: predict_heatmaps(ours, crops, flip_test=True)
+        runs["ours_flip"] = lambda: predict_heatmaps(ours, crops, ours.codec, COCO_17, flip_test=True)
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode(), autocast:
         order = list(runs)

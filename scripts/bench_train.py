@@ -3,7 +3,7 @@
     python scripts/bench_train.py [--student mobilenetv3_large_100] [--teachers vitpose-s vitpose-b]
                                   [--instances 256] [--batch-size 16] [--rounds 2] [--json-out R.json]
 
-All runs go through kdcache's own training loop (`kdcache.train._fit`: DataLoader, loss, AdamW step), one
+All runs go through kdcache's own training loop (`kdcache.train.fit`: DataLoader, loss, AdamW step), one
 epoch each over the same instances, at 256x192, alternating arms round by round (this machine is shared),
 reporting the median crops/s of each arm and the median of the per-round ratios:
 
@@ -32,15 +32,18 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdcache import train as train_mod  # noqa: E402
+from kdcache.cache import open_cache  # noqa: E402
 from kdcache.checkpoint import checkpoint_dict  # noqa: E402
 from kdcache.config import (DumpConfig, OptimConfig, RunConfig, TrainStudentConfig,  # noqa: E402
                             ValConfig, to_jsonable)
 from kdcache.data import CachedDataset  # noqa: E402
 from kdcache.dump import dump_teacher  # noqa: E402
-from kdcache.losses import distillation_loss  # noqa: E402
+from kdcache.keypoints import COCO_17  # noqa: E402
+from kdcache.losses import KDConfig, distillation_loss  # noqa: E402
+from kdcache.sources import CachedKD  # noqa: E402
 from kdcache.student import StudentConfig, build_student  # noqa: E402
 from kdcache.synth import SynthConfig, synthesize  # noqa: E402
-from kdcache.teacher import build_vitpose, vitpose_config  # noqa: E402
+from kdcache.vitpose import build_vitpose, vitpose_config  # noqa: E402
 
 INPUT_HW = (256, 192)
 
@@ -87,11 +90,12 @@ def physical_limit(student_name: str, teacher_arch: str, batch: int) -> dict[str
         forward = time_call(lambda: teacher(x)) / batch
     student = build_student(StudentConfig(student_name, input_hw=INPUT_HW), load_pretrained=False).train()
     opt = torch.optim.AdamW(student.parameters())
-    target = torch.rand(batch, 17, INPUT_HW[0] // 4, INPUT_HW[1] // 4)
+    k = COCO_17.num_keypoints
+    target = torch.rand(batch, k, INPUT_HW[0] // 4, INPUT_HW[1] // 4)
 
     def step() -> None:
         opt.zero_grad()
-        loss = distillation_loss(student(x), target, target, torch.ones(batch, 17), 0.5)
+        loss = distillation_loss(student(x), target, target, torch.ones(batch, k), KDConfig(alpha=0.5))
         loss.backward()
         opt.step()
 
@@ -134,19 +138,16 @@ def main() -> None:
                                                        optim=optim, **source))
             return crops_per_s(out)
 
-        memory_items = InMemory(CachedDataset(cache, 2.0, 0.5, 0))
+        memory_items = InMemory(CachedDataset(open_cache(cache), 0.5, 0))
 
         def train_memory() -> float:
             out = root / "memory"
             torch.manual_seed(0)
             model = build_student(student)
-
-            def loss_fn(model, batch, x):
-                return distillation_loss(model(x), batch["teacher"], batch["target"], batch["target_weight"], 0.5)
-
-            train_mod._fit(model, memory_items, loss_fn, optim,
-                           RunConfig(out=out, workers=0, progress=False, overwrite=True),
-                           ValConfig(), to_jsonable(optim))
+            # The cached arm's loss (train-student --cache), on items already in memory.
+            train_mod.fit(model, CachedKD(memory_items, KDConfig(alpha=0.5)), optim,
+                          RunConfig(out=out, workers=0, progress=False, overwrite=True),
+                          ValConfig(), to_jsonable(optim))
             return crops_per_s(out)
 
         arms = {"cached": lambda: train("cached", cache=cache), "memory": train_memory,

@@ -44,6 +44,8 @@ from kdcache.demo import DEMO_AUG  # noqa: E402
 from kdcache.dump import dump_teacher  # noqa: E402
 from kdcache.evaluate import evaluate  # noqa: E402
 from kdcache.inspect_cache import cache_summary  # noqa: E402
+from kdcache.losses import KDConfig  # noqa: E402
+from kdcache.predict import PredictConfig  # noqa: E402
 from kdcache.student import StudentConfig  # noqa: E402
 from kdcache.synth import SynthConfig, synthesize  # noqa: E402
 from kdcache.train import train_student, train_teacher  # noqa: E402
@@ -96,9 +98,15 @@ class Arm:
     view_seed: int | None = None          # online: the views of this seed (the dump's: the cache's views)
 
 
+# The settings' names in caches() (and docs/benchmark.json): a cache manifest's, as the study has always
+# recorded them; DumpConfig calls two of them differently.
+DUMP_FIELDS = {"crop_encoding": "crop_format", "heatmap_encoding": "heatmap_storage"}
+
+
 def caches(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
     """Cache folder -> dump settings: the study's main cache holds the most views; the storage caches hold
-    `storage_views` training views each (the same views: they derive from (seed, ann_id, view))."""
+    `storage_views` training views each (the same views: they derive from (seed, ann_id, view)). The keys
+    are the manifest's names; `dump_kwargs` turns them into DumpConfig fields."""
     reference = {"heatmap_encoding": "int16-step", "heatmap_rel_error": 0.008, "crop_encoding": "jpeg90"}  # pinned:
     # the study compares against these whatever kdcache's defaults are now (it moved them)
     return {
@@ -107,6 +115,11 @@ def caches(cfg: BenchmarkConfig) -> dict[str, dict[str, Any]]:
         "cache-eps03": {**reference, "views": cfg.storage_views + 1, "heatmap_rel_error": 0.03},
         "cache-png": {**reference, "views": cfg.storage_views + 1, "crop_encoding": "png"},
     }
+
+
+def dump_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings of `caches` -> DumpConfig keyword arguments."""
+    return {DUMP_FIELDS.get(key, key): value for key, value in settings.items()}
 
 
 def arms(cfg: BenchmarkConfig) -> list[Arm]:
@@ -187,17 +200,18 @@ def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
         aug=DEMO_AUG, val=ValConfig(ann=val_ann, images=data / "val", every=10),
         optim=OptimConfig(epochs=cfg.teacher_epochs, batch_size=cfg.batch_size, lr=1e-3, weight_decay=0.05,
                           warmup_steps=100)))))
+    predict = PredictConfig(workers=cfg.workers)
     stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",
-                                                           workers=cfg.workers)))
+                                                           predict=predict)))
     # On its own training people: how far its targets there go beyond the ground truth.
     stages.run("eval teacher on train", lambda: evaluate(EvalConfig(model=teacher, ann=train_ann,
-                                                                    images=data / "train", workers=cfg.workers)))
+                                                                    images=data / "train", predict=predict)))
     if stop_after == "teacher":
         return stages
     for name, settings in caches(cfg).items():
         stages.run(f"dump {name}", lambda name=name, settings=settings: str(dump_teacher(DumpConfig(
             teacher=teacher, ann=train_ann, images=data / "train", run=run(name), batch_size=64, aug=DEMO_AUG,
-            **settings))))
+            **dump_kwargs(settings)))))
         stages.run(f"size {name}", lambda name=name: cache_summary(out / name))
     if stop_after == "dump":
         return stages
@@ -209,22 +223,22 @@ def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
         for arm in arms(cfg):
             name = f"runs/{arm.name}-s{seed}"
             if arm.kind == "gt":
-                source = dict(ann=train_ann, images=data / "train", alpha=0.0, run=run(name, seed))
+                source = dict(ann=train_ann, images=data / "train", kd=KDConfig(alpha=0.0), run=run(name, seed))
             elif arm.kind == "online":
-                source = dict(online_teacher=teacher, ann=train_ann, images=data / "train", alpha=cfg.alpha,
-                              view_seed=arm.view_seed, run=run(name, seed))
+                source = dict(online_teacher=teacher, ann=train_ann, images=data / "train",
+                              kd=KDConfig(alpha=cfg.alpha), view_seed=arm.view_seed, run=run(name, seed))
             else:
-                source = dict(cache=out / arm.cache, train_views=arm.train_views, alpha=cfg.alpha,
+                source = dict(cache=out / arm.cache, train_views=arm.train_views, kd=KDConfig(alpha=cfg.alpha),
                               flip_prob=0.5 if arm.mirror else 0.0, student_aug=arm.student_aug,
                               run=run(name, seed, cfg.cache_workers))
             stages.run(f"train {name}", lambda source=source: str(train_student(TrainStudentConfig(
                 student=student, aug=DEMO_AUG, optim=optim, val=val, **source))))
             stages.run(f"eval {name}", lambda name=name: evaluate(EvalConfig(
-                model=out / name / "last.pt", ann=val_ann, images=data / "val", workers=cfg.workers)))
+                model=out / name / "last.pt", ann=val_ann, images=data / "val", predict=predict)))
     # Does the student underfit (training-set AP close to validation AP) or overfit?
     first = f"runs/gt-s{cfg.seeds[0]}"
     stages.run("eval gt on train", lambda: evaluate(EvalConfig(model=out / first / "last.pt", ann=train_ann,
-                                                               images=data / "train", workers=cfg.workers)))
+                                                               images=data / "train", predict=predict)))
     return stages
 
 

@@ -33,16 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import crops_per_s, print_json  # noqa: E402
-from kdcache import heatmaps as codec  # noqa: E402
 from kdcache.cache import open_cache  # noqa: E402
-from kdcache.checkpoint import checkpoint_dict, load_model, model_input_hw  # noqa: E402
+from kdcache.checkpoint import checkpoint_dict  # noqa: E402
+from kdcache.codec import dark_udp  # noqa: E402
 from kdcache.config import DumpConfig, OptimConfig, RunConfig, TrainStudentConfig  # noqa: E402
 from kdcache.dump import dump_teacher  # noqa: E402
+from kdcache.inference import to_input_tensor  # noqa: E402
+from kdcache.models import load_model, model_input_hw  # noqa: E402
 from kdcache.student import StudentConfig  # noqa: E402
 from kdcache.synth import SynthConfig, synthesize  # noqa: E402
-from kdcache.teacher import build_vitpose, vitpose_config  # noqa: E402
 from kdcache.train import train_student  # noqa: E402
-from kdcache.transforms import to_input_tensor  # noqa: E402
+from kdcache.vitpose import build_vitpose, vitpose_config  # noqa: E402
 
 
 def precision_agreement(teacher: torch.nn.Module, crops: np.ndarray, device: str, batch: int) -> dict:
@@ -59,7 +60,7 @@ def precision_agreement(teacher: torch.nn.Module, crops: np.ndarray, device: str
         return np.concatenate(out)
 
     reference = run(None)
-    ref_xy, ref_score = codec.decode(reference)
+    ref_xy, ref_score = dark_udp(reference)  # heatmap pixels
     result = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         if torch.device(device).type == "cpu" and dtype is torch.float16:
@@ -67,11 +68,12 @@ def precision_agreement(teacher: torch.nn.Module, crops: np.ndarray, device: str
         got = run(dtype)
         rel = np.linalg.norm((got - reference).reshape(len(got), -1), axis=1) / \
             np.linalg.norm(reference.reshape(len(got), -1), axis=1)
-        xy, score = codec.decode(got)
+        xy, score = dark_udp(got)
         peaked = (ref_score > 0) & (score > 0)  # a map with no positive value decodes to -1: no keypoint
         shift = np.linalg.norm(xy - ref_xy, axis=-1)[peaked]
         result[name] = {"rel_l2_median": float(np.median(rel)), "rel_l2_max": float(rel.max()),
-                        "kp_shift_px_median": float(np.median(shift)), "kp_shift_px_p99": float(np.quantile(shift, 0.99)),
+                        "kp_shift_px_median": float(np.median(shift)),
+                        "kp_shift_px_p99": float(np.quantile(shift, 0.99)),
                         "kp_shift_px_max": float(shift.max()), "share_over_0.05px": float((shift > 0.05).mean())}
     return result
 
@@ -121,7 +123,8 @@ def main() -> None:
                                         batch_size=a.batch_size, run=RunConfig(out=root / "cache", **run)))
         dump_s = time.perf_counter() - start
         rows = open_cache(cache)
-        forward = forward_rate(load_model(root / "teacher.pt"), input_hw, a.device, a.batch_size, steps=5 if a.quick else 20)
+        forward = forward_rate(load_model(root / "teacher.pt"), input_hw, a.device, a.batch_size,
+                               steps=5 if a.quick else 20)
         report["dump"] = {"views": len(rows), "seconds": dump_s, "views_per_s": len(rows) / dump_s,
                           "forward_views_per_s": forward, "ratio": len(rows) / dump_s / forward}
 

@@ -98,7 +98,7 @@ class TrainStudentConfig:
     images: Path | None = None
     kd: KDConfig = field(default_factory=KDConfig)  # the teacher term and its mix with ground truth
     sigma: float = DEFAULT_SIGMA  # ground-truth Gaussian sigma in heatmap pixels (a cache's must be the same)
-    flip_prob: float = 0.5      # train-time mirror of cached views (heatmaps flipped with pairs swapped)
+    flip_prob: float = AugmentConfig.flip_prob  # train-time mirror of cached views (maps flipped, pairs swapped)
     train_views: int = 0        # cached views 1..k only, epoch e reading view 1 + e mod k (0 = all K - 1)
     optim: OptimConfig = field(default_factory=OptimConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)  # view sampling (online and ground-truth runs)
@@ -121,7 +121,7 @@ class EvalConfig:
     expert: str | int | None = None  # ViTPose++ expert (dataset name or index); None = COCO
     box_score_thr: float = 0.0  # detections below this score are dropped
     predict: PredictConfig = field(default_factory=PredictConfig)  # flip test, batch size, workers, progress bar
-    device: str = "cpu"
+    device: str = RunConfig.device  # "cpu" or "cuda[:i]"
     metrics_out: Path | None = None  # the metrics as JSON
     results_out: Path | None = None  # the COCO keypoint results as JSON
     vis_dir: Path | None = None  # PNGs of predictions over ground truth for the first vis_count images (None = off)

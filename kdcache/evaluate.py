@@ -67,8 +67,9 @@ def _score_model(model: nn.Module, coco: COCO, ann: Path, images: Path, person_b
     return coco_keypoint_metrics(coco, results), results
 
 
-def evaluate_model(model: nn.Module, ann: Path, images: Path, boxes: Path | None = None, box_score_thr: float = 0.0,
-                   predict: PredictConfig = PredictConfig()) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
+def evaluate_model(model: nn.Module, ann: Path, images: Path, boxes: Path | None = None,
+                   box_score_thr: float = EvalConfig.box_score_thr, predict: PredictConfig = PredictConfig()
+                   ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
     """Metrics and COCO results of an in-memory model (also used for validation during training).
 
     Everything that can be checked without the model's outputs is checked before inference (nothing to

@@ -4,6 +4,7 @@ Data and teachers are session-wide and memoised by their arguments: test files t
 dataset or teacher share one copy instead of each rendering and building its own.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -72,6 +73,19 @@ def nano_teacher(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def rewrite_json():
+    """rewrite_json(src, dst, change) -> dst: the JSON file `src` with `change(data)` applied, written to `dst`."""
+
+    def rewrite(src: Path, dst: Path, change) -> Path:
+        data = json.loads(Path(src).read_text())
+        change(data)
+        Path(dst).write_text(json.dumps(data))
+        return Path(dst)
+
+    return rewrite
 
 
 # ---- hand-made cache shards ------------------------------------------------------------------------

@@ -118,13 +118,6 @@ def _oracle_predictions(ann):
     return predict
 
 
-def _rewrite(ann, out, change):
-    data = json.loads(ann.read_text())
-    change(data)
-    out.write_text(json.dumps(data))
-    return out
-
-
 def _person_id(data, new_id):
     for cat in data["categories"]:
         cat["id"] = new_id
@@ -139,11 +132,11 @@ def model(tiny):
     return load_model(tiny["model"])
 
 
-def test_person_category_of_another_id_scores_the_same(tiny, model, tmp_path, monkeypatch):
+def test_person_category_of_another_id_scores_the_same(tiny, model, tmp_path, monkeypatch, rewrite_json):
     import kdcache.evaluate as ev
     from kdcache.boxes import detected_person_boxes
 
-    ann7 = _rewrite(tiny["ann"], tmp_path / "person7.json", lambda d: _person_id(d, 7))
+    ann7 = rewrite_json(tiny["ann"], tmp_path / "person7.json", lambda d: _person_id(d, 7))
     monkeypatch.setattr(ev, "predict_keypoints", _oracle_predictions(tiny["ann"]))
     m1, r1 = ev.evaluate_model(model, tiny["ann"], tiny["images"])
     m7, r7 = ev.evaluate_model(model, ann7, tiny["images"])
@@ -158,7 +151,7 @@ def test_person_category_of_another_id_scores_the_same(tiny, model, tmp_path, mo
     assert ev.evaluate_model(model, ann7, tiny["images"], boxes=tmp_path / "d.json")[0]["AP"] == 100.0
 
 
-def test_nothing_to_score_is_refused_before_inference_and_nothing_is_written(tiny, model, tmp_path):
+def test_nothing_to_score_is_refused_before_inference_and_nothing_is_written(tiny, model, tmp_path, rewrite_json):
     from kdcache.cli import main
     from kdcache.errors import UserError
     from kdcache.evaluate import evaluate_model
@@ -166,7 +159,7 @@ def test_nothing_to_score_is_refused_before_inference_and_nothing_is_written(tin
     def unlabel(data):
         for a in data["annotations"]:
             a["keypoints"], a["num_keypoints"] = [0] * 51, 0
-    unlabelled = _rewrite(tiny["ann"], tmp_path / "unlabelled.json", unlabel)
+    unlabelled = rewrite_json(tiny["ann"], tmp_path / "unlabelled.json", unlabel)
     nowhere = tmp_path / "no-images"  # inference would fail here first, with another message
     with pytest.raises(UserError, match="nothing to score: .*unlabelled.json has no person annotation with labelled"):
         evaluate_model(model, unlabelled, nowhere)
@@ -263,13 +256,13 @@ def test_score_results_refuses_malformed_files_in_one_line(tiny, tmp_path, entri
     assert "\n" not in str(info.value)
 
 
-def test_eval_refuses_images_of_another_size_than_annotated(tiny, model, tmp_path):
+def test_eval_refuses_images_of_another_size_than_annotated(tiny, model, tmp_path, rewrite_json):
     from kdcache.errors import UserError
     from kdcache.evaluate import evaluate_model
 
     def shrink(data):  # as if the annotations were made on other copies of the images
         data["images"][0]["width"] -= 1
-    ann = _rewrite(tiny["ann"], tmp_path / "other.json", shrink)
+    ann = rewrite_json(tiny["ann"], tmp_path / "other.json", shrink)
     name = json.loads(ann.read_text())["images"][0]["file_name"]
     with pytest.raises(UserError, match=rf"{name} is 320x256 pixels .* says 319x256"):
         evaluate_model(model, ann, tiny["images"])

@@ -166,9 +166,8 @@ def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         UserError: no dict of tensors is found.
     """
     sd = obj
-    for key in _WRAPPERS:
-        if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
-            sd = sd[key]
+    while isinstance(sd, Mapping) and (key := next((k for k in _WRAPPERS if isinstance(sd.get(k), Mapping)), None)):
+        sd = sd[key]  # any nesting of the wrappers, outermost first
     if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         keys = sorted(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
         raise UserError(f"{path} holds no state dict of tensors (top level: {keys}); pass a weights file")

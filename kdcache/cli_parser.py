@@ -22,7 +22,6 @@ from kdcache.heatmap_storage import HEATMAP_STORAGES
 from kdcache.inspect_cache import SHEET_VIEWS
 from kdcache.losses import KD_LOSSES, KDConfig
 from kdcache.optim import SCHEDULES
-from kdcache.predict import PredictConfig
 from kdcache.student import HEADS as STUDENT_HEADS, StudentConfig
 from kdcache.synth import SynthConfig
 from kdcache.transforms import AugmentConfig
@@ -312,9 +311,10 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
                    help="images drawn by --vis")
     _expert_flag(p)
     _device_flag(p)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=default(PredictConfig, "batch_size"),
-                   help="crops per batch")
-    _workers_flag(p)
+    predict = default(EvalConfig, "predict")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=predict.batch_size, help="crops per batch")
+    p.add_argument("--workers", type=COUNT, default=predict.workers,
+                   help="DataLoader worker processes (0: load in the main process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

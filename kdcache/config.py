@@ -120,7 +120,8 @@ class EvalConfig:
     boxes: Path | None = None   # COCO detection results; None = ground-truth boxes
     expert: str | int | None = None  # ViTPose++ expert (dataset name or index); None = COCO
     box_score_thr: float = 0.0  # detections below this score are dropped
-    predict: PredictConfig = field(default_factory=PredictConfig)  # flip test, batch size, workers, progress bar
+    # flip test, batch size, workers (a command's usual loader processes), progress bar
+    predict: PredictConfig = field(default_factory=lambda: PredictConfig(workers=RunConfig.workers))
     device: str = RunConfig.device  # "cpu" or "cuda[:i]"
     metrics_out: Path | None = None  # the metrics as JSON
     results_out: Path | None = None  # the COCO keypoint results as JSON

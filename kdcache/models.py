@@ -17,8 +17,11 @@ from kdcache.teacher import FAMILIES, load_teacher, teacher_from_checkpoint
 def load_model(path: Path, device: str | torch.device = "cpu", expert: str | int | None = None) -> nn.Module:
     """Any model by path, in eval mode: a kdcache student or teacher checkpoint, or any teacher file."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"model checkpoint {path} does not exist; pass a kdcache checkpoint, a teacher release file "
+                        "or a HuggingFace VitPose folder")
     if not path.is_file() or any(family.claims_path(path) for family in FAMILIES.values()):
-        return load_teacher(path, device=device, expert=expert)  # e.g. HuggingFace; missing paths: it says why
+        return load_teacher(path, device=device, expert=expert)  # e.g. a HuggingFace folder
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == STUDENT:
         if expert is not None:

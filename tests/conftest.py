@@ -75,6 +75,29 @@ def nano_teacher(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def student_cache(tmp_path_factory, synth_data, nano_teacher):
+    """student_cache(seed=0) -> {ann, images, teacher, cache}: six one-person images at 64x64 crops, a nano
+    teacher and its cache of 3 views per instance dumped with `seed` (the students' tests share it; read only)."""
+    from kdcache.config import DumpConfig, RunConfig
+    from kdcache.dump import dump_teacher
+
+    made: dict[int, dict] = {}
+
+    def make(seed: int = 0) -> dict:
+        if seed not in made:
+            data = synth_data(6, 0, 4, max_people=1)
+            ann, images = data / "annotations/person_keypoints_train.json", data / "train"
+            teacher = nano_teacher((64, 64))
+            out = tmp_path_factory.mktemp("student_cache") / "cache"
+            cache = dump_teacher(DumpConfig(teacher=teacher, ann=ann, images=images, views=3,
+                                            run=RunConfig(out=out, seed=seed, workers=0, progress=False)))
+            made[seed] = {"ann": ann, "images": images, "teacher": teacher, "cache": cache}
+        return made[seed]
+
+    return make
+
+
 @pytest.fixture
 def rewrite_json():
     """rewrite_json(src, dst, change) -> dst: the JSON file `src` with `change(data)` applied, written to `dst`."""

@@ -1,4 +1,4 @@
-"""Trainer: the schedule, and resume after a crash reaching the same weights as an uninterrupted run."""
+"""Trainer: resume after a crash reaching the same weights as an uninterrupted run."""
 
 import dataclasses
 
@@ -10,20 +10,7 @@ import torch
 import kdcache.sources as sources_mod
 from kdcache.config import OptimConfig, RunConfig, TrainTeacherConfig
 from kdcache.student import NAMED_STUDENTS
-from kdcache.optim import lr_factor
 from kdcache.train import train_teacher
-
-
-def test_lr_schedule_warms_up_then_decays_to_zero():
-    assert lr_factor(0, 100, 10) == pytest.approx(1e-3)
-    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
-    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
-    assert lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_step_schedule_drops_tenfold_twice():
-    assert [lr_factor(s, 210, 5, "step") for s in (100, 169, 170, 199, 200, 209)] == pytest.approx(
-        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
@@ -72,18 +59,9 @@ INPUT_HW = (64, 64)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, synth_data, nano_teacher):
+def tiny(student_cache):
     """Six instances, a nano teacher, and its cache of 3 views per instance (64x64: fast)."""
-    from kdcache.config import DumpConfig
-    from kdcache.dump import dump_teacher
-
-    root = tmp_path_factory.mktemp("students")
-    data = synth_data(6, 0, 4, max_people=1)
-    teacher = nano_teacher(INPUT_HW)
-    ann, images = data / "annotations/person_keypoints_train.json", data / "train"
-    cache = dump_teacher(DumpConfig(teacher=teacher, ann=ann, images=images, views=3,
-                                    run=RunConfig(out=root / "cache", workers=0, progress=False)))
-    return {"root": root, "ann": ann, "images": images, "cache": cache, "teacher": teacher}
+    return student_cache()
 
 
 def test_a_cached_epoch_is_one_view_per_instance_cycling_the_augmented_views(tiny):

@@ -71,7 +71,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         elif key == "kb_per_view_parts":
             value = ", ".join(f"{k} {v:.1f}" for k, v in value.items())
         elif key == "teacher":
-            value = f"{value['arch']} ({value['head']} head), sha256 {value['sha256'][:16]}..."
+            head = f" ({value['head']} head)" if value.get("head") else ""
+            value = f"{value['arch']}{head}, sha256 {value['sha256'][:16]}..."
         elif key == "augmentation" and isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         elif key == "skipped_images":

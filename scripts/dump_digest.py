@@ -9,7 +9,7 @@ instance, one intra-op thread; one run with JPEG crops and int16-step heatmaps, 
 and float16 heatmaps. Per shard it prints each dataset's dtype, shape and the SHA-256 of its raw bytes
 (heatmaps: the stored values after inflate), and the attributes that are not expected to change
 (all but the schema version, kdcache version and git revision, the dump record, which holds this run's
-absolute paths, and the fields schema 3 adds).
+absolute paths, and the fields schema 3 adds: codec, keypoint_set, the teacher record's kind).
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ def _shard_digest(path: Path) -> dict:
                 out[name] = {"dtype": str(data.dtype), "shape": list(data.shape), "sha256": _digest(data)}
         out["attrs"] = {k: (v if not isinstance(v, np.generic) else v.item()) for k, v in sorted(f.attrs.items())
                         if k not in VOLATILE_ATTRS}
+        if "teacher" in out["attrs"]:  # schema 3 adds the teacher's family ("kind") to its record
+            teacher = json.loads(out["attrs"]["teacher"])
+            teacher.pop("kind", None)
+            out["attrs"]["teacher"] = json.dumps(teacher)
     return out
 
 

@@ -98,6 +98,17 @@ def student_cache(tmp_path_factory, synth_data, nano_teacher):
     return make
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+@pytest.fixture
+def code_payload():
+    """An object whose pickle runs code when loaded: files holding it must be refused (weights_only)."""
+    return _RunsCode()
+
+
 @pytest.fixture
 def rewrite_json():
     """rewrite_json(src, dst, change) -> dst: the JSON file `src` with `change(data)` applied, written to `dst`."""

@@ -24,11 +24,6 @@ from kdcache.vitpose import ViTPoseConfig, build_vitpose, vitpose_config
 TENSORS = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.bias": torch.tensor([1, 2], dtype=torch.int64)}
 
 
-class Payload:
-    def __reduce__(self):
-        return (print, ("this would have run",))
-
-
 def test_read_checkpoint_reads_plain_data_with_numpy_scalars(tmp_path):
     obj = {"state_dict": TENSORS, "meta": {"best": np.float64(0.75), "epoch": 3, "name": "x"}}
     torch.save(obj, tmp_path / "c.pth")
@@ -36,8 +31,8 @@ def test_read_checkpoint_reads_plain_data_with_numpy_scalars(tmp_path):
     assert got["meta"] == obj["meta"] and torch.equal(got["state_dict"]["a.weight"], TENSORS["a.weight"])
 
 
-def test_read_checkpoint_refuses_code_and_foreign_files(tmp_path):
-    torch.save({"state_dict": TENSORS, "meta": Payload()}, tmp_path / "evil.pth")
+def test_read_checkpoint_refuses_code_and_foreign_files(tmp_path, code_payload):
+    torch.save({"state_dict": TENSORS, "meta": code_payload}, tmp_path / "evil.pth")
     with pytest.raises(UserError, match=r"refused to load .*evil\.pth: it holds Python objects .*could run code"):
         read_checkpoint(tmp_path / "evil.pth")
     (tmp_path / "notes.pth").write_text("not a checkpoint")

@@ -94,13 +94,8 @@ def test_kdcache_checkpoint_keeps_its_config(tmp_path):
         load_teacher(tmp_path / "student.pt")
 
 
-class Payload:
-    def __reduce__(self):
-        return (print, ("this would have run",))
-
-
-def test_refuses_code_and_non_checkpoints(tiny, tmp_path):
-    torch.save({"state_dict": tiny[0].state_dict(), "meta": Payload()}, tmp_path / "evil.pth")
+def test_refuses_code_and_non_checkpoints(tiny, tmp_path, code_payload):
+    torch.save({"state_dict": tiny[0].state_dict(), "meta": code_payload}, tmp_path / "evil.pth")
     with pytest.raises(UserError, match="refused"):
         load_teacher(tmp_path / "evil.pth")
     (tmp_path / "notes.pth").write_text("not a checkpoint")

@@ -326,14 +326,9 @@ def test_huggingface_errors_name_the_problem(classic, tmp_path):
         load_teacher(tmp_path / "empty")
 
 
-class Payload:
-    def __reduce__(self):
-        return (print, ("this would have run",))
-
-
-def test_huggingface_bin_that_runs_code_is_refused(classic, tmp_path):
+def test_huggingface_bin_that_runs_code_is_refused(classic, tmp_path, code_payload):
     folder = write_hf(tmp_path / "evil", classic[0], hf_config(False), as_bin=True)
-    torch.save({**to_hf(classic[0]), "x": Payload()}, folder / "pytorch_model.bin")
+    torch.save({**to_hf(classic[0]), "x": code_payload}, folder / "pytorch_model.bin")
     with pytest.raises(UserError, match="refused"):
         load_teacher(folder)
 

@@ -39,22 +39,26 @@ def to_input_tensor(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
-@torch.no_grad()
 def predict_heatmaps(model: nn.Module, crops: np.ndarray | torch.Tensor, codec: UDPHeatmap,
                      keypoint_set: KeypointSet, flip_test: bool = False) -> torch.Tensor:
-    """Heatmaps of uint8 crops, on the model's device: bf16 autocast on a GPU, fp32 on the CPU.
+    """Heatmaps of uint8 crops [N, H, W, 3] RGB (numpy or torch, any device): `input_heatmaps` of their
+    normalised input on the model's device."""
+    device = next(model.parameters()).device
+    return input_heatmaps(model, to_input_tensor(crops).to(device), codec, keypoint_set, flip_test)
+
+
+@torch.no_grad()
+def input_heatmaps(model: nn.Module, x: torch.Tensor, codec: UDPHeatmap, keypoint_set: KeypointSet,
+                   flip_test: bool = False) -> torch.Tensor:
+    """Heatmaps of normalised crops x [N, 3, H, W] on the model's device: bf16 autocast on a GPU, fp32 on the CPU.
 
     With `flip_test`, the mean of the model on the crop and on its mirror, mirrored back by `codec` with the
     pairs of `keypoint_set` swapped (ViTPose's flip test; the dump's --teacher-flip).
 
-    Args:
-        crops: uint8 [N, H, W, 3] RGB, numpy or torch (any device).
-
     Returns:
         float32 [N, K, h, w].
     """
-    device = next(model.parameters()).device
-    x = to_input_tensor(crops).to(device)
+    device = x.device
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         heat = model(x).float()
         if flip_test:

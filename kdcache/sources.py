@@ -31,7 +31,7 @@ from kdcache.coco import instances_from_coco, keypoint_set_of, load_coco
 from kdcache.config import TrainStudentConfig
 from kdcache.data import CachedDataset, TrainViews, ViewDataset
 from kdcache.errors import UserError
-from kdcache.inference import predict_heatmaps, to_input_tensor
+from kdcache.inference import input_heatmaps, to_input_tensor
 from kdcache.losses import KDConfig, distillation_loss, heatmap_mse
 from kdcache.student import StudentConfig
 from kdcache.teacher import load_teacher, require_keypoint_set
@@ -94,7 +94,8 @@ class OnlineKD:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = student_input(batch)
         sampler = self.dataset.views.sampler
-        target = predict_heatmaps(self.teacher, batch["crop"], sampler.codec, sampler.keypoint_set)
+        clean = to_input_tensor(batch["crop"]) if "student_crop" in batch else x  # the crop before photometrics
+        target = input_heatmaps(self.teacher, clean, sampler.codec, sampler.keypoint_set)
         return distillation_loss(model(x), target, batch["target"], batch["target_weight"], self.kd,
                                  target.amax(dim=(2, 3)))
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from kdcache.coco import as_coco, instances_from_coco, is_number, load_coco, person_category_id
+from kdcache.coco import (Instance, as_coco, clip_bbox_xywh, instances_from_coco, is_number, load_coco,
+                          person_category_id)
 from kdcache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ class PersonBox:
     bbox_xywh: np.ndarray      # float32 [4] image pixels
     score: float               # detector score; 1 for ground-truth boxes
     image_wh: tuple[int, int] | None = None  # (width, height) the annotation file gives the image; checked on read
+    det_id: int = 0            # 1-based position of the box in its detection file (0: an annotated box)
 
 
 def gt_person_boxes(ann: Path | COCO) -> list[PersonBox]:
@@ -31,13 +33,15 @@ def gt_person_boxes(ann: Path | COCO) -> list[PersonBox]:
             for i in instances_from_coco(*as_coco(ann))]
 
 
-def detected_person_boxes(ann: Path, dets: Path, score_thr: float, coco: COCO | None = None) -> list[PersonBox]:
+def detected_person_boxes(ann: Path, dets: Path, score_thr: float, coco: COCO | None = None,
+                          purpose: str = "score") -> list[PersonBox]:
     """Person detections (COCO results format) on the images of `ann`, as ViTPose reads them.
 
     Kept, as mmpose 0.x `_load_coco_person_detection_results`: the person category of `ann` (1 in COCO; entries
     without one count as persons), score >= `score_thr` (its `det_bbox_thr`, default 0), boxes used as given
     (not clipped). Also dropped, where mmpose would crash or crop nothing: images not in `ann`, boxes without
-    positive area. Sorted by image (stable), so each image is read once. `coco`: `ann` already loaded.
+    positive area. Sorted by image (stable), so each image is read once. `coco`: `ann` already loaded;
+    `purpose`: what the boxes are for, in the message when none is left ("score", "dump").
 
     Raises:
         UserError: the file is missing or not detection results, or no box is left after the filtering.
@@ -55,7 +59,7 @@ def detected_person_boxes(ann: Path, dets: Path, score_thr: float, coco: COCO | 
             and all(is_number(v) for v in e["bbox"]) and is_number(e.get("score", 1.0)) for e in entries):
         raise UserError(f"{dets} is not a COCO detection results list ([{{image_id, bbox: 4 numbers, score, ...}}])")
     boxes, dropped = [], {"category": 0, "score": 0, "image": 0, "empty": 0}
-    for e in entries:
+    for position, e in enumerate(entries, start=1):
         bbox = np.asarray(e["bbox"], dtype=np.float32)
         image = coco.imgs.get(e["image_id"]) if type(e["image_id"]) is int else None  # "12" is not image 12
         reason = ("category" if e.get("category_id", person) != person else "score" if e.get("score", 1.0) < score_thr
@@ -64,12 +68,38 @@ def detected_person_boxes(ann: Path, dets: Path, score_thr: float, coco: COCO | 
             dropped[reason] += 1
             continue
         boxes.append(PersonBox(int(e["image_id"]), image["file_name"], bbox, float(e.get("score", 1.0)),
-                               (int(image["width"]), int(image["height"]))))
+                               (int(image["width"]), int(image["height"])), position))
     counts = (f"dropped {dropped['category']} not of category {person} (the person category of {ann}), "
               f"{dropped['score']} below score {score_thr:g}, {dropped['image']} on images not in {ann}, "
               f"{dropped['empty']} empty")
     log.info("%s: %d person boxes (%s)", dets, len(boxes), counts)
     if not boxes:
-        raise UserError(f"nothing to score: no person box of the {len(entries)} in {dets} is left ({counts}); "
+        raise UserError(f"nothing to {purpose}: no person box of the {len(entries)} in {dets} is left ({counts}); "
                         "pass the detections made for these images, or a lower --box-score-thr")
     return sorted(boxes, key=lambda b: b.image_id)
+
+
+def detection_instances(boxes: list[PersonBox], num_keypoints: int) -> list[Instance]:
+    """People given only by a detector's boxes (`detected_person_boxes(..., purpose="dump")`), as dump
+    instances without ground truth.
+
+    Each box is clipped to its image as annotated boxes are (`clip_bbox_xywh`; nothing left: dropped). Each
+    instance's `ann_id` is its box's 1-based position in the detection file, so its views stay the same
+    whatever score threshold kept it; keypoints are K zeros (visibility 0), `area` is the clipped box's,
+    `score` the detector's. Sorted by (image_id, ann_id).
+
+    Raises:
+        UserError: no box is left.
+    """
+    out = []
+    for box in boxes:
+        bbox = clip_bbox_xywh(box.bbox_xywh, box.image_wh)
+        if bbox is None:
+            continue
+        out.append(Instance(image_id=box.image_id, ann_id=box.det_id, file_name=box.file_name,
+                            image_wh=box.image_wh, bbox_xywh=bbox, keypoints=np.zeros((num_keypoints, 3), np.float32),
+                            area=float(bbox[2] * bbox[3]), score=box.score))
+    if not out:
+        raise UserError("nothing to dump: every person box of the detection file lies outside its image; pass the "
+                        "detections made for these images")
+    return sorted(out, key=lambda inst: (inst.image_id, inst.ann_id))

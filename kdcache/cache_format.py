@@ -18,7 +18,10 @@ h5py alone):
                                           and its side dataset (`heatmap_step` or `heatmap_range`)
     ROW_COLUMNS, REPLAY_COLUMNS below: one fixed-size array per row each
 
-Schema 3 adds the manifest's `codec` (what made the targets: `kdcache.codec`, e.g. UDP heatmaps with their
+Schema 4 adds two row columns, `labelled` and `box_score`, and the manifest's `persons` (where the dumped
+people came from, how many have ground truth): a cache may hold people given only by a detector's boxes,
+whose rows carry no ground truth (all visibilities 0, `labelled` False). Older caches read as all labelled,
+box score 1. Schema 3 added the manifest's `codec` (what made the targets: `kdcache.codec`, e.g. UDP heatmaps with their
 sizes and sigma) and `keypoint_set` (`kdcache.keypoints`); the datasets are schema 2's. Schema 2 caches read
 as UDP heatmaps of their `input_hw`, `heatmap_hw`, `sigma`, and COCO-17. Schema 1 (kdcache 0.1) stored crops
 as a vlen uint8 dataset, "uint8-minmax-per-joint" heatmaps and no confidence; it is still read.
@@ -41,8 +44,8 @@ from kdcache.codec import UDPHeatmap, codec_from_record
 from kdcache.errors import UserError
 from kdcache.keypoints import COCO_17, KeypointSet, keypoint_set
 
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 LOCK = "manifest.lock"
 
@@ -76,7 +79,11 @@ ROW_COLUMNS = (
     Column("ann_id", np.int64, (), "COCO annotation id"),
     Column("view", np.int32, (), "view index; 0 = un-augmented"),
     Column("keypoints", np.float32, ("K", 3), "ground truth in crop pixels: x, y, COCO visibility"),
+    Column("labelled", np.bool_, (), "the person has ground truth (False: from a box alone, keypoints all 0)"),
+    Column("box_score", np.float32, (), "the person box's score: a detector's, 1 for annotated boxes"),
 )
+# What a row of a cache older than schema 4 (no such column) holds: every person was annotated.
+COLUMN_DEFAULTS = {"labelled": np.bool_(True), "box_score": np.float32(1.0)}
 # Crop format "none": what identifies each row's image, checked when its crop is replayed (older "none"
 # caches lack both: they replay unchecked).
 REPLAY_COLUMNS = (

@@ -217,7 +217,7 @@ class Cache:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One view: crop [H,W,3] uint8 RGB, heatmaps [K,h,w] float32, confidence [K] (schema 2), affine [2,3],
-        flip, image_id, ann_id, view, keypoints [K,3]."""
+        flip, image_id, ann_id, view, keypoints [K,3], labelled (the person has ground truth), box_score."""
         shard, row = self.locate(int(index))
         ix = self._shard_index(shard)
         meta = {c.name: self._column(shard, ix, c.name, row) for c in fmt.ROW_COLUMNS if c.name in ix.columns}
@@ -233,6 +233,9 @@ class Cache:
         }
         if "confidence" in meta:
             out["confidence"] = meta["confidence"].copy()
+        for name, default in fmt.COLUMN_DEFAULTS.items():  # schema 4: rows without ground truth, box scores
+            value = meta.get(name, default)
+            out[name] = bool(value) if value.dtype == np.bool_ else float(value)
         return out
 
     def attrs(self, shard: int = 0) -> dict[str, Any]:

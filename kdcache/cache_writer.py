@@ -172,6 +172,9 @@ def _write_h5(tmp: Path, rows: ShardRows, attrs: dict[str, Any], gzip_level: int
             side = np.asarray(side, dtype=np.float32).reshape(n, k, *storage.side_shape)
             f.create_dataset(storage.side, data=side, **opts)
         for column in ROW_COLUMNS:
-            f.create_dataset(column.name, data=column.stack(rows.columns.get(column.name, []), k), **opts)
+            data = column.stack(rows.columns.get(column.name, []), k)
+            if len(data) != n:  # a writer that forgot a column would make a shard no reader can trust
+                raise ValueError(f"column {column.name} has {len(data)} rows, the shard {n}")
+            f.create_dataset(column.name, data=data, **opts)
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -75,7 +76,8 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from kdcache.synth import SynthConfig, synthesize
 
     out = synthesize(SynthConfig(out=a.out, train_images=a.train_images, val_images=a.val_images,
-                                 seed=a.seed, workers=a.workers, max_people=a.max_people, clutter=a.clutter))
+                                 unlabelled_images=a.unlabelled_images, seed=a.seed, workers=a.workers,
+                                 max_people=a.max_people, clutter=a.clutter))
     print(f"wrote {out}")
     return 0
 
@@ -97,7 +99,8 @@ def cmd_dump_teacher(a: argparse.Namespace) -> int:
     from kdcache.dump import dump_teacher
 
     crop = f"jpeg{a.jpeg_quality}" if a.crop == "jpeg" else a.crop
-    cfg = DumpConfig(teacher=a.teacher, ann=a.ann, images=a.images, run=_run_config(a), views=a.views,
+    cfg = DumpConfig(teacher=a.teacher, ann=a.ann, images=a.images, run=_run_config(a), boxes=a.boxes,
+                     box_score_thr=a.box_score_thr, persons=a.persons, views=a.views,
                      batch_size=a.batch_size, shard_size=a.shard_size, crop_format=crop,
                      heatmap_storage=a.heatmap_encoding, heatmap_rel_error=a.heatmap_error,
                      gzip_level=a.gzip_level, teacher_flip=a.teacher_flip, skip_bad_images=a.skip_bad_images,
@@ -121,33 +124,37 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     run = _run_config(a)
     view_aug = _given_view_aug(a)
     flip = view_aug.pop("flip_prob", None)
-    if a.cache is not None and view_aug:
+    paths = tuple(a.cache or ())
+    if paths and view_aug:
         flags = ", ".join(f"--{flag}" for flag, field, _, _ in VIEW_AUG_FLAGS if field in view_aug)
         raise UserError(f"{flags} set(s) the views of online and ground-truth runs; a cache's views were fixed by "
                         "dump-teacher (see `kdcache inspect`): drop them, or pass them to dump-teacher")
-    if a.view_seed is not None and a.cache is not None:
+    if a.view_seed is not None and paths:
         raise UserError("--view-seed picks the views of online and ground-truth runs; a cache's views are its "
                         "dump's: drop --view-seed")
-    if a.train_views and a.cache is None:
+    if a.train_views and not paths:
         raise UserError("--train-views restricts the views of a cache; pass --cache, or drop --train-views")
-    cache = _sound_cache(a.cache) if a.cache is not None else None
-    input_hw = a.input_size or (cache.input_hw if cache is not None else StudentConfig.input_hw)
+    if a.cache_weight and len(a.cache_weight) != len(paths):
+        raise UserError(f"{len(a.cache_weight)} --cache-weight for {len(paths)} --cache; give one weight per cache, "
+                        "in the same order, or none (1 each)")
+    caches = [_sound_cache(path) for path in paths]
+    input_hw = a.input_size or (caches[0].input_hw if caches else StudentConfig.input_hw)
     student = StudentConfig(backbone=a.student, head=a.head, input_hw=tuple(input_hw),
                             head_channels=a.head_channels, pretrained=a.pretrained)
     optim, val = _optim_config(a)
     probs = {field: getattr(a, flag) for flag, field, _ in STUDENT_AUG_FLAGS}
     if probs["jitter_prob"] is None:
-        probs["jitter_prob"] = _default_jitter(cache, a)
-    aug = _view_aug_config(a) if a.cache is None else None
+        probs["jitter_prob"] = _default_jitter(caches, a)
+    aug = _view_aug_config(a) if not paths else None
     kd = KDConfig(alpha=a.alpha, loss=a.kd_loss, temperature=a.kd_temperature,
-                  confidence_weights=a.confidence_weights)
-    cfg = TrainStudentConfig(student=student, run=run, cache=a.cache, online_teacher=a.online_teacher,
-                             expert=a.expert, ann=a.ann, images=a.images, kd=kd, train_views=a.train_views,
-                             view_seed=a.view_seed, student_aug=StudentAugConfig(**probs),
+                  confidence_weights=a.confidence_weights, box_score_weights=a.box_score_weights)
+    cfg = TrainStudentConfig(student=student, run=run, caches=paths, cache_weights=tuple(a.cache_weight or ()),
+                             online_teacher=a.online_teacher, expert=a.expert, ann=a.ann, images=a.images, kd=kd,
+                             train_views=a.train_views, view_seed=a.view_seed, student_aug=StudentAugConfig(**probs),
                              optim=optim, val=val,
                              **({"aug": aug} if aug is not None else {}),
-                             **({"flip_prob": flip} if flip is not None and a.cache is not None else {}))
-    if cache is not None:  # also checked by train_student; here before the run folder is touched
+                             **({"flip_prob": flip} if flip is not None and paths else {}))
+    for cache in caches:  # also checked by train_student; here before the run folder is touched
         check_cache_fits(cache, cfg.student, cfg.sigma)
     print(f"wrote {train_student(cfg)}")
     return 0
@@ -158,17 +165,18 @@ def cmd_train_student(a: argparse.Namespace) -> int:
 REPLAY_JITTER = 0.5
 
 
-def _default_jitter(cache: Cache | None, a: argparse.Namespace) -> float:
-    """`--jitter` left out: REPLAY_JITTER when the run reads a cached view more than once, else 0."""
-    if cache is None:
-        return 0.0
-    views = int(cache.manifest.get("dump", {}).get("views") or 1)
-    usable = a.train_views or max(1, views - 1)
-    if a.epochs <= usable:
-        return 0.0
-    log.info("--jitter %.1f: %d epochs replay the cache's %d training views (pass --jitter 0 to turn it off)",
-             REPLAY_JITTER, a.epochs, usable)
-    return REPLAY_JITTER
+def _default_jitter(caches: list[Cache], a: argparse.Namespace) -> float:
+    """`--jitter` left out: REPLAY_JITTER when the run reads some cached view more than once, else 0."""
+    weights = a.cache_weight or [1.0] * len(caches)
+    for cache, weight in zip(caches, weights):
+        views = int(cache.manifest.get("dump", {}).get("views") or 1)
+        usable = a.train_views or max(1, views - 1)
+        draws = a.epochs * math.ceil(weight)  # the most draws of one person over the run
+        if draws > usable:
+            log.info("--jitter %.1f: %d draws per person replay the %d training views of cache %s (pass --jitter 0 "
+                     "to turn it off)", REPLAY_JITTER, draws, usable, cache.path)
+            return REPLAY_JITTER
+    return 0.0
 
 
 def _sound_cache(path: Path) -> Cache:

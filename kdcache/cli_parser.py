@@ -16,6 +16,7 @@ from kdcache import __version__
 from kdcache.augment import StudentAugConfig
 from kdcache.bench import BENCH_BATCH
 from kdcache.cache_format import CROP_FORMATS, parse_crop_format
+from kdcache.coco import PERSONS
 from kdcache.config import (DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig,
                             ValConfig)
 from kdcache.heatmap_storage import HEATMAP_STORAGES
@@ -201,6 +202,8 @@ def _synth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="dataset root")
     p.add_argument("--train-images", type=COUNT, default=default(SynthConfig, "train_images"), help="training images")
     p.add_argument("--val-images", type=COUNT, default=default(SynthConfig, "val_images"), help="validation images")
+    p.add_argument("--unlabelled-images", type=COUNT, default=default(SynthConfig, "unlabelled_images"),
+                   help="unlabelled images, with a simulated detector's person boxes (0: no unlabelled split)")
     p.add_argument("--seed", type=COUNT, default=default(SynthConfig, "seed"),
                    help="random seed (same seed: byte-identical files)")
     p.add_argument("--workers", type=POSITIVE_INT, default=default(SynthConfig, "workers"),
@@ -227,6 +230,13 @@ def _train_teacher_flags(p: argparse.ArgumentParser) -> None:
 def _dump_teacher_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint")
     _data(p)
+    p.add_argument("--boxes", type=Path, help="COCO detection results: dump these people, without ground truth, "
+                   "on --ann's images (--ann may then be an image-info file, e.g. image_info_unlabeled2017.json)")
+    p.add_argument("--box-score-thr", type=PROBABILITY, default=default(DumpConfig, "box_score_thr"),
+                   help="--boxes: drop detections below this score")
+    p.add_argument("--persons", choices=tuple(PERSONS), default=default(DumpConfig, "persons"),
+                   help="which of --ann's people: with labelled keypoints (as ViTPose trains), the boxes without "
+                        "keypoints (dumped without ground truth), or all")
     _common(p, batch=default(DumpConfig, "batch_size"))
     crop_kind, jpeg_quality = parse_crop_format(default(DumpConfig, "crop_format"))
     p.add_argument("--views", type=POSITIVE_INT, default=default(DumpConfig, "views"),
@@ -254,7 +264,11 @@ def _dump_teacher_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_student_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", type=Path, help="teacher cache from dump-teacher")
+    p.add_argument("--cache", type=Path, action="append", help="teacher cache from dump-teacher; repeat it to train "
+                   "on several at once (e.g. a labelled cache and one dumped from detector boxes)")
+    p.add_argument("--cache-weight", type=POSITIVE, action="append", metavar="W",
+                   help="one per --cache, in order: how many times each person of that cache is drawn per epoch "
+                        "(default 1: an epoch is every person of every cache once; 0.5: a fresh half each epoch)")
     p.add_argument("--online-teacher", type=Path, help="baseline: run this teacher every step instead")
     _expert_flag(p)
     _data(p, required=False)
@@ -283,6 +297,9 @@ def _train_student_flags(p: argparse.ArgumentParser) -> None:
                    "from this seed instead of --seed (a dump's --seed gives the views its cache holds)")
     p.add_argument("--confidence-weights", action="store_true",
                    help="weight each joint's teacher term by the teacher's confidence (its peak)")
+    p.add_argument("--box-score-weights", action="store_true",
+                   help="weight each row's teacher term by its person box's score (a detector's; 1 for annotated "
+                        "people)")
     for flag, field, what in STUDENT_AUG_FLAGS:
         auto = flag == "jitter"  # on by default where the benchmark shows it pays: replayed cached views
         p.add_argument(f"--{flag}", type=PROBABILITY, default=None if auto else default(StudentAugConfig, field),

@@ -38,6 +38,7 @@ class Instance:
         bbox_xywh: float32 [4], box clipped to the image as mmpose does (x, y, w, h in pixels).
         keypoints: float32 [K, 3], x, y in image pixels and COCO visibility v (0/1/2).
         area: segmentation area from the json (used by COCOeval's OKS); box w * h if absent (as `load_coco`).
+        score: the box's score: a detector's for people given by detections, 1 for annotated boxes.
     """
 
     image_id: int
@@ -47,6 +48,12 @@ class Instance:
     bbox_xywh: np.ndarray
     keypoints: np.ndarray
     area: float
+    score: float = 1.0
+
+    @property
+    def labelled(self) -> bool:
+        """The person has ground truth: at least one labelled keypoint (people from boxes alone have none)."""
+        return bool(self.keypoints[:, 2].max(initial=0) > 0)
 
 
 def load_coco(ann_file: Path) -> COCO:
@@ -238,12 +245,37 @@ def clip_bbox_xywh(bbox_xywh: tuple[float, float, float, float] | np.ndarray,
     return np.array([x1, y1, x2 - x1, y2 - y1], dtype=np.float32)
 
 
-def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>") -> list[Instance]:
-    """The training/evaluation instances of an already loaded COCO object (see `load_instances`)."""
+# Which annotated people `instances_from_coco` returns (dump-teacher --persons).
+PERSONS = {
+    "labelled": "with at least one labelled keypoint (ViTPose's training set)",
+    "unlabelled": "with a box and no labelled keypoint (dumped without ground truth)",
+    "all": "both",
+}
+
+
+def declares_keypoints(coco: COCO) -> bool:
+    """The file says which keypoints its people have: the person category names them, or a person has some
+    (an image-info file, or COCO's instances_*.json, does neither)."""
+    if _person_category(coco.dataset["categories"], Path("<coco>")).get("keypoints"):
+        return True
+    person = person_category_id(coco)
+    return any(ann.get("category_id") == person and ann.get("num_keypoints", 0) > 0
+               for ann in coco.dataset.get("annotations", []))
+
+
+def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>", persons: str = "labelled") -> list[Instance]:
+    """The training/evaluation instances of an already loaded COCO object (see `load_instances`).
+
+    Args:
+        persons: one of PERSONS: "labelled" (the default, as ViTPose trains), "unlabelled" (non-crowd people
+            with a box of positive area and no labelled keypoint: their keypoints are all 0), or "all".
+    """
+    if persons not in PERSONS:
+        raise UserError(f"unknown --persons {persons!r}; choose one of {', '.join(PERSONS)}")
     person_id = person_category_id(coco)
     num_keypoints = keypoint_set_of(coco, ann_file).num_keypoints  # a set kdcache knows, or refused
     instances = []
-    dropped = {"crowd": 0, "no_keypoints": 0, "box": 0}
+    dropped = {"crowd": 0, "labelled": 0, "unlabelled": 0, "box": 0}
     for ann in coco.dataset.get("annotations", []):
         if ann.get("category_id") != person_id:
             continue
@@ -252,9 +284,12 @@ def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>") -> list[Ins
             continue
         # load_coco gave every person a box, K keypoints (checked above) and num_keypoints.
         kpts = np.asarray(ann["keypoints"], dtype=np.float32).reshape(num_keypoints, 3)
-        if kpts[:, 2].max() <= 0 or ann["num_keypoints"] == 0:
-            dropped["no_keypoints"] += 1
+        labelled = kpts[:, 2].max() > 0 and ann["num_keypoints"] > 0
+        if persons != "all" and labelled != (persons == "labelled"):
+            dropped["labelled" if labelled else "unlabelled"] += 1
             continue
+        if not labelled:
+            kpts = np.zeros_like(kpts)  # num_keypoints 0 with a labelled joint: no ground truth either way
         img = coco.imgs[ann["image_id"]]
         image_wh = (int(img["width"]), int(img["height"]))
         bbox = clip_bbox_xywh(ann["bbox"], image_wh)
@@ -272,8 +307,8 @@ def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>") -> list[Ins
             area=float(ann["area"]),
         ))
     instances.sort(key=lambda inst: (inst.image_id, inst.ann_id))
-    log.info("%s: %d person instances (dropped %d crowd, %d without keypoints, %d empty boxes)",
-             ann_file, len(instances), dropped["crowd"], dropped["no_keypoints"], dropped["box"])
+    log.info("%s: %d person instances (dropped %d crowd, %d without keypoints, %d with keypoints, %d empty boxes)",
+             ann_file, len(instances), dropped["crowd"], dropped["unlabelled"], dropped["labelled"], dropped["box"])
     return instances
 
 

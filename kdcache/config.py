@@ -71,9 +71,12 @@ class TrainTeacherConfig:
 @dataclass(frozen=True)
 class DumpConfig:
     teacher: Path               # teacher checkpoint (kdcache, official ViTPose)
-    ann: Path                   # COCO annotation file whose person instances are dumped
+    ann: Path                   # COCO annotation file whose person instances are dumped (or whose images, --boxes)
     images: Path                # folder holding its images
     run: RunConfig
+    boxes: Path | None = None   # COCO detection results: dump these people (no ground truth) instead of ann's
+    box_score_thr: float = 0.0  # --boxes: detections below this score are not dumped
+    persons: str = "labelled"   # ann's people to dump: "labelled", "unlabelled" (boxes, no keypoints) or "all"
     views: int = 15             # K views per instance; view 0 is un-augmented (14 = 210 epochs / 16, docs/benchmark.md)
     batch_size: int = 64        # teacher batch
     shard_size: int = 1024      # views per HDF5 shard
@@ -91,7 +94,8 @@ class DumpConfig:
 class TrainStudentConfig:
     student: StudentConfig
     run: RunConfig
-    cache: Path | None = None           # teacher cache (stage 1 output)
+    caches: tuple[Path, ...] = ()       # teacher caches (stage 1 output), trained on together
+    cache_weights: tuple[float, ...] = ()  # draws per person per epoch, one per cache (() = 1 each; data.CacheMix)
     online_teacher: Path | None = None  # baseline: run this teacher every step; neither = ground truth only
     expert: str | int | None = None     # ViTPose++ expert of the online teacher; None = COCO
     ann: Path | None = None             # ground truth for the online baseline
@@ -108,8 +112,11 @@ class TrainStudentConfig:
     val: ValConfig = field(default_factory=ValConfig)
 
     def __post_init__(self) -> None:
-        if self.cache is not None and self.online_teacher is not None:
+        if self.caches and self.online_teacher is not None:
             raise UserError("give one of --cache CACHE or --online-teacher CKPT, not both")
+        if self.cache_weights and len(self.cache_weights) != len(self.caches):
+            raise UserError(f"{len(self.cache_weights)} --cache-weight for {len(self.caches)} --cache; give one "
+                            "weight per cache, in the same order, or none (1 each)")
 
 
 @dataclass(frozen=True)

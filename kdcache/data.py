@@ -1,5 +1,5 @@
-"""Torch datasets: augmented views of annotated people (the dump, ground-truth and online training) and
-cached views (cached distillation).
+"""Torch datasets: augmented views of annotated people (the dump, ground-truth and online training), cached
+views (cached distillation), and several caches mixed by weight.
 
 Every item is a dict of numpy arrays; crops stay uint8 [H, W, 3] until the training step normalises a
 whole batch with `inference.to_input_tensor` (cheaper than per item, and workers ship 4x fewer bytes).
@@ -102,7 +102,8 @@ class CachedDataset(Dataset):
     with the cache's codec. A cache dumped with no crops (crop format "none") replays each crop from its image
     with the stored affine.
 
-    Items: crop, teacher [K, h, w], teacher_confidence [K], target [K, h, w], target_weight [K].
+    Items: crop, teacher [K, h, w], teacher_confidence [K], target [K, h, w], target_weight [K], labelled (1: the
+    row has ground truth, 0: dumped from a box alone), box_score.
     """
 
     def __init__(self, cache: Cache, flip_prob: float, seed: int, student_aug: StudentAugConfig | None = None,
@@ -134,16 +135,22 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cache) // self.views
 
-    def row_of(self, index: int) -> int:
-        """Cache row of instance `index` in the current epoch (rows are instance-major, views inner)."""
-        view = 1 + self.epoch % self.train_views if self.views > 1 else 0
+    def row_of(self, index: int, draw: int | None = None) -> int:
+        """Cache row of instance `index` at its `draw`-th draw (None: the current epoch's; rows are
+        instance-major, views inner): view 1 + draw mod k."""
+        draw = self.epoch if draw is None else draw
+        view = 1 + draw % self.train_views if self.views > 1 else 0
         return index * self.views + view
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.cache[self.row_of(index)]
+        return self.item(index, self.epoch, (self.seed, self.epoch, index))
+
+    def item(self, index: int, draw: int, key: tuple[int, ...]) -> dict[str, Any]:
+        """Instance `index` at its `draw`-th draw, its train-time changes drawn from `np.random.default_rng(key)`."""
+        row = self.cache[self.row_of(index, draw)]
         crop, teacher, keypoints = row["crop"], row["heatmaps"], row["keypoints"]
         confidence = row["confidence"] if "confidence" in row else teacher.max(axis=(1, 2))  # schema 1: none
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng(list(key))
         if rng.random() < self.flip_prob:
             swap = list(self.keypoint_set.flip_index)
             crop = flip_crop(crop)
@@ -156,4 +163,60 @@ class CachedDataset(Dataset):
         target, weight = self.codec.encode(keypoints)
         return {"crop": np.ascontiguousarray(crop), "teacher": np.ascontiguousarray(teacher),
                 "teacher_confidence": np.ascontiguousarray(confidence, dtype=np.float32),
-                "target": target, "target_weight": weight}
+                "target": target, "target_weight": weight,
+                "labelled": np.float32(row["labelled"]), "box_score": np.float32(row["box_score"])}
+
+
+class CacheMix(Dataset):
+    """Several caches trained on at once (train-student --cache A --cache B ...), each drawn as often as its weight.
+
+    What an epoch is: cache c, holding n_c people, gives round(w_c * n_c) draws (at least 1) per epoch, w_c its
+    weight: w = 1 draws each of its people once (a single cache of weight 1 is exactly its CachedDataset),
+    w = 0.5 a fresh random half of them every epoch, w = 2 each of them twice, the two draws reading two
+    different views. So an epoch holds sum_c round(w_c * n_c) items whatever the epoch, and every epoch of
+    a person advances its views as `CachedDataset` does: its d-th draw over the run reads view 1 + d mod k.
+    Which people a fractional weight draws in epoch e comes from (seed, e, c) alone.
+
+    Items are `CachedDataset` items; `labelled` tells the loss which rows have ground truth.
+    """
+
+    def __init__(self, datasets: list[CachedDataset], weights: list[float], seed: int):
+        if len(datasets) != len(weights) or not datasets:
+            raise UserError(f"{len(weights)} cache weights for {len(datasets)} caches; give one --cache-weight per "
+                            "--cache, in the same order")
+        bad = [w for w in weights if not (w > 0 and np.isfinite(w))]
+        if bad:
+            raise UserError(f"cache weight {bad[0]} is not a positive number; a weight is how many times each "
+                            "person of its cache is drawn per epoch (1: once)")
+        self.datasets, self.weights, self.seed = datasets, [float(w) for w in weights], seed
+        self.draws = [max(1, round(w * len(d))) for d, w in zip(datasets, self.weights)]
+        self.epoch = 0
+        self._plan = self._make_plan(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._plan = self._make_plan(epoch)
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
+
+    def _make_plan(self, epoch: int) -> np.ndarray:
+        """[L, 3] int64 (cache, instance, repeat) of every item of `epoch`."""
+        parts = []
+        for c, (dataset, draws) in enumerate(zip(self.datasets, self.draws)):
+            n = len(dataset)
+            full, rest = divmod(draws, n)
+            instances = [np.arange(n)] * full
+            if rest:
+                instances.append(np.sort(np.random.default_rng([self.seed, epoch, c]).permutation(n)[:rest]))
+            for repeat, chosen in enumerate(instances):
+                parts.append(np.stack([np.full(len(chosen), c), chosen, np.full(len(chosen), repeat)], axis=1))
+        return np.concatenate(parts).astype(np.int64)
+
+    def __len__(self) -> int:
+        return sum(self.draws)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        c, instance, repeat = (int(v) for v in self._plan[index])
+        per_epoch = -(-self.draws[c] // len(self.datasets[c]))  # the most draws of one person in an epoch
+        key = (self.seed, self.epoch, instance, *((c, repeat) if c or repeat else ()))  # cache 0, once: CachedDataset's
+        return self.datasets[c].item(instance, self.epoch * per_epoch + repeat, key)

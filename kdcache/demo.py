@@ -90,7 +90,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         teacher=teacher_run / "best.pt", ann=train_ann, images=data / "train", run=run("cache"), views=cfg.views,
         aug=DEMO_AUG))
     student_run = timed("train-student", train_student, TrainStudentConfig(
-        student=StudentConfig(backbone=cfg.student, input_hw=cfg.input_hw), run=run("student"), cache=cache,
+        student=StudentConfig(backbone=cfg.student, input_hw=cfg.input_hw), run=run("student"), caches=(cache,),
         kd=KDConfig(alpha=cfg.alpha), aug=DEMO_AUG,
         optim=OptimConfig(epochs=cfg.student_epochs, batch_size=32, lr=2e-3, warmup_steps=50)))
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -37,15 +38,17 @@ from kdcache import cache_format as fmt
 from kdcache.cache import check_shards
 from kdcache.cache_writer import ShardRows, add_shard, drop_shards, manifest_lock, write_manifest, write_shard
 from kdcache.checkpoint import provenance
+from kdcache.boxes import detected_person_boxes, detection_instances
 from kdcache.codec import UDPHeatmap
-from kdcache.coco import instances_from_coco, keypoint_set_of, load_coco
+from kdcache.coco import (Instance, declares_keypoints, instances_from_coco, keypoint_set_of, load_coco,
+                          person_category_id)
 from kdcache.config import DumpConfig, to_jsonable
 from kdcache.data import ViewDataset
 from kdcache.distributed import world_from_env
 from kdcache.errors import UserError
 from kdcache.heatmap_storage import encode_rows, heatmap_storage
 from kdcache.inference import predict_heatmaps
-from kdcache.keypoints import KeypointSet
+from kdcache.keypoints import KeypointSet, keypoint_set_with
 from kdcache.teacher import load_teacher, require_keypoint_set, teacher_weights_file
 from kdcache.transforms import ViewSampler
 
@@ -76,7 +79,8 @@ class _DumpViews(ViewDataset):
         else:  # replayed later from the image: record which image it was, to refuse a changed one
             item["image_hw"] = np.array(self._images(inst.file_name).shape[:2], np.int32)  # memoised decode
             item["image_sha256"] = self._image_sha256(inst.file_name)
-        item.update(index=index, file_name=inst.file_name, bad=None)
+        item.update(index=index, file_name=inst.file_name, bad=None, labelled=np.bool_(inst.labelled),
+                    box_score=np.float32(inst.score))
         return item
 
     def _image_sha256(self, file_name: str) -> np.ndarray:
@@ -112,14 +116,16 @@ def _teacher_sha(path: Path) -> str:
 
 
 def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, keypoint_set: KeypointSet, teacher_sha: str,
-                  num_views: int) -> dict[str, Any]:
+                  instances: list[Instance]) -> dict[str, Any]:
     """Everything that decides the cache's content; a rerun must match it exactly to resume."""
     codec: UDPHeatmap = teacher.codec  # the teacher family's: the targets it was trained with
     dump = to_jsonable(cfg)
     dump.pop("run")
     dump["seed"] = cfg.run.seed
-    for key in ("teacher", "ann", "images"):  # absolute: crop replay and reruns from another folder
-        dump[key] = str(Path(dump[key]).resolve())
+    for key in ("teacher", "ann", "images", "boxes"):  # absolute: crop replay and reruns from another folder
+        dump[key] = None if dump[key] is None else str(Path(dump[key]).resolve())
+    num_views = len(instances) * cfg.views
+    labelled = sum(inst.labelled for inst in instances)
     return {
         "schema_version": fmt.SCHEMA_VERSION,
         "codec": codec.to_record(),
@@ -134,6 +140,9 @@ def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, keypoint_set: Keypo
         "teacher": {"kind": teacher.kind, "arch": teacher.config.arch, "head": getattr(teacher.config, "head", None),
                     "sha256": teacher_sha, "expert": cfg.expert, "config": teacher.config.to_dict()},
         "dump": dump,
+        # Where the people came from; rows of the unlabelled ones carry no ground truth (row column `labelled`).
+        "persons": {"source": "detections" if cfg.boxes is not None else "annotations",
+                    "instances": len(instances), "labelled": labelled, "unlabelled": len(instances) - labelled},
         "total_views": num_views,
         "shard_size": cfg.shard_size,
         "num_shards": math.ceil(num_views / cfg.shard_size),
@@ -215,16 +224,27 @@ def dump_teacher(cfg: DumpConfig, verify: bool = False) -> Path:
     _check_out_folder(out)
     if not Path(cfg.images).is_dir():
         raise UserError(f"--images {cfg.images} is not a folder; pass the folder holding {Path(cfg.ann).name}'s images")
+    if cfg.boxes is not None and cfg.persons != "labelled":
+        raise UserError("--persons chooses among --ann's annotated people, --boxes replaces them: give one of them")
     coco = load_coco(cfg.ann)
-    keypoint_set = keypoint_set_of(coco, cfg.ann)
-    instances = instances_from_coco(coco, cfg.ann)
-    if not instances:
-        raise UserError(f"{cfg.ann} has no usable person instances (non-crowd, with keypoints, positive area)")
+    if cfg.boxes is None:
+        instances = _annotated_instances(coco, cfg)
+    else:  # read and checked before the teacher loads; its keypoint count may size them
+        boxes = detected_person_boxes(cfg.ann, cfg.boxes, cfg.box_score_thr, coco, purpose="dump")
     teacher = load_teacher(cfg.teacher, _device(cfg.run.device), expert=cfg.expert)
+    # A file that names no keypoints (an image-info file) dumps the teacher's own set.
+    keypoint_set = (keypoint_set_of(coco, cfg.ann) if declares_keypoints(coco) or cfg.boxes is None
+                    else keypoint_set_with(teacher.config.num_keypoints, str(cfg.teacher)))
     require_keypoint_set(teacher, keypoint_set, cfg.teacher, cfg.expert)
+    if cfg.boxes is not None:
+        instances = detection_instances(boxes, keypoint_set.num_keypoints)
+    unlabelled = sum(not inst.labelled for inst in instances)
+    if unlabelled:
+        log.info("%d of %d people have no ground truth: their rows carry none, and half-body crops (which need "
+                 "keypoints) are skipped for them", unlabelled, len(instances))
     teacher_sha = _teacher_sha(Path(cfg.teacher))
     items = [(i, v) for i in range(len(instances)) for v in range(cfg.views)]
-    settings = dump_settings(cfg, teacher, keypoint_set, teacher_sha, len(items))
+    settings = dump_settings(cfg, teacher, keypoint_set, teacher_sha, instances)
 
     manifest = _open_manifest(out, settings)
     rank, world = world_from_env()
@@ -240,6 +260,22 @@ def dump_teacher(cfg: DumpConfig, verify: bool = False) -> Path:
         dataset = _DumpViews(instances, cfg.images, sampler, items=items, crop_format=cfg.crop_format)
         _run(teacher, dataset, todo, cfg, out, attrs, show=cfg.run.progress and rank == 0)
     return out
+
+
+def _annotated_instances(coco: COCO, cfg: DumpConfig) -> list[Instance]:
+    """The people of --ann that --persons asks for; refused, with what to pass instead, when there are none."""
+    instances = instances_from_coco(coco, cfg.ann, cfg.persons)
+    if instances:
+        return instances
+    people = sum(1 for a in coco.dataset.get("annotations", []) if a.get("category_id") == person_category_id(coco))
+    if not people:
+        raise UserError(f"{cfg.ann} holds no annotated people (an image-info file?): pass --boxes DETS.json, a "
+                        "person detector's boxes on its images, to dump them without ground truth")
+    if cfg.persons == "labelled":
+        raise UserError(f"{cfg.ann} has no usable person with keypoints (non-crowd, labelled keypoints, positive "
+                        "area): pass --persons unlabelled to dump its people's boxes without ground truth, or "
+                        "--boxes DETS.json")
+    raise UserError(f"{cfg.ann} has no usable person for --persons {cfg.persons} (non-crowd, positive area)")
 
 
 def _batches(todo: list[int], num_items: int, cfg: DumpConfig) -> list[list[int]]:

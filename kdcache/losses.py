@@ -63,6 +63,7 @@ class KDConfig:
     loss: str = "mse"           # the teacher term, one of KD_LOSSES
     temperature: float = 1.0    # "kl": softmax temperature (the loss is scaled by T^2)
     confidence_weights: bool = False  # weight each joint's teacher term by the teacher's confidence (its peak)
+    box_score_weights: bool = False   # weight each row's teacher term by its person box's score (detector's; 1 annotated)
 
     def __post_init__(self) -> None:
         if self.loss not in KD_LOSSES:
@@ -70,22 +71,35 @@ class KDConfig:
 
 
 def distillation_loss(pred: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
-                      target_weight: torch.Tensor, kd: KDConfig, confidence: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """alpha * KD(pred, teacher) + (1 - alpha) * MSE(pred, ground truth).
+                      target_weight: torch.Tensor, kd: KDConfig, confidence: torch.Tensor | None = None,
+                      labelled: torch.Tensor | None = None, box_score: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * KD(pred, teacher) + (1 - alpha) * MSE(pred, ground truth), the latter over rows with ground truth.
 
-    The teacher term covers every joint (the teacher has an opinion on unlabelled ones too); the
-    ground-truth term uses the target weights.
+    The teacher term covers every joint of every row (the teacher has an opinion on unlabelled joints and
+    people too); the ground-truth term uses the target weights and is the mean over the rows that have
+    ground truth only (a batch holding people from boxes alone does not dilute it; none: the term is 0).
+    This is the usual semi-supervised sum: a supervised loss on labelled rows, a teacher loss on all.
 
     Args:
         pred, teacher, target: [N, K, h, w] heatmaps; target_weight: [N, K].
         confidence: [N, K] the teacher's per-joint confidence; it multiplies each joint's teacher term when
             `kd.confidence_weights` (else it is not used).
+        labelled: [N] 1 for rows with ground truth, 0 for rows without; None = all have it.
+        box_score: [N] each row's person-box score; it multiplies the row's teacher term when
+            `kd.box_score_weights`.
     """
     loss = pred.new_zeros((), dtype=torch.float32)
     if kd.alpha > 0:
-        weight = confidence if kd.confidence_weights else None
+        weight = confidence.float() if kd.confidence_weights else None
+        if kd.box_score_weights and box_score is not None:
+            rows = box_score.float()[:, None].expand(pred.shape[:2])
+            weight = rows if weight is None else weight * rows
         loss = loss + kd.alpha * KD_LOSSES[kd.loss](pred, teacher, weight, kd.temperature)
     if kd.alpha < 1:
-        loss = loss + (1 - kd.alpha) * heatmap_mse(pred, target, target_weight)
+        if labelled is None:
+            loss = loss + (1 - kd.alpha) * heatmap_mse(pred, target, target_weight)
+        else:
+            rows = labelled.float()  # mean over labelled rows = mean over all rows * N / (labelled rows); none: 0
+            gt = heatmap_mse(pred, target, target_weight * rows[:, None]) * (len(rows) / rows.sum().clamp(min=1))
+            loss = loss + (1 - kd.alpha) * gt
     return loss

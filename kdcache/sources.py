@@ -3,7 +3,8 @@ training loop (`kdcache.train.fit`) runs any of them and does not know which.
 
     GroundTruth   augmented views of annotated people, ground-truth heatmaps (train-teacher, and train-student
                   with neither --cache nor --online-teacher)
-    CachedKD      a teacher cache's views and heatmaps, mixed with ground truth (train-student --cache)
+    CachedKD      the views and heatmaps of one or more teacher caches, mixed with ground truth where a row has
+                  some (train-student --cache A [--cache B ...])
     OnlineKD      augmented views, the teacher run on each batch (train-student --online-teacher: the baseline)
 
 A source is any object with `dataset` (items: dicts of numpy arrays with "crop" uint8 [H, W, 3] and, when
@@ -29,7 +30,7 @@ from kdcache.cache_reader import Cache
 from kdcache.codec import UDPHeatmap
 from kdcache.coco import instances_from_coco, keypoint_set_of, load_coco
 from kdcache.config import TrainStudentConfig
-from kdcache.data import CachedDataset, TrainViews, ViewDataset
+from kdcache.data import CacheMix, CachedDataset, TrainViews, ViewDataset
 from kdcache.errors import UserError
 from kdcache.inference import input_heatmaps, to_input_tensor
 from kdcache.losses import KDConfig, distillation_loss, heatmap_mse
@@ -73,14 +74,15 @@ class GroundTruth:
 
 @dataclass
 class CachedKD:
-    """The cached teacher heatmaps of each view, mixed with its ground truth (`KDConfig`)."""
+    """The cached teacher heatmaps of each view, mixed with its ground truth where the row has some (`KDConfig`)."""
 
-    dataset: CachedDataset
+    dataset: CacheMix
     kd: KDConfig
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return distillation_loss(model(student_input(batch)), batch["teacher"], batch["target"],
-                                 batch["target_weight"], self.kd, batch["teacher_confidence"])
+                                 batch["target_weight"], self.kd, batch["teacher_confidence"], batch["labelled"],
+                                 batch["box_score"])
 
 
 @dataclass
@@ -115,14 +117,33 @@ def _check_keypoints(student: StudentConfig, source: str, keypoint_set_size: int
                         f"{keypoint_set_size}; build the student for that keypoint set")
 
 
+def cache_mix(cfg: TrainStudentConfig) -> CacheMix:
+    """The caches of `cfg`, each checked (readable, complete, the student's codec and keypoints), mixed by weight."""
+    datasets = []
+    for path in cfg.caches:
+        cache = open_cache(path, images=cfg.images)
+        check_cache_fits(cache, cfg.student, cfg.sigma)
+        _check_keypoints(cfg.student, f"cache {path}", cache.keypoint_set.num_keypoints)
+        datasets.append(CachedDataset(cache, cfg.flip_prob, cfg.run.seed, cfg.student_aug, cfg.train_views))
+    names = {d.keypoint_set.name for d in datasets}
+    if len(names) > 1:
+        raise UserError(f"the caches hold different keypoint sets ({', '.join(sorted(names))}); train on caches of "
+                        "one keypoint set")
+    teachers = {d.cache.manifest["teacher"]["sha256"] for d in datasets}
+    if len(teachers) > 1:
+        log.info("the %d caches were dumped by %d different teachers", len(datasets), len(teachers))
+    mix = CacheMix(datasets, list(cfg.cache_weights or [1.0] * len(datasets)), cfg.run.seed)
+    for path, dataset, draws in zip(cfg.caches, datasets, mix.draws):
+        labelled = dataset.cache.manifest.get("persons", {}).get("labelled", len(dataset))
+        log.info("cache %s: %d people (%d with ground truth), %d draws per epoch", path, len(dataset), labelled,
+                 draws)
+    return mix
+
+
 def student_source(cfg: TrainStudentConfig) -> GroundTruth | CachedKD | OnlineKD:
     """The source a train-student config asks for: a cache, an online teacher, or (neither) ground truth."""
-    if cfg.cache is not None:
-        cache = open_cache(cfg.cache, images=cfg.images)
-        check_cache_fits(cache, cfg.student, cfg.sigma)
-        _check_keypoints(cfg.student, f"cache {cfg.cache}", cache.keypoint_set.num_keypoints)
-        dataset = CachedDataset(cache, cfg.flip_prob, cfg.run.seed, cfg.student_aug, cfg.train_views)
-        return CachedKD(dataset, cfg.kd)
+    if cfg.caches:
+        return CachedKD(cache_mix(cfg), cfg.kd)
     if cfg.ann is None or cfg.images is None:
         raise UserError("training without --cache needs --ann and --images (the ground truth to augment)")
     view_seed = cfg.run.seed if cfg.view_seed is None else cfg.view_seed

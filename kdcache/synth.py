@@ -14,8 +14,22 @@ or with fewer than five labelled keypoints are not drawn. `bbox` is the tight bo
 clipped to the image, `area` the pixel count of that mask inside the image (including the parts that
 nearer people hide: it is the person's scale for OKS), `segmentation` the bbox as a polygon.
 
+With `unlabelled_images` > 0 a third split, `OUT/unlabelled/` (image ids from 2_000_001, rendered as train
+images are), stands in for images nobody annotated: distillation sees only the images and a detector's
+person boxes. `OUT/annotations/` then also holds
+- `image_info_unlabelled.json`: images and categories, no `annotations` (as COCO's image_info_unlabeled2017);
+- `detections_unlabelled.json`: COCO detection results, `[{image_id, category_id, bbox, score}]` sorted by
+  image id, from `SynthDetector`, a simulated person detector applied to the true people: each is missed
+  with a probability that grows for small people; a detected one has its box corners jittered in proportion
+  to the box size, and a score that falls with the jittered box's IoU to the true box, plus noise. Each
+  image also gets 0-2 person-shaped false positives on the background, with low-to-mid scores;
+- `person_keypoints_unlabelled_truth.json`: the split's true annotations, for analysis only (e.g. scoring
+  the teacher's pseudo-labels through the detector's boxes); never train on it.
+A split with 0 images writes nothing: no folder, no json.
+
 Everything is deterministic: image `i` of split `s` draws from `np.random.default_rng([seed, s, i])`,
-so an image does not depend on how many are rendered nor on the number of worker processes.
+so an image does not depend on how many are rendered nor on the number of worker processes. The detector
+draws from its own stream, `[seed, s, i, 1]`, so the images are the same whatever its settings.
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ from kdcache.keypoints import COCO_17
 
 log = logging.getLogger(__name__)
 
-SPLITS = (("train", 0), ("val", 1))
+SPLITS = (("train", 0), ("val", 1), ("unlabelled", 2))
 BAND_BGR = (0.0, 230.0, 255.0)  # the left wrist/ankle band: one colour for everyone (yellow)
 LEFT_SHADE = 0.7  # left limbs wear the same clothes, this much darker
 MIN_VISIBLE_FRACTION = 0.33
@@ -47,28 +61,100 @@ _TROUSER_BGR = ((120, 70, 40), (90, 50, 30), (30, 30, 30), (90, 90, 90), (110, 1
 
 
 @dataclass(frozen=True)
+class SynthDetector:
+    """A simulated person detector: how `kdcache synth` boxes the people of its unlabelled split.
+
+    A true positive's score is `tp_score - (1 - IoU) + N(0, score_noise)`, IoU between its jittered box and
+    the true one; all scores are clipped to [0.01, 0.99].
+    """
+
+    miss_prob: float = 0.05  # chance of missing a person whose box is at least 2 * small_px (sqrt(w * h))
+    small_miss_prob: float = 0.4  # chance of missing one whose box is at most small_px; linear in between
+    small_px: float = 32.0  # sqrt(box area) in px at and below which a person is small (COCO's border)
+    jitter: float = 0.06  # std of each box corner's shift, as a fraction of the box's width (x) or height (y)
+    tp_score: float = 0.95  # mean score of a detection whose box is exact
+    score_noise: float = 0.08  # std of the noise on a true positive's score
+    max_false_positives: int = 2  # false positives per image: uniform in 0..this
+    fp_height: tuple[float, float] = (0.15, 0.6)  # range of a false positive's height, fraction of image height
+    fp_aspect: tuple[float, float] = (0.3, 0.7)  # range of a false positive's width / height
+    fp_score: float = 0.3  # mean score of a false positive
+    fp_score_noise: float = 0.12  # std of a false positive's score
+
+    def detect(self, rng: np.random.Generator, true_xywh: np.ndarray,
+               image_wh: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Detections in one image of the people whose true boxes are `true_xywh` ([N, 4] px, x y w h).
+
+        Returns:
+            bbox_xywh: float64 [M, 4] px, inside the image, corners rounded to 0.01 px.
+            scores: float64 [M] in [0.01, 0.99].
+        """
+        w, h = image_wh
+        true_xyxy = np.array(true_xywh, float).reshape(-1, 4)
+        true_xyxy[:, 2:] += true_xyxy[:, :2]
+        boxes, scores = [], []
+        for box in true_xyxy:
+            bw, bh = box[2:] - box[:2]
+            small = np.clip(2 - np.sqrt(bw * bh) / self.small_px, 0, 1)
+            # Every person takes the same draws, so changing one setting leaves the others' effects alone.
+            u, shift = rng.random(), rng.normal(0, self.jitter, 4) * (bw, bh, bw, bh)
+            noise = rng.normal(0, self.score_noise)
+            det = np.round(np.clip(box + shift, 0, (w, h, w, h)), 2)
+            if u < self.miss_prob + (self.small_miss_prob - self.miss_prob) * small or np.any(det[2:] - det[:2] < 1):
+                continue
+            boxes.append(det)
+            scores.append(self.tp_score - (1 - _iou(det, box)) + noise)
+        for _ in range(rng.integers(self.max_false_positives + 1)):
+            fh = rng.uniform(*self.fp_height) * h
+            fw = min(rng.uniform(*self.fp_aspect) * fh, w)
+            for _ in range(20):  # on the background: at most a quarter of the box on any true person's box
+                x, y = rng.uniform(0, w - fw), rng.uniform(0, h - fh)
+                det = np.round([x, y, x + fw, y + fh], 2)
+                if all(_intersection(det, t) < 0.25 * fw * fh for t in true_xyxy):
+                    boxes.append(det)
+                    scores.append(rng.normal(self.fp_score, self.fp_score_noise))
+                    break
+        xywh = np.array(boxes, float).reshape(-1, 4)
+        xywh[:, 2:] -= xywh[:, :2]
+        return np.round(xywh, 2), np.clip(np.array(scores, float), 0.01, 0.99)
+
+
+def _intersection(a: np.ndarray, b: np.ndarray) -> float:
+    """Overlap area of two x0 y0 x1 y1 boxes."""
+    return float(max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two x0 y0 x1 y1 boxes."""
+    inter = _intersection(a, b)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """What `kdcache synth` renders; every image is (image_wh) pixels, 1-4 people each."""
 
-    out: Path  # dataset root; annotations/ and train/, val/ are created inside
+    out: Path  # dataset root; annotations/ and a folder per split with images (train/, val/, unlabelled/) inside
     train_images: int = 400  # number of train images
     val_images: int = 100  # number of val images
+    unlabelled_images: int = 0  # number of unlabelled images (images and detector boxes; the truth kept apart)
     seed: int = 0  # same seed -> byte-identical files
     image_wh: tuple[int, int] = (320, 256)  # (width, height) in pixels of every image
     workers: int = 1  # processes rendering images; the output is the same for any value
     max_people: int = 4  # people per image are drawn from 1..max_people (1 = no inter-person occlusion)
     clutter: float = 1.0  # scales the number of background distractor shapes (0 = plain backgrounds)
+    detector: SynthDetector = SynthDetector()  # boxes the unlabelled split's people
 
 
 def image_id(split_id: int, index: int) -> int:
-    """COCO image id, unique over both splits (val ids start at 1_000_001)."""
+    """COCO image id, unique over the splits (val ids start at 1_000_001, unlabelled ones at 2_000_001)."""
     return split_id * 1_000_000 + index + 1
 
 
 def synthesize(cfg: SynthConfig) -> Path:
-    """Renders both splits and writes their COCO json files; returns `cfg.out`."""
-    if cfg.train_images < 0 or cfg.val_images < 0:
-        raise UserError("synth: image counts must be >= 0; pass --train-images/--val-images N >= 0")
+    """Renders the splits that have images and writes their json files; returns `cfg.out`."""
+    counts = {"train": cfg.train_images, "val": cfg.val_images, "unlabelled": cfg.unlabelled_images}
+    if min(counts.values()) < 0:
+        raise UserError("synth: image counts must be >= 0; pass --train-images/--val-images/--unlabelled-images N >= 0")
     if min(cfg.image_wh) < 64:
         raise UserError(f"synth: image size {cfg.image_wh} is too small; use at least 64x64 pixels")
     if cfg.workers < 1:
@@ -76,11 +162,13 @@ def synthesize(cfg: SynthConfig) -> Path:
     if not 1 <= cfg.max_people <= 4 or cfg.clutter < 0:
         raise UserError("synth: --max-people must be within 1..4 and --clutter >= 0")
     out = Path(cfg.out)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
     pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
     try:
         for split, split_id in SPLITS:
-            count = cfg.train_images if split == "train" else cfg.val_images
+            count = counts[split]
+            if count == 0:
+                continue
+            (out / "annotations").mkdir(parents=True, exist_ok=True)
             (out / split).mkdir(exist_ok=True)
             jobs = [(out / split, cfg.seed, split_id, i, tuple(cfg.image_wh), cfg.max_people, cfg.clutter)
                     for i in range(count)]
@@ -91,7 +179,10 @@ def synthesize(cfg: SynthConfig) -> Path:
                 annotations.extend(anns)
                 if (i + 1) % max(1, count // 10) == 0 or i + 1 == count:
                     log.info("synth %s: %d/%d images, %d people", split, i + 1, count, len(annotations))
-            _write_json(out / "annotations" / f"person_keypoints_{split}.json", images, annotations)
+            if split == "unlabelled":
+                _write_unlabelled(out / "annotations", cfg, images, annotations)
+            else:
+                _write_json(out / "annotations" / f"person_keypoints_{split}.json", _coco(images, annotations))
     finally:
         if pool:
             pool.close()
@@ -111,10 +202,36 @@ def _render_to_file(job: tuple) -> tuple[dict, list[dict]]:
     return {"id": iid, "file_name": name, "width": image_wh[0], "height": image_wh[1]}, anns
 
 
-def _write_json(path: Path, images: list[dict], annotations: list[dict]) -> None:
-    category = COCO_17.category(1)
+def _write_unlabelled(folder: Path, cfg: SynthConfig, images: list[dict], annotations: list[dict]) -> None:
+    """The unlabelled split's image info, the detector's boxes and (for analysis only) its true annotations."""
+    split_id = dict(SPLITS)["unlabelled"]
+    true_boxes: dict[int, list] = {}
+    for ann in annotations:
+        true_boxes.setdefault(ann["image_id"], []).append(ann["bbox"])
+    detections = []
+    for index, image in enumerate(images):  # images are in index order
+        rng = np.random.default_rng([cfg.seed, split_id, index, 1])  # not the image's stream: see the docstring
+        bbox_xywh, scores = cfg.detector.detect(rng, np.array(true_boxes.get(image["id"], [])),
+                                                (image["width"], image["height"]))
+        detections += [{"image_id": image["id"], "category_id": 1, "bbox": [float(v) for v in bbox_xywh[k]],
+                        "score": round(float(scores[k]), 3)} for k in np.argsort(-scores, kind="stable")]
+    _write_json(folder / "image_info_unlabelled.json", _coco(images))
+    _write_json(folder / "detections_unlabelled.json", detections)
+    _write_json(folder / "person_keypoints_unlabelled_truth.json", _coco(images, annotations))
+
+
+def _coco(images: list[dict], annotations: list[dict] | None = None) -> dict:
+    """A COCO person-keypoints document; without annotations, an image-info one (no `annotations` key)."""
     doc = {"info": {"description": "kdcache synthetic person keypoints", "version": "1"},
-           "licenses": [], "images": images, "annotations": annotations, "categories": [category]}
+           "licenses": [], "images": images}
+    if annotations is not None:
+        doc["annotations"] = annotations
+    doc["categories"] = [COCO_17.category(1)]
+    return doc
+
+
+def _write_json(path: Path, doc: dict | list) -> None:
+    """Writes `doc` compactly, atomically (a reader sees the old file or the whole new one)."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, separators=(",", ":")))
     tmp.replace(path)

@@ -150,7 +150,7 @@ def main() -> None:
                           ValConfig(), to_jsonable(optim))
             return crops_per_s(out)
 
-        arms = {"cached": lambda: train("cached", cache=cache), "memory": train_memory,
+        arms = {"cached": lambda: train("cached", caches=(cache,)), "memory": train_memory,
                 **{f"online {t}": (lambda t=t: train(f"online-{t}", online_teacher=root / f"{t}.pt", ann=ann,
                                                      images=images)) for t in a.teachers}}
         rates: dict[str, list[float]] = {name: [] for name in arms}

@@ -228,7 +228,7 @@ def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
                 source = dict(online_teacher=teacher, ann=train_ann, images=data / "train",
                               kd=KDConfig(alpha=cfg.alpha), view_seed=arm.view_seed, run=run(name, seed))
             else:
-                source = dict(cache=out / arm.cache, train_views=arm.train_views, kd=KDConfig(alpha=cfg.alpha),
+                source = dict(caches=(out / arm.cache,), train_views=arm.train_views, kd=KDConfig(alpha=cfg.alpha),
                               flip_prob=0.5 if arm.mirror else 0.0, student_aug=arm.student_aug,
                               run=run(name, seed, cfg.cache_workers))
             stages.run(f"train {name}", lambda source=source: str(train_student(TrainStudentConfig(

@@ -153,6 +153,7 @@ def shard_rows(n: int, seed: int = 0, storage: str = "int16-step", crop: str = "
         "confidence": heat.max(axis=(2, 3)), "affine": rng.normal(size=(n, 2, 3)), "flip": rng.random(n) < 0.5,
         "image_id": rng.integers(0, 1000, n), "ann_id": np.arange(n) + 100, "view": np.arange(n) % 3,
         "keypoints": rng.normal(size=(n, K, 3)).astype(np.float32),
+        "labelled": rng.random(n) < 0.7, "box_score": rng.uniform(0.1, 1.0, n).astype(np.float32),
     }
     rows = ShardRows((K, H, W), kind, replay=False)
     rows.add(chunks, side, columns, [encode_crop(c, crop) for c in crops], [])

@@ -21,10 +21,10 @@ from kdcache.student import StudentConfig
 def test_to_jsonable_makes_paths_absolute_and_nested_configs_plain(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = TrainStudentConfig(student=StudentConfig("mobilenetv3_small_100", input_hw=(64, 48)),
-                             run=RunConfig(out=Path("runs/a")), cache=Path("cache"), kd=KDConfig(alpha=0.25))
+                             run=RunConfig(out=Path("runs/a")), caches=(Path("cache"),), kd=KDConfig(alpha=0.25))
     record = to_jsonable(cfg)
     assert json.loads(json.dumps(record)) == record  # plain JSON values only
-    assert record["run"]["out"] == str(tmp_path / "runs/a") and record["cache"] == str(tmp_path / "cache")
+    assert record["run"]["out"] == str(tmp_path / "runs/a") and record["caches"] == [str(tmp_path / "cache")]
     assert record["student"]["input_hw"] == [64, 48] and record["kd"]["alpha"] == 0.25
     assert record["online_teacher"] is None and record["optim"] == dataclasses.asdict(OptimConfig())
     assert to_jsonable({1: (Path("x"), [2.5])}) == {"1": [str(tmp_path / "x"), [2.5]]}
@@ -33,7 +33,7 @@ def test_to_jsonable_makes_paths_absolute_and_nested_configs_plain(tmp_path, mon
 def test_cache_and_online_teacher_together_are_refused():
     with pytest.raises(UserError, match="give one of --cache CACHE or --online-teacher CKPT, not both"):
         TrainStudentConfig(student=StudentConfig("mobilenetv3_small_100"), run=RunConfig(out=Path("o")),
-                           cache=Path("c"), online_teacher=Path("t.pt"))
+                           caches=(Path("c"),), online_teacher=Path("t.pt"))
 
 
 def test_configs_are_frozen():

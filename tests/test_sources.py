@@ -7,7 +7,7 @@ from torch.utils.data import default_collate
 from kdcache.augment import StudentAugConfig
 from kdcache.cache import open_cache
 from kdcache.config import RunConfig, TrainStudentConfig
-from kdcache.data import CachedDataset, TrainViews
+from kdcache.data import CacheMix, CachedDataset, TrainViews
 from kdcache.errors import UserError
 from kdcache.inference import to_input_tensor
 from kdcache.losses import KDConfig, distillation_loss, heatmap_mse
@@ -48,9 +48,11 @@ def batch_of(source, n=4) -> dict[str, torch.Tensor]:
 
 
 def test_a_cache_gives_cached_kd(tiny):
-    source = student_source(config(tiny, cache=tiny["cache"], flip_prob=0.25, train_views=1, kd=KDConfig(0.7)))
+    source = student_source(config(tiny, caches=(tiny["cache"],), flip_prob=0.25, train_views=1, kd=KDConfig(0.7)))
     assert type(source) is CachedKD and source.kd == KDConfig(0.7)
-    dataset = source.dataset
+    mix = source.dataset
+    assert type(mix) is CacheMix and len(mix) == 6 and mix.weights == [1.0]
+    dataset = mix.datasets[0]
     assert type(dataset) is CachedDataset and len(dataset) == 6
     assert (dataset.flip_prob, dataset.seed, dataset.train_views) == (0.25, 5, 1)
 
@@ -74,7 +76,7 @@ def test_neither_gives_ground_truth(tiny):
 @pytest.mark.parametrize("change, key", [({"input_hw": (128, 96)}, r"input_hw \[64, 64\] \(student: \[128, 96\]\)"),
                                          ({"sigma": 3.0}, r"sigma 2\.0 \(student: 3\.0\)")])
 def test_a_cache_of_another_codec_is_refused_naming_the_key(tiny, change, key):
-    cfg = config(tiny, cache=tiny["cache"], **change)
+    cfg = config(tiny, caches=(tiny["cache"],), **change)
     message = rf"cache .*cache does not match the student: .*{key}.*; pass --input-size 64x64"
     with pytest.raises(UserError, match=message):
         check_cache_fits(open_cache(tiny["cache"]), cfg.student, cfg.sigma)
@@ -85,7 +87,7 @@ def test_a_cache_of_another_codec_is_refused_naming_the_key(tiny, change, key):
 
 def test_a_student_of_another_keypoint_count_is_refused(tiny):
     with pytest.raises(UserError, match=r"the student predicts 14 keypoints but cache .* has 17"):
-        student_source(config(tiny, num_keypoints=14, cache=tiny["cache"]))
+        student_source(config(tiny, num_keypoints=14, caches=(tiny["cache"],)))
 
 
 def test_an_online_teacher_of_another_crop_size_is_refused(tiny):
@@ -107,7 +109,7 @@ def test_ground_truth_loss_is_heatmap_mse_on_the_students_crop(tiny):
 
 def test_cached_kd_loss_is_the_distillation_loss_against_the_batchs_teacher_maps(tiny):
     kd = KDConfig(alpha=0.6, confidence_weights=True)
-    source, model = student_source(config(tiny, cache=tiny["cache"], kd=kd)), Probe()
+    source, model = student_source(config(tiny, caches=(tiny["cache"],), kd=kd)), Probe()
     cached = batch_of(source)
     # The nano teacher's maps are ~1e-6: maps of another scale show that the loss reads the batch's.
     gen = torch.Generator().manual_seed(0)

@@ -178,7 +178,7 @@ def test_tensorboard_scalars_when_installed(tiny, tmp_path, monkeypatch):
             logged.append(("closed", None))
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    train_student(_student_cfg(tiny, tmp_path / "tb", cache=tiny["cache"]))
+    train_student(_student_cfg(tiny, tmp_path / "tb", caches=(tiny["cache"],)))
     assert logged[0] == ("dir", str(tmp_path / "tb/tensorboard")) and logged[-1] == ("closed", None)
     assert [s for tag, s in logged if tag == "train/loss"] == [1, 2]
     assert ("train/crops_per_s", 2) in logged
@@ -190,7 +190,7 @@ def test_every_named_student_trains_and_evaluates_from_a_cache(tiny, tmp_path, b
     from kdcache.evaluate import evaluate_model
     from kdcache.train import train_student
 
-    run = train_student(_student_cfg(tiny, tmp_path / backbone, backbone, cache=tiny["cache"]))
+    run = train_student(_student_cfg(tiny, tmp_path / backbone, backbone, caches=(tiny["cache"],)))
     model = load_model(run / "last.pt")
     assert model.config.backbone == backbone
     metrics, results = evaluate_model(model, tiny["ann"], tiny["images"])  # PredictConfig: 0 workers

@@ -1,0 +1,211 @@
+"""The unlabelled arm of the benchmark: what do people nobody annotated add, distilled from a cache?
+
+    python scripts/benchmark_unlabelled.py --out bench_unlabelled   # writes docs/benchmark_unlabelled.{md,json}
+
+The semi-supervised regime (issue 13): a labelled set L, an unlabelled pool U five times larger (images and a
+detector's boxes only), one teacher trained on L alone. The same small student is then trained, for the same
+number of optimiser steps in every arm (so that no arm wins by training longer), with several seeds:
+
+    gt-L            ground truth of L only
+    kd-L            distilled from the cache of L (teacher heatmaps + ground truth)
+    kd-LU           distilled from the caches of L and U (`--cache L --cache U`; ground truth on L's rows only)
+    kd-LU-conf      kd-LU with `--confidence-weights` (each joint's teacher term times the teacher's peak)
+    kd-LU-box       kd-LU with `--box-score-weights` (each row's teacher term times its detector score)
+
+U's boxes come from `kdcache synth --unlabelled-images`: the true people's boxes jittered, some missed, false
+positives on the background, with scores; U's own keypoints exist only in a truth file that only the teacher's
+pseudo-label check below reads. Every stage runs once and is skipped when done (`OUT/state.json`); a training
+run killed mid-way resumes from its last complete epoch, so the study can be stopped and run again at any
+moment. `--report-only` writes the report from whatever has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark import Stages, train_seconds, val_curve  # noqa: E402
+from kdcache.config import (DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig,  # noqa: E402
+                            TrainTeacherConfig, ValConfig, to_jsonable)
+from kdcache.demo import DEMO_AUG  # noqa: E402
+from kdcache.dump import dump_teacher  # noqa: E402
+from kdcache.evaluate import evaluate  # noqa: E402
+from kdcache.inspect_cache import cache_summary  # noqa: E402
+from kdcache.losses import KDConfig  # noqa: E402
+from kdcache.predict import PredictConfig  # noqa: E402
+from kdcache.student import StudentConfig  # noqa: E402
+from kdcache.synth import SynthConfig, synthesize  # noqa: E402
+from kdcache.train import train_student, train_teacher  # noqa: E402
+
+log = logging.getLogger("benchmark_unlabelled")
+
+
+@dataclass(frozen=True)
+class UnlabelledConfig:
+    out: Path
+    report: Path = Path("docs/benchmark_unlabelled.md")
+    labelled_images: int = 500            # L: one person per image
+    unlabelled_images: int = 2500         # U: 5 x L images, boxes from the synthetic detector
+    val_images: int = 500
+    max_people: int = 1                   # the main study's synthetic set (docs/benchmark.md)
+    clutter: float = 0.3
+    input_hw: tuple[int, int] = (128, 96)
+    teacher_arch: str = "vitpose-tiny"
+    teacher_epochs: int = 200
+    student: str = "mobilenetv3_small_050"
+    student_head_channels: int = 64
+    lu_epochs: int = 16                   # epochs over L + U; every arm trains as many steps as these
+    labelled_views: int = 32              # K of L's cache (its arms replay each view ~3 times)
+    unlabelled_views: int = 16            # K of U's cache (one view per epoch)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    alpha: float = 0.5
+    batch_size: int = 32
+    lr: float = 2e-3
+    workers: int = 2
+    cache_workers: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    caches: tuple[str, ...] = ()          # cache folders under OUT; () = ground truth of L
+    confidence_weights: bool = False
+    box_score_weights: bool = False
+    what: str = ""
+
+
+ARMS = (
+    Arm("gt-L", what="ground truth of L only"),
+    Arm("kd-L", ("cache-L",), what="distilled on L"),
+    Arm("kd-LU", ("cache-L", "cache-U"), what="distilled on L + U"),
+    Arm("kd-LU-conf", ("cache-L", "cache-U"), confidence_weights=True, what="L + U, confidence weights"),
+    Arm("kd-LU-box", ("cache-L", "cache-U"), box_score_weights=True, what="L + U, box-score weights"),
+)
+
+
+def steps(cfg: UnlabelledConfig) -> int:
+    """Optimiser steps of every arm: `lu_epochs` epochs over L + U (full batches)."""
+    return cfg.lu_epochs * ((cfg.labelled_images + cfg.unlabelled_images) // cfg.batch_size)
+
+
+def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out)
+    data, data_u = out / "data", out / "data_u"
+    train_ann = data / "annotations/person_keypoints_train.json"
+    val_ann = data / "annotations/person_keypoints_val.json"
+    teacher = out / "teacher/last.pt"
+    predict = PredictConfig(workers=cfg.workers)
+
+    def run(name: str, seed: int = cfg.seed, workers: int = cfg.workers) -> RunConfig:
+        return RunConfig(out=out / name, workers=workers, seed=seed, resume=True, progress=False)
+
+    stages.run("synth", lambda: str(synthesize(SynthConfig(
+        out=data, train_images=cfg.labelled_images, val_images=cfg.val_images, seed=cfg.seed,
+        max_people=cfg.max_people, clutter=cfg.clutter, workers=max(1, cfg.workers)))))
+    stages.run("teacher", lambda: str(train_teacher(TrainTeacherConfig(
+        ann=train_ann, images=data / "train", run=run("teacher"), arch=cfg.teacher_arch, input_hw=cfg.input_hw,
+        aug=DEMO_AUG, val=ValConfig(ann=val_ann, images=data / "val", every=20),
+        optim=OptimConfig(epochs=cfg.teacher_epochs, batch_size=cfg.batch_size, lr=1e-3, weight_decay=0.05,
+                          warmup_steps=100)))))
+    stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",
+                                                           predict=predict)))
+    if stop_after == "teacher":
+        return stages
+    stages.run("synth U", lambda: str(synthesize(SynthConfig(
+        out=data_u, train_images=0, val_images=0, unlabelled_images=cfg.unlabelled_images, seed=cfg.seed,
+        max_people=cfg.max_people, clutter=cfg.clutter, workers=max(1, cfg.workers)))))
+    u_info = data_u / "annotations/image_info_unlabelled.json"
+    u_dets = data_u / "annotations/detections_unlabelled.json"
+    # The teacher's pseudo-labels on U, scored against U's hidden truth through the detector's boxes.
+    stages.run("eval teacher on U", lambda: evaluate(EvalConfig(
+        model=teacher, ann=data_u / "annotations/person_keypoints_unlabelled_truth.json", images=data_u / "unlabelled",
+        boxes=u_dets, predict=predict)))
+    stages.run("dump cache-L", lambda: str(dump_teacher(DumpConfig(
+        teacher=teacher, ann=train_ann, images=data / "train", run=run("cache-L"), views=cfg.labelled_views + 1,
+        aug=DEMO_AUG))))
+    stages.run("dump cache-U", lambda: str(dump_teacher(DumpConfig(
+        teacher=teacher, ann=u_info, boxes=u_dets, images=data_u / "unlabelled", run=run("cache-U"),
+        views=cfg.unlabelled_views + 1, aug=DEMO_AUG))))
+    for name in ("cache-L", "cache-U"):
+        stages.run(f"size {name}", lambda name=name: cache_summary(out / name))
+    if stop_after == "dump":
+        return stages
+
+    total = steps(cfg)
+    student = StudentConfig(backbone=cfg.student, input_hw=cfg.input_hw, head_channels=cfg.student_head_channels)
+    for seed in cfg.seeds:  # seed-major: a partial study has every arm at the first seeds
+        for arm in ARMS:
+            name = f"runs/{arm.name}-s{seed}"
+            epochs = cfg.lu_epochs if "cache-U" in arm.caches else math.ceil(total / (cfg.labelled_images //
+                                                                                     cfg.batch_size))
+            optim = OptimConfig(epochs=epochs, max_steps=total, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=100)
+            kd = KDConfig(alpha=cfg.alpha if arm.caches else 0.0, confidence_weights=arm.confidence_weights,
+                          box_score_weights=arm.box_score_weights)
+            if arm.caches:
+                source = dict(caches=tuple(out / c for c in arm.caches), run=run(name, seed, cfg.cache_workers))
+            else:
+                source = dict(ann=train_ann, images=data / "train", run=run(name, seed))
+            stages.run(f"train {name}", lambda source=source, optim=optim, kd=kd: str(train_student(
+                TrainStudentConfig(student=student, aug=DEMO_AUG, optim=optim, kd=kd, **source))))
+            stages.run(f"eval {name}", lambda name=name: evaluate(EvalConfig(
+                model=out / name / "last.pt", ann=val_ann, images=data / "val", predict=predict)))
+    return stages
+
+
+def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
+    out = Path(cfg.out)
+    result = lambda name: stages.state.get(name, {}).get("result") if stages.done(name) else None  # noqa: E731
+    runs = []
+    for seed in cfg.seeds:
+        for arm in ARMS:
+            name = f"runs/{arm.name}-s{seed}"
+            metrics = result(f"eval {name}")
+            if metrics is None:
+                continue
+            runs.append({"name": arm.name, "what": arm.what, "seed": seed, "caches": list(arm.caches),
+                         "AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "AR": metrics["AR"],
+                         "train_seconds": round(train_seconds(out / name), 1)})
+    teacher = result("eval teacher")
+    return {"config": to_jsonable(cfg), "steps": steps(cfg),
+            "teacher": None if teacher is None else {
+                "AP": teacher["AP"], "train_seconds": round(train_seconds(out / "teacher"), 1),
+                "val_curve": val_curve(out / "teacher")},
+            "teacher_on_U": result("eval teacher on U"),
+            "dumps": {name: {"seconds": round(stages.seconds(f"dump {name}"), 1), **result(f"size {name}")}
+                      for name in ("cache-L", "cache-U") if stages.done(f"size {name}")},
+            "runs": runs,
+            "study_seconds": round(sum(entry["seconds"] for entry in stages.state.values()), 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("bench_unlabelled"))
+    p.add_argument("--report", type=Path, default=Path("docs/benchmark_unlabelled.md"))
+    p.add_argument("--stop-after", choices=("teacher", "dump"), help="stop early")
+    p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = UnlabelledConfig(out=a.out, report=a.report)
+    stages = Stages(Path(cfg.out)) if a.report_only else run_study(cfg, a.stop_after)
+    if a.stop_after is not None:
+        return
+    results = collect(cfg, stages)
+    Path(cfg.report).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    from benchmark_report import write_unlabelled_report
+    write_unlabelled_report(cfg, results)
+
+
+if __name__ == "__main__":
+    main()

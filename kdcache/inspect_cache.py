@@ -45,6 +45,9 @@ def cache_summary(path: Path) -> dict[str, Any]:
         "instances": len(ann_ids),
         "images": len(image_ids),
         "views_per_instance": dump.get("views"),
+        # Where the people came from; schema < 4 caches hold annotated people only.
+        "persons": m.get("persons", {"source": "annotations", "instances": len(ann_ids), "labelled": len(ann_ids),
+                                     "unlabelled": 0}),
         "bytes": total_bytes,
         "kb_per_view": total_bytes / views / 1000.0,
         # HDF5 headers, attributes and free space are the rest of kb_per_view.
@@ -75,6 +78,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             value = f"{value['arch']}{head}, sha256 {value['sha256'][:16]}..."
         elif key == "augmentation" and isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif key == "persons":
+            value = (f"{value['instances']} from {value['source']}: {value['labelled']} with ground truth, "
+                     f"{value['unlabelled']} without" +
+                     (" (their rows carry no ground truth; half-body crops, which need keypoints, skipped for them)"
+                      if value["unlabelled"] else ""))
         elif key == "skipped_images":
             value = f"{len(value)}: " + ", ".join(value) if value else "none"
         lines.append(f"{key:18s} {value}")

@@ -145,3 +145,15 @@ def test_reader_reads_the_codec_and_keypoint_set_a_schema_3_cache_records(tmp_pa
     write_manifest(tmp_path, {**manifest, "keypoint_set": "crowdpose-14"})
     with pytest.raises(UserError, match="unknown keypoint set 'crowdpose-14'"):
         open_cache(tmp_path)
+
+
+def test_rows_say_whether_they_have_ground_truth_and_older_caches_read_as_labelled(tmp_path, make_cache):
+    (_, _, _, columns), = make_cache(tmp_path, n_per_shard=(6,))
+    cache = open_cache(tmp_path)
+    assert [cache[i]["labelled"] for i in range(6)] == columns["labelled"].tolist()
+    assert [cache[i]["box_score"] for i in range(6)] == pytest.approx(columns["box_score"].tolist())
+    assert not all(columns["labelled"]) and any(columns["labelled"])  # the test sees both kinds
+    with h5py.File(tmp_path / "shard-00000.h5", "a") as f:  # a schema 3 shard has neither column
+        del f["labelled"], f["box_score"]
+    old = open_cache(tmp_path)
+    assert all(old[i]["labelled"] is True and old[i]["box_score"] == 1.0 for i in range(6))

@@ -199,3 +199,39 @@ def test_jitter_defaults_on_when_cached_views_are_replayed(pipeline, tmp_path, e
                  "--head-channels", "16", *extra, *QUIET]) == 0
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["student_aug"]["jitter_prob"] == jitter
+
+
+def test_student_trains_on_a_labelled_cache_and_a_boxes_cache_together(pipeline, tmp_path, nano_teacher, capsys,
+                                                                        error_line):
+    """A second cache dumped from detector-like boxes (the validation people's, without their keypoints)."""
+    root, data = pipeline["root"], pipeline["data"]
+    val_ann = data / "annotations/person_keypoints_val.json"
+    dets = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.8}
+            for a in json.loads(val_ann.read_text())["annotations"]]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    boxes = ["--ann", str(val_ann), "--boxes", str(tmp_path / "dets.json"), "--images", str(data / "val"),
+             "--views", "3", "--batch-size", "4", *QUIET]
+    assert main(["dump-teacher", "--teacher", str(root / "teacher/best.pt"), "--out", str(tmp_path / "u"),
+                 *boxes]) == 0
+    student = ["train-student", "--student", "mobilenetv3_small_100", "--batch-size", "4", "--head-channels", "16",
+               "--cache", str(root / "cache"), *QUIET]
+    assert main([*student, "--cache", str(tmp_path / "u"), "--cache-weight", "1", "--cache-weight", "2",
+                 "--out", str(tmp_path / "run"), "--epochs", "1"]) == 0
+    config = json.loads((tmp_path / "run/config.json").read_text())["config"]
+    assert config["caches"] == [str(root / "cache"), str(tmp_path / "u")] and config["cache_weights"] == [1.0, 2.0]
+    labelled, unlabelled = len(load_instances(data / "annotations/person_keypoints_train.json")), len(dets)
+    steps = (labelled + 2 * unlabelled) // 4  # an epoch: each labelled person once, each boxed person twice
+    assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == steps
+    capsys.readouterr()
+    # Every cache is checked: weights one per cache, integrity, and the student's codec.
+    assert main([*student, "--cache", str(tmp_path / "u"), "--cache-weight", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "1 --cache-weight for 2 --cache; give one weight per cache" in error_line()
+    other = nano_teacher((64, 64))
+    assert main(["dump-teacher", "--teacher", str(other), "--out", str(tmp_path / "u64"), *boxes]) == 0
+    capsys.readouterr()
+    assert main([*student, "--cache", str(tmp_path / "u64"), "--out", str(tmp_path / "r")]) == 2
+    assert f"cache {tmp_path / 'u64'} does not match the student" in error_line()
+    (tmp_path / "u/shard-00000.h5").write_bytes(b"broken")
+    assert main([*student, "--cache", str(tmp_path / "u"), "--out", str(tmp_path / "r")]) == 2
+    assert f"cache {tmp_path / 'u'} is damaged" in error_line()
+    assert not (tmp_path / "r").exists()  # refused before the run folder was made

@@ -8,7 +8,7 @@ from kdcache.augment import StudentAugConfig
 from kdcache.cache import open_cache
 from kdcache.codec import UDPHeatmap
 from kdcache.coco import load_instances, read_image
-from kdcache.data import CachedDataset, TrainViews, ViewDataset
+from kdcache.data import CacheMix, CachedDataset, TrainViews, ViewDataset
 from kdcache.errors import UserError
 from kdcache.keypoints import COCO_17
 from kdcache.transforms import AugmentConfig, ViewSampler, crop_to_image, warp_crop
@@ -152,3 +152,64 @@ def test_cached_dataset_refuses_a_partial_instance():
     with pytest.raises(UserError, match=r"cache c holds 7 rows, not a multiple of its 3 views per instance"):
         CachedDataset(Rows(7, 3), flip_prob=0.5, seed=0)
     assert len(CachedDataset(Rows(6, 3), flip_prob=0.5, seed=0)) == 2
+
+
+
+class NumberedRows(Rows):
+    """Rows whose teacher heatmaps hold their row number (constant maps: a mirror keeps them), even rows labelled."""
+
+    def __getitem__(self, row):
+        k = self.keypoint_set.num_keypoints
+        return {"crop": np.zeros((*self.codec.input_hw, 3), np.uint8),
+                "heatmaps": np.full((k, *self.codec.heatmap_hw), row, np.float32),
+                "keypoints": np.zeros((k, 3), np.float32), "labelled": row % 2 == 0, "box_score": 0.25}
+
+
+def test_one_cache_of_weight_one_is_its_cached_dataset(tiny):
+    single = CachedDataset(tiny["cache"], flip_prob=0.5, seed=2, student_aug=StudentAugConfig(jitter_prob=0.5))
+    mix = CacheMix([CachedDataset(tiny["cache"], flip_prob=0.5, seed=2, student_aug=StudentAugConfig(jitter_prob=0.5))],
+                   [1.0], seed=2)
+    assert len(mix) == len(single)
+    for epoch in (0, 3):
+        single.set_epoch(epoch)
+        mix.set_epoch(epoch)
+        for i in range(len(mix)):
+            a, b = single[i], mix[i]
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_weights_set_how_often_each_cache_is_drawn_per_epoch():
+    """Cache A (4 people, 5 views) weight 2: each person twice per epoch on two views; B (6 people, 3 views)
+    weight 0.5: a fresh random half per epoch, its views advancing per draw; the epoch length never changes."""
+    a, b = CachedDataset(NumberedRows(20, 5), 0.0, 0), CachedDataset(NumberedRows(18, 3), 0.0, 0)
+    mix = CacheMix([a, b], [2.0, 0.5], seed=7)
+    assert mix.draws == [8, 3] and len(mix) == 11
+    halves = []
+    for epoch in range(3):
+        mix.set_epoch(epoch)
+        items = [mix[i] for i in range(len(mix))]
+        read = [(int(mix._plan[i][0]), int(item["teacher"][0, 0, 0])) for i, item in enumerate(items)]
+        rows_a = sorted(row for c, row in read if c == 0)
+        # person p of A at its draws 2e and 2e + 1: views 1 + (2e) mod 4 and 1 + (2e + 1) mod 4
+        assert rows_a == sorted(p * 5 + 1 + d % 4 for p in range(4) for d in (2 * epoch, 2 * epoch + 1))
+        rows_b = [row for c, row in read if c == 1]
+        people = sorted(row // 3 for row in rows_b)
+        assert len(set(people)) == 3 and all(row % 3 == 1 + epoch % 2 for row in rows_b)
+        halves.append(people)
+        for item, (c, row) in zip(items, read):  # what the loss needs to tell rows apart
+            assert item["labelled"] == np.float32(row % 2 == 0) and item["box_score"] == np.float32(0.25)
+    assert halves[0] != halves[1] or halves[1] != halves[2]  # a fresh half
+    again = CacheMix([a, b], [2.0, 0.5], seed=7)
+    again.set_epoch(1)
+    mix.set_epoch(1)
+    assert [int(again[i]["teacher"][0, 0, 0]) for i in range(11)] == [int(mix[i]["teacher"][0, 0, 0])
+                                                                       for i in range(11)]
+
+
+def test_cache_weights_are_checked():
+    a = CachedDataset(NumberedRows(6, 3), 0.0, 0)
+    with pytest.raises(UserError, match="2 cache weights for 1 caches; give one --cache-weight per --cache"):
+        CacheMix([a], [1.0, 2.0], seed=0)
+    with pytest.raises(UserError, match="cache weight 0.0 is not a positive number"):
+        CacheMix([a], [0.0], seed=0)

@@ -352,3 +352,121 @@ def test_crop_none_refuses_replay_from_changed_images(setup, tmp_path, monkeypat
         with h5py.File(shard, "a") as f:
             del f["image_hw"], f["image_sha256"]
     assert open_cache(out)[0]["crop"].shape == crops[0].shape
+
+
+# ---- people without ground truth: detector boxes, annotated boxes without keypoints ----------------------
+
+@pytest.fixture(scope="module")
+def unlabelled(setup):
+    """A synthetic unlabelled split (images, image-info file, detections) and a boxes-only dump of it."""
+    from kdcache.synth import SynthConfig, synthesize
+
+    data = synthesize(SynthConfig(out=setup["root"] / "u", train_images=0, val_images=0, unlabelled_images=4,
+                                  max_people=2, seed=3))
+    u = {"info": data / "annotations/image_info_unlabelled.json", "images": data / "unlabelled",
+         "dets": data / "annotations/detections_unlabelled.json"}
+    u["args"] = lambda out, *extra: ["dump-teacher", "--teacher", str(setup["teacher"]), "--ann", str(u["info"]),
+                                     "--boxes", str(u["dets"]), "--images", str(u["images"]), "--out", str(out),
+                                     *DUMP, *extra]
+    u["reference"] = setup["root"] / "u_reference"
+    subprocess.run(_cli(u["args"](u["reference"])), env=ENV, check=True, timeout=300)
+    return u
+
+
+def _rows(path):
+    cache = open_cache(path)
+    return [cache[i] for i in range(len(cache))]
+
+
+def test_boxes_dump_rows_carry_no_ground_truth_and_the_box_score(unlabelled, tmp_path, capsys):
+    import json
+
+    dets = json.loads(unlabelled["dets"].read_text())
+    manifest, rows = fmt.read_manifest(unlabelled["reference"]), _rows(unlabelled["reference"])
+    kept = [d for d in dets if d["bbox"][2] > 0 and d["bbox"][3] > 0]  # the synthetic detector clips to the image
+    assert manifest["persons"] == {"source": "detections", "instances": len(kept), "labelled": 0,
+                                   "unlabelled": len(kept)}
+    assert len(rows) == 3 * len(kept) and manifest["schema_version"] == 4
+    for row in rows:
+        det = dets[row["ann_id"] - 1]  # a row's ann_id is its box's 1-based position in the detection file
+        assert row["image_id"] == det["image_id"] and row["box_score"] == pytest.approx(det["score"])
+        assert not row["labelled"] and not row["keypoints"][:, 2].any()  # all visibilities 0
+    # A score threshold keeps a subset of the people, each with the very same views.
+    out = tmp_path / "thr"
+    assert main(unlabelled["args"](out, "--box-score-thr", "0.5")) == 0
+    high = _rows(out)
+    assert 0 < len(high) < len(rows) and all(row["box_score"] >= 0.5 for row in high)
+    by_view = {(r["ann_id"], r["view"]): r for r in rows}
+    for row in high:
+        np.testing.assert_array_equal(row["affine"], by_view[(row["ann_id"], row["view"])]["affine"])
+        np.testing.assert_array_equal(row["heatmaps"], by_view[(row["ann_id"], row["view"])]["heatmaps"])
+    # Half-body crops need keypoints: asking for them on every view changes nothing here.
+    out = tmp_path / "half"
+    assert main(unlabelled["args"](out, "--half-body-prob", "1.0")) == 0
+    assert [r["affine"].tolist() for r in _rows(out)] == [r["affine"].tolist() for r in rows]
+    capsys.readouterr()
+    assert main(["inspect", str(unlabelled["reference"])]) == 0
+    shown = capsys.readouterr().out
+    assert (f"{len(kept)} from detections: 0 with ground truth, {len(kept)} without (their rows carry no ground "
+            "truth; half-body crops, which need keypoints, skipped for them)") in shown
+
+
+def test_boxes_dump_is_sharded_and_resumed_like_a_labelled_one(unlabelled, tmp_path):
+    out = tmp_path / "ranks"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache"]
+    result = subprocess.run(launch + unlabelled["args"](out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _shards(out) == _shards(unlabelled["reference"])  # manifest and every shard's bytes
+    (out / fmt.shard_name(1)).unlink()  # a lost shard: the same command writes it again, byte for byte
+    subprocess.run(_cli(unlabelled["args"](out)), env=ENV, check=True, timeout=300)
+    assert _shards(out) == _shards(unlabelled["reference"])
+
+
+def test_persons_without_keypoints_of_an_annotation_file(setup, tmp_path, capsys, error_line):
+    """COCO instances_*.json-style persons: boxes, no keypoints; --persons picks them, or all people."""
+    import json
+
+    doc = json.loads(setup["ann"].read_text())
+    stripped = [a["id"] for a in doc["annotations"][::2]]
+    for ann in doc["annotations"][::2]:
+        del ann["keypoints"], ann["num_keypoints"]
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(json.dumps(doc))
+    base = ["dump-teacher", "--teacher", str(setup["teacher"]), "--ann", str(ann_file), "--images",
+            str(setup["images"]), *DUMP]
+    for persons, expect in (("unlabelled", set(stripped)), ("all", {a["id"] for a in doc["annotations"]}),
+                            ("labelled", {a["id"] for a in doc["annotations"]} - set(stripped))):
+        out = tmp_path / persons
+        assert main([*base, "--out", str(out), "--persons", persons]) == 0
+        rows = _rows(out)
+        assert {r["ann_id"] for r in rows} == expect
+        for row in rows:
+            assert row["labelled"] == (row["ann_id"] not in stripped) and row["box_score"] == 1.0
+            assert row["labelled"] == bool(row["keypoints"][:, 2].any())
+    for ann in doc["annotations"]:  # no keypoint anywhere: the default names what to pass
+        ann.pop("keypoints", None), ann.pop("num_keypoints", None)
+    ann_file.write_text(json.dumps(doc))
+    assert main([*base, "--out", str(tmp_path / "none")]) == 2
+    line = error_line()
+    assert "has no usable person with keypoints" in line and "pass --persons unlabelled" in line
+
+
+def test_boxes_inputs_are_checked_before_the_teacher_loads(setup, unlabelled, tmp_path, monkeypatch, capsys,
+                                                           error_line):
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the inputs were checked")
+
+    monkeypatch.setattr("kdcache.dump.load_teacher", never)
+    base = ["dump-teacher", "--teacher", str(setup["teacher"]), "--ann", str(unlabelled["info"]), "--images",
+            str(unlabelled["images"]), "--out", str(tmp_path / "c"), *DUMP]
+    for extra, message in (
+            ([], "holds no annotated people (an image-info file?): pass --boxes DETS.json"),
+            (["--boxes", str(tmp_path / "nowhere.json")], "nowhere.json does not exist"),
+            (["--boxes", str(unlabelled["dets"]), "--box-score-thr", "0.999"],
+             "nothing to dump: no person box of the"),
+            (["--boxes", str(unlabelled["dets"]), "--persons", "unlabelled"],
+             "--persons chooses among --ann's annotated people, --boxes replaces them"),
+            (["--boxes", str(unlabelled["dets"]), "--box-score-thr", "1.5"], "argument --box-score-thr")):
+        assert main([*base, *extra]) == 2
+        assert message in error_line()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == []  # nothing written

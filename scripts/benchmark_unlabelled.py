@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark import Stages, train_seconds, val_curve  # noqa: E402
+from benchmark_report import aps, diff_se, fmt, fmt_diff  # noqa: E402
 from kdcache.config import (DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig,  # noqa: E402
                             TrainTeacherConfig, ValConfig, to_jsonable)
 from kdcache.demo import DEMO_AUG  # noqa: E402
@@ -189,6 +191,72 @@ def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
             "study_seconds": round(sum(entry["seconds"] for entry in stages.state.values()), 1)}
 
 
+def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
+    """docs/benchmark_unlabelled.md from `results` (written beside it as JSON; the report is recomputed from it)."""
+    report = Path(cfg.report)
+    report.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for run in results["runs"]:
+        arms.setdefault(run["name"], []).append(run)
+    ap = {name: aps(runs) for name, runs in arms.items()}
+    c, teacher, steps_ = results["config"], results["teacher"], results["steps"]
+    lines = ["# Benchmark: what people nobody annotated add (the unlabelled arm)", "",
+             "Made by `python scripts/benchmark_unlabelled.py` (resumable; every number here is recomputed from "
+             "[`benchmark_unlabelled.json`](benchmark_unlabelled.json)). The main study is "
+             "[benchmark.md](benchmark.md); this arm uses its synthetic people, crop size, student and recipe.", "",
+             "## Regime", "",
+             f"- **Labelled set L**: `kdcache synth`, {c['labelled_images']} images with one person each, clutter "
+             f"{c['clutter']}; validation: {c['val_images']} more. Crops {c['input_hw'][0]}x{c['input_hw'][1]}.",
+             f"- **Unlabelled pool U**: {c['unlabelled_images']} more images ({c['unlabelled_images'] // max(1, c['labelled_images'])}"
+             "x L) from `kdcache synth --unlabelled-images`: no keypoints, only a simulated person detector's boxes "
+             "(jittered, some people missed, false positives on the background, scores), dumped with "
+             "`dump-teacher --ann image_info_unlabelled.json --boxes detections_unlabelled.json` (every box, "
+             "`--box-score-thr 0`).",
+             f"- **Teacher**: `{c['teacher_arch']}` trained {c['teacher_epochs']} epochs on L only"
+             + ("" if teacher is None else f": **{teacher['AP']:.1f} AP** on validation") + "."]
+    if results.get("teacher_on_U"):
+        lines.append(f"- **Its pseudo-labels on U**, scored against U's hidden truth through the detector's boxes: "
+                     f"{results['teacher_on_U']['AP']:.1f} AP (AP50 {results['teacher_on_U']['AP50']:.1f}).")
+    for name, dump in results["dumps"].items():
+        lines.append(f"- **{name}**: {dump['views']} views ({dump['views_per_instance']} per person, view 0 "
+                     f"plain), {dump['kb_per_view']:.1f} KB per view, dumped in {dump['seconds']:.0f} s.")
+    lines += [f"- **Student**: `{c['student']}` (head {c['student_head_channels']} channels), from scratch, "
+              f"**{steps_} optimiser steps in every arm** (= {c['lu_epochs']} epochs over L + U at batch "
+              f"{c['batch_size']}; the L-only arms run as many steps, i.e. more epochs over L), AdamW lr {c['lr']}, "
+              f"cosine; KD α = {c['alpha']} (teacher MSE) + (1 − α) ground-truth MSE, the latter on rows with ground "
+              "truth only. Seeds " + ", ".join(map(str, c["seeds"])) + " per arm.",
+              "- **AP**: COCO keypoint AP on the validation people, ground-truth boxes, no flip test, last weights; "
+              "mean ± sample std over seeds; a difference marked * exceeds twice its standard error (Welch).", "",
+              "## Arms", "",
+              "| arm | what | AP | AP50 | vs gt-L | vs kd-L | training s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for arm in ARMS:
+        if arm.name not in ap:
+            continue
+        runs = arms[arm.name]
+        vs = lambda ref: fmt_diff(ap[arm.name], ap[ref]) if ref in ap and ref != arm.name else ""  # noqa: E731
+        lines.append(f"| {arm.name} | {arm.what} | {fmt(ap[arm.name])} (n={len(runs)}) | "
+                     f"{fmt([r['AP50'] for r in runs])} | {vs('gt-L')} | {vs('kd-L')} | "
+                     f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} |")
+    lines += ["", "## What U adds", ""]
+    if {"gt-L", "kd-LU"} <= set(ap):
+        d, se = diff_se(ap["kd-LU"], ap["gt-L"])
+        lines.append(f"- **Goal: L + U at least 2 AP above ground truth alone**: {fmt_diff(ap['kd-LU'], ap['gt-L'])} "
+                     f"AP: **{'met' if d >= 2 else 'not met'}**.")
+    if {"kd-L", "kd-LU"} <= set(ap):
+        lines.append(f"- **U over L-only distillation** (same steps, same teacher): "
+                     f"{fmt_diff(ap['kd-LU'], ap['kd-L'])} AP.")
+    if {"kd-L", "gt-L"} <= set(ap):
+        lines.append(f"- **Distillation on L alone** over its ground truth: {fmt_diff(ap['kd-L'], ap['gt-L'])} AP.")
+    for name, what in (("kd-LU-conf", "confidence weights (`--confidence-weights`)"),
+                       ("kd-LU-box", "box-score weights (`--box-score-weights`)")):
+        if {name, "kd-LU"} <= set(ap):
+            lines.append(f"- **Down-weighting doubtful pseudo-labels by {what}**: {fmt_diff(ap[name], ap['kd-LU'])} "
+                         "AP against plain L + U.")
+    lines += ["", f"Wall time of the arm so far: {results['study_seconds'] / 3600:.1f} h of compute on this "
+              "project's 2-core CPU (stage times summed over its sittings)."]
+    report.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench_unlabelled"))
@@ -201,10 +269,7 @@ def main() -> None:
     stages = Stages(Path(cfg.out)) if a.report_only else run_study(cfg, a.stop_after)
     if a.stop_after is not None:
         return
-    results = collect(cfg, stages)
-    Path(cfg.report).with_suffix(".json").write_text(json.dumps(results, indent=1))
-    from benchmark_report import write_unlabelled_report
-    write_unlabelled_report(cfg, results)
+    write_report(cfg, collect(cfg, stages))
 
 
 if __name__ == "__main__":

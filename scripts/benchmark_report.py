@@ -257,7 +257,8 @@ def _text(cfg: Any, results: dict[str, Any], arms: dict[str, list[dict[str, Any]
                      f"its own {cfg.train_images} training people (against {teacher['AP']:.1f} on validation): it "
                      "was trained on the very people the students learn from, so on their views its maps say "
                      "little that the ground truth does not. Distillation pays where the teacher knows more "
-                     "than the labels: on people nobody annotated (issue 13) and with students that can use it."
+                     "than the labels: on people nobody annotated ([benchmark_unlabelled.md](benchmark_unlabelled.md) "
+                     "measures it) and with students that can use it."
                      + (f" The ground-truth student (seed {seeds[0]}) scores {results['gt_student_AP_on_training_set']:.1f}"
                         f" AP on its training people, as on validation: it underfits, limited by its size and "
                         f"{E} epochs rather than by its targets." if results.get("gt_student_AP_on_training_set")

@@ -180,6 +180,27 @@ class Stages:
         tmp.replace(self.path)
 
 
+def run_config(out: Path, name: str, seed: int, workers: int) -> RunConfig:
+    """A study's training run `out/name`: resumed if killed, quiet."""
+    return RunConfig(out=out / name, workers=workers, seed=seed, resume=True, progress=False)
+
+
+def data_and_teacher(stages: Stages, out: Path, cfg: Any, train_images: int, val_every: int) -> None:
+    """The stages a study starts with: `kdcache synth` into out/data (`train_images`, `cfg.val_images`), and a
+    teacher (`cfg.teacher_arch`, `cfg.teacher_epochs`) trained on its train split into out/teacher."""
+    data = out / "data"
+    stages.run("synth", lambda: str(synthesize(SynthConfig(
+        out=data, train_images=train_images, val_images=cfg.val_images, seed=cfg.seed,
+        max_people=cfg.max_people, clutter=cfg.clutter, workers=max(1, cfg.workers)))))
+    stages.run("teacher", lambda: str(train_teacher(TrainTeacherConfig(
+        ann=data / "annotations/person_keypoints_train.json", images=data / "train",
+        run=run_config(out, "teacher", cfg.seed, cfg.workers), arch=cfg.teacher_arch, input_hw=cfg.input_hw,
+        aug=DEMO_AUG, val=ValConfig(ann=data / "annotations/person_keypoints_val.json", images=data / "val",
+                                    every=val_every),
+        optim=OptimConfig(epochs=cfg.teacher_epochs, batch_size=cfg.batch_size, lr=1e-3, weight_decay=0.05,
+                          warmup_steps=100)))))
+
+
 def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,16 +211,9 @@ def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
     teacher = out / "teacher/last.pt"
 
     def run(name: str, seed: int = cfg.seed, workers: int = cfg.workers) -> RunConfig:
-        return RunConfig(out=out / name, workers=workers, seed=seed, resume=True, progress=False)
+        return run_config(out, name, seed, workers)
 
-    stages.run("synth", lambda: str(synthesize(SynthConfig(
-        out=data, train_images=cfg.train_images, val_images=cfg.val_images, seed=cfg.seed,
-        max_people=cfg.max_people, clutter=cfg.clutter, workers=max(1, cfg.workers)))))
-    stages.run("teacher", lambda: str(train_teacher(TrainTeacherConfig(
-        ann=train_ann, images=data / "train", run=run("teacher"), arch=cfg.teacher_arch, input_hw=cfg.input_hw,
-        aug=DEMO_AUG, val=ValConfig(ann=val_ann, images=data / "val", every=10),
-        optim=OptimConfig(epochs=cfg.teacher_epochs, batch_size=cfg.batch_size, lr=1e-3, weight_decay=0.05,
-                          warmup_steps=100)))))
+    data_and_teacher(stages, out, cfg, cfg.train_images, val_every=10)
     predict = PredictConfig(workers=cfg.workers)
     stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",
                                                            predict=predict)))
@@ -288,19 +302,27 @@ def collect(cfg: BenchmarkConfig, stages: Stages) -> dict[str, Any]:
             "study_seconds": round(sum(entry["seconds"] for entry in stages.state.values()), 1)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench_out"))
-    p.add_argument("--report", type=Path, default=Path("docs/benchmark.md"))
+def study_main(doc: str, make_config: Callable[[Path, Path], Any], run: Callable[[Any, str | None], Stages],
+               collect: Callable[[Any, Stages], dict[str, Any]], write_report: Callable[[Any, dict[str, Any]], None],
+               out: str, report: str) -> None:
+    """A study's command line: run it (or stop early, or only report what has finished), then write its report."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument("--report", type=Path, default=Path(report))
     p.add_argument("--stop-after", choices=("teacher", "dump"), help="stop early (e.g. to inspect the teacher)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = BenchmarkConfig(out=a.out, report=a.report)
-    stages = Stages(Path(cfg.out)) if a.report_only else run_study(cfg, a.stop_after)
+    cfg = make_config(a.out, a.report)
+    stages = Stages(Path(cfg.out)) if a.report_only else run(cfg, a.stop_after)
     if a.stop_after is None:
-        from benchmark_report import write_report
         write_report(cfg, collect(cfg, stages))
+
+
+def main() -> None:
+    from benchmark_report import write_report
+    study_main(__doc__, lambda out, report: BenchmarkConfig(out=out, report=report), run_study, collect,
+               write_report, "bench_out", "docs/benchmark.md")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ moment. `--report-only` writes the report from whatever has finished.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -34,10 +33,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import Stages, train_seconds, val_curve  # noqa: E402
+from benchmark import Stages, data_and_teacher, run_config, study_main, train_seconds, val_curve  # noqa: E402
 from benchmark_report import aps, diff_se, fmt, fmt_diff  # noqa: E402
-from kdcache.config import (DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig,  # noqa: E402
-                            TrainTeacherConfig, ValConfig, to_jsonable)
+from kdcache.config import DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig, to_jsonable  # noqa: E402
 from kdcache.demo import DEMO_AUG  # noqa: E402
 from kdcache.dump import dump_teacher  # noqa: E402
 from kdcache.evaluate import evaluate  # noqa: E402
@@ -46,7 +44,7 @@ from kdcache.losses import KDConfig  # noqa: E402
 from kdcache.predict import PredictConfig  # noqa: E402
 from kdcache.student import StudentConfig  # noqa: E402
 from kdcache.synth import SynthConfig, synthesize  # noqa: E402
-from kdcache.train import train_student, train_teacher  # noqa: E402
+from kdcache.train import train_student  # noqa: E402
 
 log = logging.getLogger("benchmark_unlabelled")
 
@@ -111,16 +109,9 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     predict = PredictConfig(workers=cfg.workers)
 
     def run(name: str, seed: int = cfg.seed, workers: int = cfg.workers) -> RunConfig:
-        return RunConfig(out=out / name, workers=workers, seed=seed, resume=True, progress=False)
+        return run_config(out, name, seed, workers)
 
-    stages.run("synth", lambda: str(synthesize(SynthConfig(
-        out=data, train_images=cfg.labelled_images, val_images=cfg.val_images, seed=cfg.seed,
-        max_people=cfg.max_people, clutter=cfg.clutter, workers=max(1, cfg.workers)))))
-    stages.run("teacher", lambda: str(train_teacher(TrainTeacherConfig(
-        ann=train_ann, images=data / "train", run=run("teacher"), arch=cfg.teacher_arch, input_hw=cfg.input_hw,
-        aug=DEMO_AUG, val=ValConfig(ann=val_ann, images=data / "val", every=20),
-        optim=OptimConfig(epochs=cfg.teacher_epochs, batch_size=cfg.batch_size, lr=1e-3, weight_decay=0.05,
-                          warmup_steps=100)))))
+    data_and_teacher(stages, out, cfg, cfg.labelled_images, val_every=20)  # the teacher sees L only
     stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",
                                                            predict=predict)))
     if stop_after == "teacher":
@@ -258,18 +249,8 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("bench_unlabelled"))
-    p.add_argument("--report", type=Path, default=Path("docs/benchmark_unlabelled.md"))
-    p.add_argument("--stop-after", choices=("teacher", "dump"), help="stop early")
-    p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = UnlabelledConfig(out=a.out, report=a.report)
-    stages = Stages(Path(cfg.out)) if a.report_only else run_study(cfg, a.stop_after)
-    if a.stop_after is not None:
-        return
-    write_report(cfg, collect(cfg, stages))
+    study_main(__doc__, lambda out, report: UnlabelledConfig(out=out, report=report), run_study, collect,
+               write_report, "bench_unlabelled", "docs/benchmark_unlabelled.md")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import Stages, data_and_teacher, run_config, study_main, train_seconds, val_curve  # noqa: E402
+from benchmark import JITTER, Stages, data_and_teacher, run_config, study_main, train_seconds, val_curve  # noqa: E402
 from benchmark_report import aps, diff_se, fmt, fmt_diff  # noqa: E402
 from kdcache.config import DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig, to_jsonable  # noqa: E402
 from kdcache.demo import DEMO_AUG  # noqa: E402
@@ -63,9 +62,10 @@ class UnlabelledConfig:
     teacher_epochs: int = 200
     student: str = "mobilenetv3_small_050"
     student_head_channels: int = 64
-    lu_epochs: int = 16                   # epochs over L + U; every arm trains as many steps as these
+    steps: int = 1500                     # optimiser steps of every arm (about 16 epochs over L + U)
+    box_score_thr: float = 0.5            # U's boxes kept for the dump, as a user would keep a detector's
     labelled_views: int = 32              # K of L's cache (its arms replay each view ~3 times)
-    unlabelled_views: int = 16            # K of U's cache (one view per epoch)
+    unlabelled_views: int = 10            # K of U's cache (each U person is drawn ~8 times in the run)
     seeds: tuple[int, ...] = (0, 1, 2)
     alpha: float = 0.5
     batch_size: int = 32
@@ -91,11 +91,6 @@ ARMS = (
     Arm("kd-LU-conf", ("cache-L", "cache-U"), confidence_weights=True, what="L + U, confidence weights"),
     Arm("kd-LU-box", ("cache-L", "cache-U"), box_score_weights=True, what="L + U, box-score weights"),
 )
-
-
-def steps(cfg: UnlabelledConfig) -> int:
-    """Optimiser steps of every arm: `lu_epochs` epochs over L + U (full batches)."""
-    return cfg.lu_epochs * ((cfg.labelled_images + cfg.unlabelled_images) // cfg.batch_size)
 
 
 def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
@@ -124,36 +119,37 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     # The teacher's pseudo-labels on U, scored against U's hidden truth through the detector's boxes.
     stages.run("eval teacher on U", lambda: evaluate(EvalConfig(
         model=teacher, ann=data_u / "annotations/person_keypoints_unlabelled_truth.json", images=data_u / "unlabelled",
-        boxes=u_dets, predict=predict)))
+        boxes=u_dets, box_score_thr=cfg.box_score_thr, predict=predict)))
     stages.run("dump cache-L", lambda: str(dump_teacher(DumpConfig(
         teacher=teacher, ann=train_ann, images=data / "train", run=run("cache-L"), views=cfg.labelled_views + 1,
         aug=DEMO_AUG))))
     stages.run("dump cache-U", lambda: str(dump_teacher(DumpConfig(
-        teacher=teacher, ann=u_info, boxes=u_dets, images=data_u / "unlabelled", run=run("cache-U"),
+        teacher=teacher, ann=u_info, boxes=u_dets, box_score_thr=cfg.box_score_thr, images=data_u / "unlabelled",
+        run=run("cache-U"),
         views=cfg.unlabelled_views + 1, aug=DEMO_AUG))))
     for name in ("cache-L", "cache-U"):
         stages.run(f"size {name}", lambda name=name: cache_summary(out / name))
     if stop_after == "dump":
         return stages
 
-    total = steps(cfg)
     student = StudentConfig(backbone=cfg.student, input_hw=cfg.input_hw, head_channels=cfg.student_head_channels)
-    for seed in cfg.seeds:  # seed-major: a partial study has every arm at the first seeds
-        for arm in ARMS:
-            name = f"runs/{arm.name}-s{seed}"
-            epochs = cfg.lu_epochs if "cache-U" in arm.caches else math.ceil(total / (cfg.labelled_images //
-                                                                                     cfg.batch_size))
-            optim = OptimConfig(epochs=epochs, max_steps=total, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=100)
-            kd = KDConfig(alpha=cfg.alpha if arm.caches else 0.0, confidence_weights=arm.confidence_weights,
-                          box_score_weights=arm.box_score_weights)
-            if arm.caches:
-                source = dict(caches=tuple(out / c for c in arm.caches), run=run(name, seed, cfg.cache_workers))
-            else:
-                source = dict(ann=train_ann, images=data / "train", run=run(name, seed))
-            stages.run(f"train {name}", lambda source=source, optim=optim, kd=kd: str(train_student(
-                TrainStudentConfig(student=student, aug=DEMO_AUG, optim=optim, kd=kd, **source))))
-            stages.run(f"eval {name}", lambda name=name: evaluate(EvalConfig(
-                model=out / name / "last.pt", ann=val_ann, images=data / "val", predict=predict)))
+    # The arms of the goal first, seed-major (a partial study has them at the first seeds), then the weightings.
+    for seed, arm in [(seed, arm) for group in (ARMS[:3], ARMS[3:]) for seed in cfg.seeds for arm in group]:
+        name = f"runs/{arm.name}-s{seed}"
+        # Every arm: exactly cfg.steps steps (the epochs bound never binds first), cosine over them.
+        optim = OptimConfig(epochs=cfg.steps, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                            warmup_steps=100)
+        kd = KDConfig(alpha=cfg.alpha if arm.caches else 0.0, confidence_weights=arm.confidence_weights,
+                      box_score_weights=arm.box_score_weights)
+        if arm.caches:
+            source = dict(caches=tuple(out / c for c in arm.caches), run=run(name, seed, cfg.cache_workers),
+                          student_aug=JITTER)  # train-student's default where cached views are replayed
+        else:
+            source = dict(ann=train_ann, images=data / "train", run=run(name, seed))
+        stages.run(f"train {name}", lambda source=source, optim=optim, kd=kd: str(train_student(
+            TrainStudentConfig(student=student, aug=DEMO_AUG, optim=optim, kd=kd, **source))))
+        stages.run(f"eval {name}", lambda name=name: evaluate(EvalConfig(
+            model=out / name / "last.pt", ann=val_ann, images=data / "val", predict=predict)))
     return stages
 
 
@@ -171,7 +167,7 @@ def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
                          "AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "AR": metrics["AR"],
                          "train_seconds": round(train_seconds(out / name), 1)})
     teacher = result("eval teacher")
-    return {"config": to_jsonable(cfg), "steps": steps(cfg),
+    return {"config": to_jsonable(cfg), "steps": cfg.steps,
             "teacher": None if teacher is None else {
                 "AP": teacher["AP"], "train_seconds": round(train_seconds(out / "teacher"), 1),
                 "val_curve": val_curve(out / "teacher")},
@@ -201,8 +197,8 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
              f"- **Unlabelled pool U**: {c['unlabelled_images']} more images ({c['unlabelled_images'] // max(1, c['labelled_images'])}"
              "x L) from `kdcache synth --unlabelled-images`: no keypoints, only a simulated person detector's boxes "
              "(jittered, some people missed, false positives on the background, scores), dumped with "
-             "`dump-teacher --ann image_info_unlabelled.json --boxes detections_unlabelled.json` (every box, "
-             "`--box-score-thr 0`).",
+             "`dump-teacher --ann image_info_unlabelled.json --boxes detections_unlabelled.json --box-score-thr "
+             f"{c['box_score_thr']}`.",
              f"- **Teacher**: `{c['teacher_arch']}` trained {c['teacher_epochs']} epochs on L only"
              + ("" if teacher is None else f": **{teacher['AP']:.1f} AP** on validation") + "."]
     if results.get("teacher_on_U"):
@@ -211,11 +207,16 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
     for name, dump in results["dumps"].items():
         lines.append(f"- **{name}**: {dump['views']} views ({dump['views_per_instance']} per person, view 0 "
                      f"plain), {dump['kb_per_view']:.1f} KB per view, dumped in {dump['seconds']:.0f} s.")
+    people = {name: dump["instances"] for name, dump in results["dumps"].items()}
+    epochs = "" if len(people) < 2 else (
+        f" = {steps_ * c['batch_size'] / sum(people.values()):.1f} epochs over L + U's {sum(people.values())} people "
+        f"at batch {c['batch_size']}, {steps_ * c['batch_size'] / people['cache-L']:.0f} epochs over L alone")
     lines += [f"- **Student**: `{c['student']}` (head {c['student_head_channels']} channels), from scratch, "
-              f"**{steps_} optimiser steps in every arm** (= {c['lu_epochs']} epochs over L + U at batch "
-              f"{c['batch_size']}; the L-only arms run as many steps, i.e. more epochs over L), AdamW lr {c['lr']}, "
+              f"**{steps_} optimiser steps in every arm** ({epochs.lstrip(' =') or 'as many in each'}), so that "
+              f"no arm wins by training longer; AdamW lr {c['lr']}, "
               f"cosine; KD α = {c['alpha']} (teacher MSE) + (1 − α) ground-truth MSE, the latter on rows with ground "
-              "truth only. Seeds " + ", ".join(map(str, c["seeds"])) + " per arm.",
+              "truth only; cached arms mirror at random and jitter (0.5, train-student's default when views are "
+              "replayed), the ground-truth arm draws a fresh view every epoch. Seeds " + ", ".join(map(str, c["seeds"])) + " per arm.",
               "- **AP**: COCO keypoint AP on the validation people, ground-truth boxes, no flip test, last weights; "
               "mean ± sample std over seeds; a difference marked * exceeds twice its standard error (Welch).", "",
               "## Arms", "",

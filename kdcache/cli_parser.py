@@ -63,9 +63,14 @@ EXAMPLES = {
                      "--out runs/teacher --arch vitpose-tiny --input-size 128x96 --epochs 50",
     "dump-teacher": "kdcache dump-teacher --teacher vitpose-b.pth "
                     "--ann coco/annotations/person_keypoints_train2017.json "
-                    "--images coco/train2017 --out cache --views 8 --device cuda",
+                    "--images coco/train2017 --out cache --views 8 --device cuda\n"
+                    "  kdcache dump-teacher --teacher vitpose-b.pth --ann coco/annotations/image_info_unlabeled2017.json "
+                    "--boxes unlabeled2017_person_dets.json --box-score-thr 0.5 --images coco/unlabeled2017 "
+                    "--out cache-u --device cuda",
     "train-student": "kdcache train-student --cache cache --student mobilenetv3_large_100 --out runs/mnv3 --epochs 210 "
-                     "--val-ann coco/annotations/person_keypoints_val2017.json --val-images coco/val2017",
+                     "--val-ann coco/annotations/person_keypoints_val2017.json --val-images coco/val2017\n"
+                     "  kdcache train-student --cache cache --cache cache-u --cache-weight 1 --cache-weight 0.5 "
+                     "--student mobilenetv3_large_100 --out runs/mnv3-u --epochs 210",
     "eval": "kdcache eval --model runs/mnv3/best.pt --ann coco/annotations/person_keypoints_val2017.json "
             "--images coco/val2017 --boxes person_detection_results.json --flip-test\n"
             "  kdcache eval --results my_results.json --ann coco/annotations/person_keypoints_val2017.json",

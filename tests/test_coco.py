@@ -206,3 +206,31 @@ def test_person_category_is_the_only_one_with_keypoints_when_none_is_named_perso
     loaded = load_coco(_write(tmp_path, coco))
     assert (person_category_id(loaded), keypoint_count(loaded)) == (4, 17)
     assert [i.ann_id for i in load_instances(tmp_path / "person_keypoints_x.json")] == [10]
+
+
+def test_persons_picks_labelled_unlabelled_or_all_and_declares_keypoints_tells_image_info_apart(tmp_path):
+    from kdcache.coco import declares_keypoints, instances_from_coco
+
+    person = {"id": 1, "name": "person"}
+    image = {"id": 3, "file_name": "a.jpg", "width": 100, "height": 80}
+    labelled = {"id": 1, "image_id": 3, "category_id": 1, "bbox": [10, 10, 30, 50],
+                "keypoints": [20, 20, 2] + [0, 0, 0] * 16, "num_keypoints": 1}
+    boxed = {"id": 2, "image_id": 3, "category_id": 1, "bbox": [50, 10, 30, 50]}  # instances_*.json style
+    crowd = {**boxed, "id": 4, "iscrowd": 1}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"images": [image], "annotations": [labelled, boxed, crowd], "categories": [person]}))
+    coco = load_coco(path)
+    assert declares_keypoints(coco)
+    picked = {p: [i.ann_id for i in instances_from_coco(coco, path, p)] for p in ("labelled", "unlabelled", "all")}
+    assert picked == {"labelled": [1], "unlabelled": [2], "all": [1, 2]}  # never the crowd
+    no_gt = instances_from_coco(coco, path, "unlabelled")[0]
+    assert not no_gt.labelled and no_gt.keypoints.shape == (17, 3) and not no_gt.keypoints.any()
+    assert instances_from_coco(coco, path)[0].labelled and no_gt.score == 1.0
+    with pytest.raises(UserError, match="unknown --persons 'some'; choose one of labelled, unlabelled, all"):
+        instances_from_coco(coco, path, "some")
+    path.write_text(json.dumps({"images": [image], "annotations": [boxed], "categories": [person]}))
+    assert not declares_keypoints(load_coco(path))  # boxes without keypoints say nothing about keypoints
+    path.write_text(json.dumps({"images": [image], "categories": [person]}))  # an image-info file
+    assert not declares_keypoints(load_coco(path))
+    path.write_text(json.dumps({"images": [image], "categories": [{**person, "keypoints": ["nose"] * 17}]}))
+    assert declares_keypoints(load_coco(path))

@@ -1,5 +1,9 @@
 """Stage 1: the teacher over K augmented views of every person instance -> HDF5 shards + manifest.
 
+The people are --ann's annotated ones (`--persons`: with keypoints, as ViTPose trains, or those with a box and no
+keypoints), or a detector's boxes on --ann's images (`--boxes`); people without keypoints give rows without
+ground truth (row column `labelled` false, their box score kept), and half-body crops are skipped for them.
+
 The dump order is fixed: instances sorted by (image_id, ann_id), K views each; shard i holds rows
 [i * shard_size, (i + 1) * shard_size) of it, and teacher batches never straddle shards, so a shard's
 bytes depend only on its own views. Three stages overlap:
@@ -35,10 +39,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kdcache import cache_format as fmt
+from kdcache.boxes import detected_person_boxes, detection_instances
 from kdcache.cache import check_shards
 from kdcache.cache_writer import ShardRows, add_shard, drop_shards, manifest_lock, write_manifest, write_shard
 from kdcache.checkpoint import provenance
-from kdcache.boxes import detected_person_boxes, detection_instances
 from kdcache.codec import UDPHeatmap
 from kdcache.coco import (Instance, declares_keypoints, instances_from_coco, keypoint_set_of, load_coco,
                           person_category_id)
@@ -267,7 +271,8 @@ def _annotated_instances(coco: COCO, cfg: DumpConfig) -> list[Instance]:
     instances = instances_from_coco(coco, cfg.ann, cfg.persons)
     if instances:
         return instances
-    people = sum(1 for a in coco.dataset.get("annotations", []) if a.get("category_id") == person_category_id(coco))
+    person = person_category_id(coco)
+    people = sum(1 for a in coco.dataset.get("annotations", []) if a.get("category_id") == person)
     if not people:
         raise UserError(f"{cfg.ann} holds no annotated people (an image-info file?): pass --boxes DETS.json, a "
                         "person detector's boxes on its images, to dump them without ground truth")

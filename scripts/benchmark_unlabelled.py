@@ -9,6 +9,7 @@ number of optimiser steps in every arm (so that no arm wins by training longer),
     gt-L            ground truth of L only
     kd-L            distilled from the cache of L (teacher heatmaps + ground truth)
     kd-LU           distilled from the caches of L and U (`--cache L --cache U`; ground truth on L's rows only)
+    kd-LU-1to1      kd-LU with U at `--cache-weight 0.2`: about as many U people as L people per epoch
     kd-LU-conf      kd-LU with `--confidence-weights` (each joint's teacher term times the teacher's peak)
     kd-LU-box       kd-LU with `--box-score-weights` (each row's teacher term times its detector score)
 
@@ -79,6 +80,7 @@ class UnlabelledConfig:
 class Arm:
     name: str
     caches: tuple[str, ...] = ()          # cache folders under OUT; () = ground truth of L
+    weights: tuple[float, ...] = ()       # --cache-weight of each cache (() = 1 each)
     confidence_weights: bool = False
     box_score_weights: bool = False
     what: str = ""
@@ -88,6 +90,8 @@ ARMS = (
     Arm("gt-L", what="ground truth of L only"),
     Arm("kd-L", ("cache-L",), what="distilled on L"),
     Arm("kd-LU", ("cache-L", "cache-U"), what="distilled on L + U"),
+    Arm("kd-LU-1to1", ("cache-L", "cache-U"), weights=(1.0, 0.2),
+        what="L + U, U at weight 0.2 (about as many U as L people per epoch)"),
     Arm("kd-LU-conf", ("cache-L", "cache-U"), confidence_weights=True, what="L + U, confidence weights"),
     Arm("kd-LU-box", ("cache-L", "cache-U"), box_score_weights=True, what="L + U, box-score weights"),
 )
@@ -142,7 +146,8 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
         kd = KDConfig(alpha=cfg.alpha if arm.caches else 0.0, confidence_weights=arm.confidence_weights,
                       box_score_weights=arm.box_score_weights)
         if arm.caches:
-            source = dict(caches=tuple(out / c for c in arm.caches), run=run(name, seed, cfg.cache_workers),
+            source = dict(caches=tuple(out / c for c in arm.caches), cache_weights=arm.weights,
+                          run=run(name, seed, cfg.cache_workers),
                           student_aug=JITTER)  # train-student's default where cached views are replayed
         else:
             source = dict(ann=train_ann, images=data / "train", run=run(name, seed))
@@ -239,6 +244,10 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
                      f"{fmt_diff(ap['kd-LU'], ap['kd-L'])} AP.")
     if {"kd-L", "gt-L"} <= set(ap):
         lines.append(f"- **Distillation on L alone** over its ground truth: {fmt_diff(ap['kd-L'], ap['gt-L'])} AP.")
+    if {"kd-LU-1to1", "kd-L", "gt-L"} <= set(ap):
+        lines.append(f"- **Balanced draws** (U at `--cache-weight 0.2`, about as many U as L people per epoch): "
+                     f"{fmt_diff(ap['kd-LU-1to1'], ap['kd-L'])} AP against L-only distillation, "
+                     f"{fmt_diff(ap['kd-LU-1to1'], ap['gt-L'])} against ground truth alone.")
     for name, what in (("kd-LU-conf", "confidence weights (`--confidence-weights`)"),
                        ("kd-LU-box", "box-score weights (`--box-score-weights`)")):
         if {name, "kd-LU"} <= set(ap):

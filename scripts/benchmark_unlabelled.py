@@ -30,11 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark import JITTER, Stages, data_and_teacher, run_config, study_main, train_seconds, val_curve  # noqa: E402
 from benchmark_report import aps, diff_se, fmt, fmt_diff  # noqa: E402
+from kdcache.cache import open_cache  # noqa: E402
 from kdcache.config import DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig, to_jsonable  # noqa: E402
 from kdcache.demo import DEMO_AUG  # noqa: E402
 from kdcache.dump import dump_teacher  # noqa: E402
@@ -45,6 +48,7 @@ from kdcache.predict import PredictConfig  # noqa: E402
 from kdcache.student import StudentConfig  # noqa: E402
 from kdcache.synth import SynthConfig, synthesize  # noqa: E402
 from kdcache.train import train_student  # noqa: E402
+from kdcache.transforms import keypoints_to_crop  # noqa: E402
 
 log = logging.getLogger("benchmark_unlabelled")
 
@@ -133,6 +137,11 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
         views=cfg.unlabelled_views + 1, aug=DEMO_AUG))))
     for name in ("cache-L", "cache-U"):
         stages.run(f"size {name}", lambda name=name: cache_summary(out / name))
+    # How far the cached targets are from the truth: L's people against their ground truth (the teacher was
+    # trained on them), U's against the hidden truth (people the teacher never saw, cut by the detector's boxes).
+    stages.run("target error cache-L", lambda: target_error(out / "cache-L"))
+    stages.run("target error cache-U", lambda: target_error(
+        out / "cache-U", data_u / "annotations/person_keypoints_unlabelled_truth.json"))
     if stop_after == "dump":
         return stages
 
@@ -158,6 +167,38 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     return stages
 
 
+def target_error(cache_dir: Path, truth: Path | None = None, rows: int = 400, seed: int = 0) -> dict[str, float]:
+    """Distance between the cached teacher heatmaps' peaks and the true joints, in crop pixels, over `rows`
+    random rows: median over rows of each row's mean over its labelled joints inside the crop, and the share of
+    rows under 2 heatmap pixels. The truth is each row's ground truth, or (`truth`, one person per image) the
+    person of its image in that file, projected with the row's affine."""
+    cache = open_cache(cache_dir)
+    people = {}
+    if truth is not None:
+        for ann in json.loads(Path(truth).read_text())["annotations"]:
+            people.setdefault(ann["image_id"], []).append(ann)
+    stride, (h, w) = max(cache.codec.stride), cache.input_hw
+    errors = []
+    for index in np.random.default_rng(seed).choice(len(cache), min(rows, len(cache)), replace=False):
+        row = cache[int(index)]
+        if truth is None:
+            joints = row["keypoints"]
+        elif len(people.get(row["image_id"], [])) == 1:
+            image_joints = np.asarray(people[row["image_id"]][0]["keypoints"], np.float32).reshape(-1, 3)
+            joints = keypoints_to_crop(image_joints, row["affine"], row["flip"], cache.keypoint_set.flip_index)
+        else:
+            continue
+        heat = row["heatmaps"]
+        peak = heat.reshape(len(heat), -1).argmax(axis=1)
+        pred = cache.codec.heatmap_to_crop(np.stack([peak % heat.shape[2], peak // heat.shape[2]], axis=1))
+        inside = (joints[:, 2] > 0) & (joints[:, 0] >= 0) & (joints[:, 0] < w) & (joints[:, 1] >= 0) & (joints[:, 1] < h)
+        if inside.any():
+            errors.append(float(np.linalg.norm(pred[inside] - joints[inside, :2], axis=1).mean()))
+    errors = np.array(errors)
+    return {"rows": len(errors), "median_px": float(np.median(errors)),
+            "share_within_2_heatmap_px": float(np.mean(errors < 2 * stride))}
+
+
 def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
     out = Path(cfg.out)
     result = lambda name: stages.state.get(name, {}).get("result") if stages.done(name) else None  # noqa: E731
@@ -177,7 +218,8 @@ def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
                 "AP": teacher["AP"], "train_seconds": round(train_seconds(out / "teacher"), 1),
                 "val_curve": val_curve(out / "teacher")},
             "teacher_on_U": result("eval teacher on U"),
-            "dumps": {name: {"seconds": round(stages.seconds(f"dump {name}"), 1), **result(f"size {name}")}
+            "dumps": {name: {"seconds": round(stages.seconds(f"dump {name}"), 1), **result(f"size {name}"),
+                             "target_error": result(f"target error {name}")}
                       for name in ("cache-L", "cache-U") if stages.done(f"size {name}")},
             "runs": runs,
             "study_seconds": round(sum(entry["seconds"] for entry in stages.state.values()), 1)}
@@ -210,8 +252,13 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
         lines.append(f"- **Its pseudo-labels on U**, scored against U's hidden truth through the detector's boxes: "
                      f"{results['teacher_on_U']['AP']:.1f} AP (AP50 {results['teacher_on_U']['AP50']:.1f}).")
     for name, dump in results["dumps"].items():
+        error = dump.get("target_error")
         lines.append(f"- **{name}**: {dump['views']} views ({dump['views_per_instance']} per person, view 0 "
-                     f"plain), {dump['kb_per_view']:.1f} KB per view, dumped in {dump['seconds']:.0f} s.")
+                     f"plain), {dump['kb_per_view']:.1f} KB per view, dumped in {dump['seconds']:.0f} s" +
+                     ("." if not error else f"; its teacher heatmaps' peaks lie a median {error['median_px']:.1f} "
+                      f"crop pixels from the true joints ({error['share_within_2_heatmap_px']:.0%} of rows within 2 "
+                      f"heatmap pixels; {error['rows']} rows against "
+                      f"{'their ground truth' if name == 'cache-L' else 'the hidden truth'})."))
     people = {name: dump["instances"] for name, dump in results["dumps"].items()}
     epochs = "" if len(people) < 2 else (
         f" = {steps_ * c['batch_size'] / sum(people.values()):.1f} epochs over L + U's {sum(people.values())} people "

@@ -291,6 +291,20 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
                      f"{fmt_diff(ap['kd-LU'], ap['kd-L'])} AP.")
     if {"kd-L", "gt-L"} <= set(ap):
         lines.append(f"- **Distillation on L alone** over its ground truth: {fmt_diff(ap['kd-L'], ap['gt-L'])} AP.")
+    errors = {name: (dump.get("target_error") or {}).get("median_px") for name, dump in results["dumps"].items()}
+    if {"kd-L", "kd-LU"} <= set(ap) and None not in (errors.get("cache-L"), errors.get("cache-U")) and teacher:
+        u_share = people["cache-U"] / sum(people.values())
+        lines.append(
+            f"- **Why U {'helps' if statistics.fmean(ap['kd-LU']) > statistics.fmean(ap['kd-L']) else 'does not help'} "
+            f"here**: the teacher's targets on U's people lie a median {errors['cache-U']:.1f} crop pixels from the "
+            f"truth, {errors['cache-U'] / errors['cache-L']:.1f}x farther than on L's people, which it was trained "
+            f"on ({errors['cache-L']:.1f}): on people it never saw it is a {teacher['AP']:.1f}-AP model, "
+            f"{teacher['AP'] - statistics.fmean(ap['gt-L']):.1f} AP above what the student reaches on L's ground "
+            f"truth. With U's people {u_share:.0%} of the draws, the student sees L's people "
+            f"{1 / (1 - u_share):.0f}x less often and these noisier targets instead. "
+            "Unlabelled people pay where the teacher's AP on people it never saw (its validation AP, better "
+            "through your detector's boxes: `kdcache eval --boxes`) is well above what the student reaches on "
+            "ground truth; measure both before dumping U.")
     if {"kd-LU-1to1", "kd-L", "gt-L"} <= set(ap):
         lines.append(f"- **Balanced draws** (U at `--cache-weight 0.2`, about as many U as L people per epoch): "
                      f"{fmt_diff(ap['kd-LU-1to1'], ap['kd-L'])} AP against L-only distillation, "

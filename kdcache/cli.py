@@ -115,7 +115,7 @@ def cmd_dump_teacher(a: argparse.Namespace) -> int:
 
 def cmd_train_student(a: argparse.Namespace) -> int:
     from kdcache.augment import StudentAugConfig
-    from kdcache.config import TrainStudentConfig
+    from kdcache.config import TrainStudentConfig, check_cache_weights
     from kdcache.losses import KDConfig
     from kdcache.sources import check_cache_fits
     from kdcache.student import StudentConfig
@@ -134,9 +134,7 @@ def cmd_train_student(a: argparse.Namespace) -> int:
                         "dump's: drop --view-seed")
     if a.train_views and not paths:
         raise UserError("--train-views restricts the views of a cache; pass --cache, or drop --train-views")
-    if a.cache_weight and len(a.cache_weight) != len(paths):
-        raise UserError(f"{len(a.cache_weight)} --cache-weight for {len(paths)} --cache; give one weight per cache, "
-                        "in the same order, or none (1 each)")
+    check_cache_weights(len(paths), a.cache_weight)  # before the caches are verified (SHA-256 of every shard)
     caches = [_sound_cache(path) for path in paths]
     input_hw = a.input_size or (caches[0].input_hw if caches else StudentConfig.input_hw)
     student = StudentConfig(backbone=a.student, head=a.head, input_hw=tuple(input_hw),

@@ -114,9 +114,14 @@ class TrainStudentConfig:
     def __post_init__(self) -> None:
         if self.caches and self.online_teacher is not None:
             raise UserError("give one of --cache CACHE or --online-teacher CKPT, not both")
-        if self.cache_weights and len(self.cache_weights) != len(self.caches):
-            raise UserError(f"{len(self.cache_weights)} --cache-weight for {len(self.caches)} --cache; give one "
-                            "weight per cache, in the same order, or none (1 each)")
+        check_cache_weights(len(self.caches), self.cache_weights)
+
+
+def check_cache_weights(caches: int, weights: tuple[float, ...] | list[float]) -> None:
+    """Refuse --cache-weight given, but not once per --cache."""
+    if weights and len(weights) != caches:
+        raise UserError(f"{len(weights)} --cache-weight for {caches} --cache; give one weight per cache, in the same "
+                        "order, or none (1 each)")
 
 
 @dataclass(frozen=True)

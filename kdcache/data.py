@@ -190,6 +190,7 @@ class CacheMix(Dataset):
                             "person of its cache is drawn per epoch (1: once)")
         self.datasets, self.weights, self.seed = datasets, [float(w) for w in weights], seed
         self.draws = [max(1, round(w * len(d))) for d, w in zip(datasets, self.weights)]
+        self._per_epoch = [-(-draws // len(d)) for d, draws in zip(datasets, self.draws)]  # most draws of a person
         self.epoch = 0
         self._plan = self._make_plan(0)
 
@@ -217,6 +218,5 @@ class CacheMix(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         c, instance, repeat = (int(v) for v in self._plan[index])
-        per_epoch = -(-self.draws[c] // len(self.datasets[c]))  # the most draws of one person in an epoch
         key = (self.seed, self.epoch, instance, *((c, repeat) if c or repeat else ()))  # cache 0, once: CachedDataset's
-        return self.datasets[c].item(instance, self.epoch * per_epoch + repeat, key)
+        return self.datasets[c].item(instance, self.epoch * self._per_epoch[c] + repeat, key)

@@ -302,18 +302,21 @@ def collect(cfg: BenchmarkConfig, stages: Stages) -> dict[str, Any]:
             "study_seconds": round(sum(entry["seconds"] for entry in stages.state.values()), 1)}
 
 
-def study_main(doc: str, make_config: Callable[[Path, Path], Any], run: Callable[[Any, str | None], Stages],
+def study_main(doc: str, make_config: Callable[[argparse.Namespace], Any], run: Callable[[Any, str | None], Stages],
                collect: Callable[[Any, Stages], dict[str, Any]], write_report: Callable[[Any, dict[str, Any]], None],
-               out: str, report: str) -> None:
-    """A study's command line: run it (or stop early, or only report what has finished), then write its report."""
+               out: str | None, report: str | None, regimes: tuple[str, ...] = ()) -> None:
+    """A study's command line: run it (or stop early, or only report what has finished), then write its report.
+    `make_config` reads the parsed arguments (`out`, `report` and, where the study has `regimes`, `regime`)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path(out))
-    p.add_argument("--report", type=Path, default=Path(report))
+    p.add_argument("--out", type=Path, default=None if out is None else Path(out))
+    p.add_argument("--report", type=Path, default=None if report is None else Path(report))
+    if regimes:
+        p.add_argument("--regime", choices=regimes, default=regimes[0], help="which regime of the study to run")
     p.add_argument("--stop-after", choices=("teacher", "dump"), help="stop early (e.g. to inspect the teacher)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs finished so far")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = make_config(a.out, a.report)
+    cfg = make_config(a)
     stages = Stages(Path(cfg.out)) if a.report_only else run(cfg, a.stop_after)
     if a.stop_after is None:
         write_report(cfg, collect(cfg, stages))
@@ -321,7 +324,7 @@ def study_main(doc: str, make_config: Callable[[Path, Path], Any], run: Callable
 
 def main() -> None:
     from benchmark_report import write_report
-    study_main(__doc__, lambda out, report: BenchmarkConfig(out=out, report=report), run_study, collect,
+    study_main(__doc__, lambda a: BenchmarkConfig(out=a.out, report=a.report), run_study, collect,
                write_report, "bench_out", "docs/benchmark.md")
 
 

@@ -1,6 +1,7 @@
 """The unlabelled arm of the benchmark: what do people nobody annotated add, distilled from a cache?
 
-    python scripts/benchmark_unlabelled.py --out bench_unlabelled   # writes docs/benchmark_unlabelled.{md,json}
+    python scripts/benchmark_unlabelled.py                    # regime l500: docs/benchmark_unlabelled.{md,json}
+    python scripts/benchmark_unlabelled.py --regime l1000     # regime l1000: docs/benchmark_unlabelled_l1000.{md,json}
 
 The semi-supervised regime (issue 13): a labelled set L, an unlabelled pool U five times larger (images and a
 detector's boxes only), one teacher trained on L alone. The same small student is then trained, for the same
@@ -18,6 +19,13 @@ positives on the background, with scores; U's own keypoints exist only in a trut
 pseudo-label check below reads. Every stage runs once and is skipped when done (`OUT/state.json`); a training
 run killed mid-way resumes from its last complete epoch, so the study can be stopped and run again at any
 moment. `--report-only` writes the report from whatever has finished.
+
+Two regimes (`--regime`), each with its own folder and report:
+
+    l500    L = 500 people, U = 2500 images, 1500 steps, every arm above
+    l1000   L = 1000 people, U = 5000 images, 3000 steps (the same 96 epochs over L), the goal's three arms: a
+            teacher trained on twice the people, so more general on people it never saw, against a student that
+            still overfits L's ground truth
 """
 
 from __future__ import annotations
@@ -78,6 +86,22 @@ class UnlabelledConfig:
     workers: int = 2
     cache_workers: int = 0
     seed: int = 0
+    regime: str = "l500"
+    arms: tuple[str, ...] = ()            # names of the arms to run (() = every arm)
+
+
+# Each regime's settings over the defaults above, its folder and its report.
+REGIMES: dict[str, dict[str, Any]] = {
+    "l500": dict(out="bench_unlabelled", report="docs/benchmark_unlabelled.md"),
+    "l1000": dict(out="bench_unlabelled_l1000", report="docs/benchmark_unlabelled_l1000.md", labelled_images=1000,
+                  unlabelled_images=5000, steps=3000, arms=("gt-L", "kd-L", "kd-LU")),
+}
+
+
+def regime_config(regime: str, out: Path | None = None, report: Path | None = None) -> "UnlabelledConfig":
+    settings = dict(REGIMES[regime])
+    default_out, default_report = Path(settings.pop("out")), Path(settings.pop("report"))
+    return UnlabelledConfig(out=out or default_out, report=report or default_report, regime=regime, **settings)
 
 
 @dataclass(frozen=True)
@@ -114,6 +138,7 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     def run(name: str, seed: int = cfg.seed, workers: int = cfg.workers) -> RunConfig:
         return run_config(out, name, seed, workers)
 
+    arms = [arm for arm in ARMS if not cfg.arms or arm.name in cfg.arms]
     data_and_teacher(stages, out, cfg, cfg.labelled_images, val_every=20)  # the teacher sees L only
     stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",
                                                            predict=predict)))
@@ -147,7 +172,7 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
 
     student = StudentConfig(backbone=cfg.student, input_hw=cfg.input_hw, head_channels=cfg.student_head_channels)
     # The arms of the goal first, seed-major (a partial study has them at the first seeds), then the weightings.
-    for seed, arm in [(seed, arm) for group in (ARMS[:3], ARMS[3:]) for seed in cfg.seeds for arm in group]:
+    for seed, arm in [(seed, arm) for group in (arms[:3], arms[3:]) for seed in cfg.seeds for arm in group]:
         name = f"runs/{arm.name}-s{seed}"
         # Every arm: exactly cfg.steps steps (the epochs bound never binds first), cosine over them.
         optim = OptimConfig(epochs=cfg.steps, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -234,9 +259,11 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
         arms.setdefault(run["name"], []).append(run)
     ap = {name: aps(runs) for name, runs in arms.items()}
     c, teacher, steps_ = results["config"], results["teacher"], results["steps"]
-    lines = ["# Benchmark: what people nobody annotated add (the unlabelled arm)", "",
-             "Made by `python scripts/benchmark_unlabelled.py` (resumable; every number here is recomputed from "
-             "[`benchmark_unlabelled.json`](benchmark_unlabelled.json)). The main study is "
+    others = ", ".join(f"[{name}]({Path(REGIMES[name]['report']).name})" for name in REGIMES if name != cfg.regime)
+    lines = [f"# Benchmark: what people nobody annotated add (the unlabelled arm, regime {cfg.regime})", "",
+             f"Made by `python scripts/benchmark_unlabelled.py --regime {cfg.regime}` (resumable; every number here "
+             f"is recomputed from [`{report.with_suffix('.json').name}`]({report.with_suffix('.json').name})). "
+             f"The other regime: {others}. The main study is "
              "[benchmark.md](benchmark.md); this arm uses its synthetic people, crop size, student and recipe.", "",
              "## Regime", "",
              f"- **Labelled set L**: `kdcache synth`, {c['labelled_images']} images with one person each, clutter "
@@ -320,8 +347,8 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    study_main(__doc__, lambda out, report: UnlabelledConfig(out=out, report=report), run_study, collect,
-               write_report, "bench_unlabelled", "docs/benchmark_unlabelled.md")
+    study_main(__doc__, lambda a: regime_config(a.regime, a.out, a.report), run_study, collect, write_report,
+               None, None, regimes=tuple(REGIMES))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ What arrives, and what this module does with it:
   D - part_features outputs plus one `experts.{k}` Linear with part_features outputs per dataset, concatenated.
   One expert is merged into `fc2` exactly as `tools/model_split.py` does (COCO by default), and for a
   non-COCO expert the matching `associate_keypoint_heads.{k-1}` becomes the head;
+- mmpose 1.x files (its model zoo's `td-hm_ViTPose-{small,base,large,huge}[-simple]_...` checkpoints):
+  mmcls / mmpretrain's `VisionTransformer` (`backbone.layers.{i}.{ln1,attn,ln2,ffn}`, final norm `backbone.ln1`,
+  patch conv `patch_embed.projection` with padding 2) and mmpose's `HeatmapHead` (`head.*`; the simple decoder's
+  ReLU and bilinear x4 are its `FeatureMapProcessor` neck, which has no weights): renamed to the official names.
+  One semantic difference: built with `with_cls_token=False`, that ViT adds only the patch positions of
+  `pos_embed` (mmcls 1.x adds the class slot to the class token and then drops both; mmpretrain drops the slot
+  when loading), where the official ViTPose adds the class slot to every patch. The slot becomes zeros, so
+  the official forward computes mmpose 1.x's function;
 - HuggingFace `VitPoseForPoseEstimation` weights (`transformers/models/vitpose{,_backbone}`): renamed to the
   official names (q/k/v concatenated back into qkv), with the architecture facts that only its
   `config.json` holds (heads, LayerNorm epsilon, trained input size). Without that file they are refused:
@@ -62,7 +70,11 @@ class TeacherWeights:
 
 
 def is_huggingface(sd: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.startswith(("backbone.embeddings.", "backbone.encoder.", "head.")) for k in sd)
+    return any(k.startswith(("backbone.embeddings.", "backbone.encoder.", "head.deconv1.", "head.conv.")) for k in sd)
+
+
+def is_mmpose1(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.", "head.final_layer.")) for k in sd)
 
 
 def teacher_weights(obj: Mapping, path: Path, expert: str | int | None = None,
@@ -77,7 +89,9 @@ def teacher_weights(obj: Mapping, path: Path, expert: str | int | None = None,
     """
     sd = unwrap_state_dict(obj, path)
     overrides, trained_hw = {}, None
-    if is_huggingface(sd):
+    if is_mmpose1(sd):
+        sd = from_mmpose1(sd, path)
+    elif is_huggingface(sd):
         if hf_config is None:
             hf_config = find_hf_config(path)
         sd, overrides, trained_hw = from_huggingface(sd, hf_config, path)
@@ -276,8 +290,58 @@ _HF_RENAMES = [  # (HuggingFace pattern, official replacement), applied to the w
 
 
 def _hf_to_official(key: str) -> str | None:
-    for pattern, replacement in _HF_RENAMES:
+    return _rename(key, _HF_RENAMES)
+
+
+def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
+    """`key` under the first pattern of `renames` that matches it, or None."""
+    for pattern, replacement in renames:
         new, hits = re.subn(pattern, replacement, key)
         if hits:
             return new
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mmpose 1.x: mmcls / mmpretrain VisionTransformer + HeatmapHead
+
+_MMPOSE1_RENAMES = [  # (mmpose 1.x pattern, official replacement); mmcv's FFN is layers.0.0 (Linear) -> layers.1
+    (r"^backbone\.patch_embed\.projection\.", "backbone.patch_embed.proj."),
+    (r"^backbone\.layers\.(\d+)\.ln([12])\.", r"backbone.blocks.\1.norm\2."),
+    (r"^backbone\.layers\.(\d+)\.attn\.(qkv|proj)\.", r"backbone.blocks.\1.attn.\2."),
+    (r"^backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.", r"backbone.blocks.\1.mlp.fc1."),
+    (r"^backbone\.layers\.(\d+)\.ffn\.layers\.1\.", r"backbone.blocks.\1.mlp.fc2."),
+    (r"^backbone\.ln1\.", "backbone.last_norm."),
+    (r"^head\.(deconv_layers|final_layer)\.", r"keypoint_head.\1."),
+    (r"^backbone\.pos_embed$", "backbone.pos_embed"),
+]
+
+
+def from_mmpose1(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """mmpose 1.x ViTPose names -> official names, with the same function (see the module docstring).
+
+    `backbone.pos_embed` holds a class slot first when the file also holds `backbone.cls_token` (mmcls 1.x
+    builds both and never adds that slot to a patch); an mmpretrain file holds the patch positions alone.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        if key == "backbone.cls_token" or key.startswith("data_preprocessor."):
+            continue  # unused with with_cls_token=False; the preprocessor's mean/std are ViTPose's
+        new = _rename(key, _MMPOSE1_RENAMES)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise UserError(f"{path}: mmpose 1.x keys that ViTPose does not have: {', '.join(unknown[:4])}"
+                        f"{' ...' if len(unknown) > 4 else ''} ({len(unknown)}); kdcache reads mmpose's "
+                        "td-hm_ViTPose-* checkpoints (VisionTransformer + HeatmapHead)")
+    if "backbone.pos_embed" not in out:
+        raise UserError(f"{path}: mmpose 1.x ViTPose file without backbone.pos_embed")
+    pos = out["backbone.pos_embed"]
+    patches = pos[:, 1:] if "backbone.cls_token" in sd else pos
+    out["backbone.pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), patches], dim=1)
+    log.info("mmpose 1.x ViTPose file: renamed to the official layout (class position slot %s, not added to "
+             "the patches)", "dropped" if "backbone.cls_token" in sd else "absent")
+    return out

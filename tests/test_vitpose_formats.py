@@ -333,6 +333,138 @@ def test_huggingface_bin_that_runs_code_is_refused(classic, tmp_path, code_paylo
         load_teacher(folder)
 
 
+# ------------------------------------------------------------------------------------------- mmpose 1.x
+
+# mmpose 1.x's td-hm_ViTPose-{small,base}_8xb64-210e_coco-256x192.py: (embed_dims, num_layers, num_heads).
+MMPOSE1_ARCHS = {"vitpose-s": (384, 12, 12), "vitpose-b": (768, 12, 12)}
+
+
+def random_mmpose1(dim: int, depth: int, head: str, grid=(16, 12), cls_token: bool = True, seed: int = 0,
+                   extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """Random weights in mmpose 1.x's layout, key for key: mmcls/mmpretrain VisionTransformer (patch_embed.projection,
+    layers.{i}.{ln1, attn.qkv, attn.proj, ln2, ffn.layers.0.0, ffn.layers.1}, ln1) and HeatmapHead (head.*)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = lambda *shape, fan_in=None: torch.randn(shape, generator=gen) / (fan_in or shape[-1]) ** 0.5  # noqa: E731
+    b = lambda n: 0.1 * torch.randn(n, generator=gen)  # noqa: E731
+    ln = lambda n: 1 + 0.1 * torch.randn(n, generator=gen)  # noqa: E731
+    sd = {"backbone.patch_embed.projection.weight": w(dim, 3, 16, 16, fan_in=768),
+          "backbone.patch_embed.projection.bias": b(dim),
+          "backbone.pos_embed": 0.1 * torch.randn(1, grid[0] * grid[1] + cls_token, dim, generator=gen)}
+    if cls_token:  # mmcls 1.x builds it even with with_cls_token=False
+        sd["backbone.cls_token"] = 0.1 * torch.randn(1, 1, dim, generator=gen)
+    for i in range(depth):
+        p = f"backbone.layers.{i}."
+        sd.update({p + "ln1.weight": ln(dim), p + "ln1.bias": b(dim),
+                   p + "attn.qkv.weight": w(3 * dim, dim), p + "attn.qkv.bias": b(3 * dim),
+                   p + "attn.proj.weight": w(dim, dim), p + "attn.proj.bias": b(dim),
+                   p + "ln2.weight": ln(dim), p + "ln2.bias": b(dim),
+                   p + "ffn.layers.0.0.weight": w(4 * dim, dim), p + "ffn.layers.0.0.bias": b(4 * dim),
+                   p + "ffn.layers.1.weight": w(dim, 4 * dim), p + "ffn.layers.1.bias": b(dim)})
+    sd.update({"backbone.ln1.weight": ln(dim), "backbone.ln1.bias": b(dim)})
+    if head == "classic":  # deconv_out_channels (256, 256), kernels 4: deconv (no bias), BN, ReLU, twice
+        c_in = dim
+        for j in (0, 3):
+            bn = f"head.deconv_layers.{j + 1}."
+            sd.update({f"head.deconv_layers.{j}.weight": w(c_in, 256, 4, 4, fan_in=c_in), bn + "weight": ln(256),
+                       bn + "bias": b(256), bn + "running_mean": b(256),
+                       bn + "running_var": 0.5 + torch.rand(256, generator=gen),
+                       bn + "num_batches_tracked": torch.tensor(1000)})
+            c_in = 256
+        sd.update({"head.final_layer.weight": w(17, 256, 1, 1, fan_in=256), "head.final_layer.bias": b(17)})
+    else:  # deconv_out_channels [], final_layer kernel 3 padding 1
+        sd.update({"head.final_layer.weight": w(17, dim, 3, 3, fan_in=9 * dim), "head.final_layer.bias": b(17)})
+    return {**sd, **(extra or {})}
+
+
+def reference_mmpose1(sd: dict, num_heads: int, head: str, x: torch.Tensor) -> torch.Tensor:
+    """mmpose 1.x's TopdownPoseEstimator as functional ops on its own key names: x [N, 3, H, W] -> [N, 17, H/4, W/4].
+
+    Backbone (mmcls 1.x / mmpretrain VisionTransformer, with_cls_token=False, out_type featmap): PatchEmbed conv with
+    padding 2; mmcls concatenates the class token, adds all of pos_embed, then drops the class token, so the patches
+    get pos_embed[:, 1:]; mmpretrain (no cls_token in the file) adds its patch-only pos_embed. Pre-norm layers
+    x + attn(ln1(x)), x + ffn(ln2(x)) with LayerNorm eps 1e-6, GELU FFN; final norm ln1; tokens back to a map.
+    Neck (simple only): FeatureMapProcessor(scale_factor=4, apply_relu=True): ReLU, then bilinear, align_corners False.
+    Head: HeatmapHead, deconvs 4x4 / stride 2 / padding 1 with BN (eps 1e-5) and ReLU, then final_layer.
+    """
+    import torch.nn.functional as F
+
+    w = sd["backbone.patch_embed.projection.weight"]
+    t = F.conv2d(x, w, sd["backbone.patch_embed.projection.bias"], stride=16, padding=2)
+    n, d, hp, wp = t.shape
+    t = t.flatten(2).transpose(1, 2)
+    if "backbone.cls_token" in sd:
+        t = (torch.cat([sd["backbone.cls_token"].expand(n, -1, -1), t], dim=1) + sd["backbone.pos_embed"])[:, 1:]
+    else:
+        t = t + sd["backbone.pos_embed"]
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("backbone.layers."))
+    for i in range(depth):
+        p = f"backbone.layers.{i}."
+        y = F.layer_norm(t, (d,), sd[p + "ln1.weight"], sd[p + "ln1.bias"], eps=1e-6)
+        q, k, v = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).reshape(
+            n, -1, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, d)
+        t = t + F.linear(y, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        y = F.layer_norm(t, (d,), sd[p + "ln2.weight"], sd[p + "ln2.bias"], eps=1e-6)
+        y = F.linear(F.gelu(F.linear(y, sd[p + "ffn.layers.0.0.weight"], sd[p + "ffn.layers.0.0.bias"])),
+                     sd[p + "ffn.layers.1.weight"], sd[p + "ffn.layers.1.bias"])
+        t = t + y
+    f = F.layer_norm(t, (d,), sd["backbone.ln1.weight"], sd["backbone.ln1.bias"], eps=1e-6)
+    f = f.transpose(1, 2).reshape(n, d, hp, wp)
+    if head == "simple":
+        f = F.interpolate(F.relu(f), scale_factor=4.0, mode="bilinear", align_corners=False)
+        return F.conv2d(f, sd["head.final_layer.weight"], sd["head.final_layer.bias"], padding=1)
+    for j in (0, 3):
+        bn = f"head.deconv_layers.{j + 1}."
+        f = F.conv_transpose2d(f, sd[f"head.deconv_layers.{j}.weight"], stride=2, padding=1, output_padding=0)
+        f = F.relu(F.batch_norm(f, sd[bn + "running_mean"], sd[bn + "running_var"], sd[bn + "weight"],
+                                sd[bn + "bias"], training=False, eps=1e-5))
+    return F.conv2d(f, sd["head.final_layer.weight"], sd["head.final_layer.bias"])
+
+
+@pytest.mark.parametrize("arch", ["vitpose-s", "vitpose-b"])
+def test_mmpose1_files_match_their_functional_reference(arch, tmp_path):
+    """mmpose 1.x model-zoo layout (mmcls 1.x era: cls_token in the file), classic and simple, through load_teacher."""
+    dim, depth, heads = MMPOSE1_ARCHS[arch]
+    x = torch.randn(1, 3, 256, 192, generator=torch.Generator().manual_seed(1))
+    for head in ("classic", "simple"):
+        sd = random_mmpose1(dim, depth, head, seed=3)
+        torch.save({"meta": {"mmpose_version": "1.0.0"}, "state_dict": sd}, tmp_path / f"{head}.pth")
+        model = load_teacher(tmp_path / f"{head}.pth")
+        assert (model.config.arch, model.config.head, model.config.input_hw) == (arch, head, (256, 192))
+        with torch.no_grad():
+            out, ref = model(x), reference_mmpose1(sd, heads, head, x)
+        assert out.shape == ref.shape == (1, 17, 64, 48)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), head
+        assert ref.abs().max() > 0.1  # not a comparison of two near-zero maps
+
+
+def test_mmpose1_position_slot_is_not_the_official_one(tmp_path):
+    """The class slot of pos_embed: official ViTPose adds it to every patch, mmpose 1.x never does. Both eras of
+    mmpose 1.x files (mmcls: slot + cls_token; mmpretrain: patch positions only) give mmpose's function."""
+    mmcls = random_mmpose1(DIM, 2, "simple", grid=(4, 3), seed=5)
+    mmpretrain = {k: v for k, v in mmcls.items() if k != "backbone.cls_token"}
+    mmpretrain["backbone.pos_embed"] = mmcls["backbone.pos_embed"][:, 1:]
+    x = torch.randn(2, 3, *INPUT_HW, generator=torch.Generator().manual_seed(2))
+    ref = reference_mmpose1(mmcls, HEADS, "simple", x)
+    for name, sd in (("mmcls", mmcls), ("mmpretrain", mmpretrain)):
+        torch.save({"state_dict": sd}, tmp_path / f"{name}.pth")
+        with torch.no_grad():
+            out = load_teacher(tmp_path / f"{name}.pth")(x)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), name
+    # Read as if it were the official layout (the slot added to the patches), the function differs visibly.
+    official_like = {**mmcls, "backbone.cls_token": torch.zeros(1, 1, DIM)}
+    official_like["backbone.pos_embed"] = mmcls["backbone.pos_embed"] + mmcls["backbone.pos_embed"][:, :1]
+    assert (reference_mmpose1(official_like, HEADS, "simple", x) - ref).abs().max() > 1e-2 * ref.abs().max()
+
+
+def test_mmpose1_unknown_keys_are_refused(tmp_path):
+    extra = {"head.conv_layers.0.weight": torch.zeros(256, 256, 3, 3)}  # a HeatmapHead with conv layers
+    torch.save({"state_dict": random_mmpose1(DIM, 2, "classic", grid=(4, 3), extra=extra)}, tmp_path / "odd.pth")
+    with pytest.raises(UserError, match=r"odd.pth: mmpose 1.x keys that ViTPose does not have: "
+                                        r"head.conv_layers.0.weight \(1\)"):
+        load_teacher(tmp_path / "odd.pth")
+
+
 # ------------------------------------------------------------------------------------------- commands
 
 

@@ -1,14 +1,23 @@
-"""The keypoint codec: how a crop is cut, and keypoints <-> heatmaps (UDP, as ViTPose is trained and tested).
+"""Keypoint codecs: how a crop is cut, and keypoints <-> heatmaps, as each teacher family trains and tests.
 
-`UDPHeatmap` owns the crop size, the heatmap size and the target sigma; callers hold one object instead of
-passing the three numbers around. Under unbiased data processing (UDP) heatmap pixel i and crop pixel
-i * (W_in-1)/(w-1) are the same point: the stride is (size-1)/(size-1), not size/size. ViTPose trains with
-these targets (mmpose `TopDownGenerateTarget` with encoding='UDP', sigma 2), cuts crops with the UDP warp
-(`get_warp_matrix`) and decodes with `keypoints_from_heatmaps(use_udp=True, kernel=11)`.
+A codec owns the crop size, the heatmap size and the target sigma; callers hold one object instead of passing
+the three numbers around. Two codecs, the same methods:
+
+- `UDPHeatmap` (ViTPose, from mmpose 0.x): unbiased data processing (UDP). Heatmap pixel i and crop pixel
+  i * (W_in-1)/(w-1) are the same point, in x and y separately. Targets: `TopDownGenerateTarget` with
+  encoding='UDP' (Gaussian cut to a 6 sigma + 1 window); crops: `get_warp_matrix`; decoding:
+  `keypoints_from_heatmaps(use_udp=True, kernel=11)`, i.e. `heatmap_decode.dark_udp`.
+- `TokenPoseHeatmap` (TokenPose, github leeyegy/TokenPose, lib/utils/transforms.py,
+  lib/dataset/JointsDataset.py, lib/core/inference.py): crop and heatmap are cut by one similarity
+  (`get_affine_transform`, with (size-1) and centres at (size-1)/2) at the two output sizes, so both axes
+  share the width's stride (W_in-1)/(w-1) and y has an offset; Gaussian targets over the whole map; decoding
+  by the original DARK (`heatmap_decode.dark_tokenpose`).
+
+Both flip heatmaps without a one-pixel shift (pixel x mirrors to w-1-x exactly on either grid).
 
 A codec is recorded in every cache (`to_record`) and rebuilt from it (`codec_from_record`), so a student's
-targets are checked to be the teacher's kind. A new codec (TokenPose's classic affine + DARK) is one more
-class with the same methods, and its entry in `CODECS`.
+targets are checked to be the teacher's kind. A new codec is one more class with the same methods, and its
+entry in `CODECS`.
 """
 
 from __future__ import annotations
@@ -16,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 
 from kdcache.errors import UserError
+from kdcache.heatmap_decode import dark_tokenpose, dark_udp
 from kdcache.keypoints import KeypointSet
 
 HEATMAP_STRIDE = 4              # nominal crop pixels per heatmap pixel: 256x192 crops -> 64x48 heatmaps
@@ -78,133 +87,6 @@ def udp_gaussians(keypoints_crop: np.ndarray, input_hw: tuple[int, int], heatmap
     gy *= (ys[None, :] >= ul_y[:, None]) & (ys[None, :] < br_y[:, None])
     heatmaps = gy[:, :, None] * gx[:, None, :] * weight[:, None, None]
     return np.nan_to_num(heatmaps, nan=0.0).astype(np.float32), weight
-
-
-def blur_heatmaps(heatmaps: np.ndarray, kernel: int = 11) -> np.ndarray:
-    """Gaussian blur of every map, as mmpose's `post_dark_udp` does before DARK.
-
-    cv2.GaussianBlur with sigma derived from the kernel size (2.0 for 11) and reflect-101 border,
-    map by map (about 10 us per 64x48 map; multi-channel calls are no faster once transposed).
-
-    Args:
-        heatmaps: [..., h, w] float32.
-
-    Returns:
-        float32 [..., h, w], a new array.
-    """
-    maps = np.asarray(heatmaps, dtype=np.float32)
-    h, w = maps.shape[-2:]
-    flat = np.ascontiguousarray(maps.reshape(-1, h, w))
-    out = np.empty_like(flat)
-    for i in range(len(flat)):
-        cv2.GaussianBlur(flat[i], (kernel, kernel), 0, dst=out[i])
-    return out.reshape(maps.shape)
-
-
-def get_max_preds(heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer argmax of each map (mmpose `_get_max_preds`).
-
-    Args:
-        heatmaps: [N, K, h, w].
-
-    Returns:
-        coords: float32 [N, K, 2] heatmap pixels (x, y), -1 where the maximum is <= 0;
-        scores: float32 [N, K], the maximum.
-    """
-    n, k, h, w = heatmaps.shape
-    flat = heatmaps.reshape(n, k, h * w)
-    idx = flat.argmax(axis=2)
-    scores = np.take_along_axis(flat, idx[..., None], axis=2)[..., 0].astype(np.float32)
-    coords = np.stack([idx % w, idx // w], axis=-1).astype(np.float32)
-    coords[scores <= 0] = -1.0
-    return coords, scores
-
-
-def _reflect101(index: np.ndarray, size: int) -> np.ndarray:
-    """Indices outside [0, size) folded back as OpenCV's BORDER_REFLECT_101 (gfedcb|abcdefgh|gfedcba)."""
-    if size == 1:
-        return np.zeros_like(index)
-    period = 2 * (size - 1)
-    index = np.abs(index) % period
-    return np.where(index > size - 1, period - index, index)
-
-
-def _blurred_log_3x3(maps: np.ndarray, px: np.ndarray, py: np.ndarray, kernel: int) -> np.ndarray:
-    """log(clip(blur(map), 0.001, 50)) on the 3x3 neighbourhood of (px, py), edge-clamped.
-
-    Equal to blurring whole maps with cv2.GaussianBlur (reflect-101 border) and reading the edge-padded
-    log map around the peak, as mmpose does, but it only touches (kernel+2)^2 pixels per joint.
-
-    Returns:
-        float64 [N, K, 3, 3] indexed [dy + 1, dx + 1].
-    """
-    n, k, h, w = maps.shape
-    r = kernel // 2
-    taps = cv2.getGaussianKernel(kernel, 0).ravel()  # the kernel GaussianBlur uses for sigma=0
-    offsets = np.arange(-r - 1, r + 2)
-    rows = _reflect101(py[..., None] + offsets, h)  # [N, K, kernel+2]
-    cols = _reflect101(px[..., None] + offsets, w)
-    window = maps[np.arange(n)[:, None, None, None], np.arange(k)[None, :, None, None],
-                  rows[..., :, None], cols[..., None, :]].astype(np.float64)
-    # Separable blur, evaluated at the 3x3 centres (offsets -1, 0, 1).
-    span = np.arange(3)[:, None] + np.arange(kernel)[None, :]  # [3, kernel]
-    horiz = np.einsum("nkyct,t->nkyc", window[..., span], taps)  # [N, K, kernel+2, 3]
-    blur = np.einsum("nkdtc,t->nkdc", horiz[..., span, :], taps)  # [N, K, 3, 3]
-    log_blur = np.log(np.clip(blur, 0.001, 50))
-    # mmpose pads the log map with its edge values: neighbours past the border repeat the border pixel.
-    iy = np.clip(py[..., None] + np.arange(-1, 2), 0, h - 1) - py[..., None] + 1  # [N, K, 3]
-    ix = np.clip(px[..., None] + np.arange(-1, 2), 0, w - 1) - px[..., None] + 1
-    log_blur = np.take_along_axis(log_blur, iy[..., :, None], axis=2)
-    return np.take_along_axis(log_blur, ix[..., None, :], axis=3)
-
-
-def dark_udp(heatmaps: np.ndarray, kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
-    """Heatmaps -> sub-pixel keypoints: argmax + DARK-UDP (mmpose `post_dark_udp`), vectorised.
-
-    The maps are blurred (kernel 11 for sigma 2), clipped to [0.001, 50] and logged; the argmax is then
-    moved by one Newton step, -(Hessian + eps I)^-1 gradient, from central differences on the
-    edge-padded log map. Only the neighbourhood of each peak is blurred, in float64 (mmpose blurs whole
-    maps in float32; results agree to ~1e-5 px). Scores are the raw maxima. Joints whose maximum is <= 0
-    stay at -1 (mmpose would "refine" that -1 against the padding).
-
-    Args:
-        heatmaps: float [N, K, h, w] (numpy; a torch tensor is moved to the CPU).
-
-    Returns:
-        coords: float32 [N, K, 2] heatmap pixels (x, y); scores: float32 [N, K].
-    """
-    if not isinstance(heatmaps, np.ndarray) and hasattr(heatmaps, "detach"):  # torch, not imported here
-        heatmaps = heatmaps.detach().float().cpu().numpy()
-    maps = np.asarray(heatmaps, dtype=np.float32)
-    if maps.ndim != 4:
-        raise ValueError(f"expected heatmaps [N, K, h, w], got {maps.shape}")
-    coords, scores = get_max_preds(maps)
-    valid = scores > 0
-    px = np.where(valid, coords[..., 0], 0).astype(np.int64)
-    py = np.where(valid, coords[..., 1], 0).astype(np.int64)
-
-    nb = _blurred_log_3x3(maps, px, py, kernel)  # nb[..., 1 + dy, 1 + dx]
-    i0 = nb[..., 1, 1]
-    dx = 0.5 * (nb[..., 1, 2] - nb[..., 1, 0])
-    dy = 0.5 * (nb[..., 2, 1] - nb[..., 0, 1])
-    dxx = nb[..., 1, 2] - 2 * i0 + nb[..., 1, 0]
-    dyy = nb[..., 2, 1] - 2 * i0 + nb[..., 0, 1]
-    # mmpose's mixed difference uses only the (+1, +1) and (-1, -1) diagonal neighbours.
-    dxy = 0.5 * (nb[..., 2, 2] - nb[..., 1, 2] - nb[..., 2, 1] + 2 * i0
-                 - nb[..., 1, 0] - nb[..., 0, 1] + nb[..., 0, 0])
-
-    # Closed-form inverse of (Hessian + eps I), the matrix mmpose inverts.
-    eps = float(np.finfo(np.float32).eps)
-    a, b, d = dxx + eps, dxy, dyy + eps
-    det = a * d - b * b
-    ok = valid & (det != 0) & np.isfinite(det)
-    safe_det = np.where(ok, det, 1.0)
-    step_x = (d * dx - b * dy) / safe_det
-    step_y = (-b * dx + a * dy) / safe_det
-    refined = coords.astype(np.float64)
-    refined[..., 0] -= np.where(ok, step_x, 0.0)
-    refined[..., 1] -= np.where(ok, step_y, 0.0)
-    return refined.astype(np.float32), scores
 
 
 def udp_affine(center: np.ndarray, scale_wh: np.ndarray, rot_deg: float,
@@ -283,6 +165,12 @@ class UDPHeatmap:
         coords, scores = dark_udp(heatmaps, self.blur_kernel)
         return self.heatmap_to_crop(coords), scores
 
+    @property
+    def heatmap_affine(self) -> np.ndarray:
+        """Heatmap pixels -> crop pixels, float64 [2, 3]: diag(stride), no offset."""
+        stride_x, stride_y = self.stride
+        return np.array([[stride_x, 0.0, 0.0], [0.0, stride_y, 0.0]])
+
     def heatmap_to_crop(self, coords: np.ndarray) -> np.ndarray:
         """Heatmap pixels [..., 2] -> crop pixels [..., 2] (float64) with the UDP stride."""
         stride_x, stride_y = self.stride
@@ -301,11 +189,149 @@ class UDPHeatmap:
                 "sigma": float(self.sigma)}
 
 
+def tokenpose_affine(center: np.ndarray, scale_wh: np.ndarray, rot_deg: float,
+                     out_hw: tuple[int, int]) -> np.ndarray:
+    """TokenPose's warp, image pixels -> output pixels (its `get_affine_transform`), in closed form.
+
+    TokenPose builds a similarity from three points: the center goes to ((W-1)/2, (H-1)/2), a vector of
+    length (src_w-1)/2 turned by `rot_deg` to one of length (W-1)/2 straight up, and the third points
+    perpendicular to both. So the scale is (W-1)/(src_w-1) on both axes, with src_w = `scale_wh[0]` (TokenPose's
+    scale * 200); `scale_wh[1]` is not used. A positive `rot_deg` turns image +x towards output -y: the
+    opposite of `udp_affine`'s sign.
+
+    Args:
+        center: [2] image pixels (x, y); scale_wh: [2] region (w, h) in image pixels; out_hw: output (H, W).
+
+    Returns:
+        float64 [2, 3].
+    """
+    h_out, w_out = out_hw
+    theta = np.deg2rad(rot_deg)
+    cos, sin = np.cos(theta), np.sin(theta)
+    s = (w_out - 1.0) / (float(scale_wh[0]) - 1.0)
+    linear = s * np.array([[cos, sin], [-sin, cos]])
+    shift = np.array([(w_out - 1.0) / 2, (h_out - 1.0) / 2]) - linear @ np.asarray(center, dtype=np.float64)
+    return np.concatenate([linear, shift[:, None]], axis=1)
+
+
+def tokenpose_grid(input_hw: tuple[int, int], heatmap_hw: tuple[int, int]) -> tuple[float, np.ndarray]:
+    """Where TokenPose's heatmap pixels lie in the crop: crop = stride * heatmap + offset.
+
+    Crop and heatmap are `tokenpose_affine` of one region at two sizes, so their centres ((W-1)/2, (H-1)/2)
+    and ((w-1)/2, (h-1)/2) coincide and the scale ratio is the width's, stride = (W_in-1)/(w-1) on both axes.
+    x has no offset; y has one unless (H_in-1)/(h-1) is that stride too (256x192 -> 64x48: heatmap row 0 is
+    crop y = -0.51).
+
+    Returns:
+        stride; offset float64 [2] (x, y), crop pixels.
+    """
+    (h_in, w_in), (h, w) = input_hw, heatmap_hw
+    stride = (w_in - 1.0) / (w - 1.0)
+    return stride, np.array([0.0, (h_in - 1.0) / 2 - stride * (h - 1.0) / 2])
+
+
+def tokenpose_gaussians(keypoints_crop: np.ndarray, input_hw: tuple[int, int], heatmap_hw: tuple[int, int],
+                        sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """TokenPose's Gaussian targets (`JointsDataset.generate_target` and `adjust_target_weight`).
+
+    mu is the keypoint on the heatmap grid (`tokenpose_grid`); the map is exp(-d^2 / (2 sigma^2)) over the
+    whole heatmap (peak 1, no window). The weight is 1 for a labelled joint (v > 0; COCO's v is 1 or 2, which
+    TokenPose clips to 1) and 0 when v == 0 or the 3-sigma box misses the heatmap by TokenPose's test:
+    int(mu - 3 sigma) >= size or int(mu + 3 sigma + 1) < 0, int() truncating toward zero. A joint of weight 0
+    has an all-zero map. The Gaussian is computed in float32 from mu rounded to float32, as numpy 1.x
+    evaluates TokenPose's float32 grid minus a float64 mu.
+
+    Args:
+        keypoints_crop: [K, 3] x, y in crop pixels, v.
+
+    Returns:
+        heatmaps: float32 [K, h, w]; target_weight: float32 [K].
+    """
+    kpts = np.asarray(keypoints_crop, dtype=np.float64)
+    h, w = heatmap_hw
+    stride, offset = tokenpose_grid(input_hw, heatmap_hw)
+    mu = (kpts[:, :2] - offset) / stride  # [K, 2] heatmap pixels
+    radius = 3.0 * sigma
+    finite = np.isfinite(mu).all(axis=1)
+    mu = np.where(finite[:, None], mu, 0.0)
+    ul, br = np.trunc(mu - radius), np.trunc(mu + radius + 1)
+    outside = (ul[:, 0] >= w) | (ul[:, 1] >= h) | (br[:, 0] < 0) | (br[:, 1] < 0) | ~finite
+    weight = ((kpts[:, 2] > 0) & ~outside).astype(np.float32)
+
+    mu32 = np.where(weight[:, None] > 0, mu, 0.0).astype(np.float32)
+    dx2 = (np.arange(w, dtype=np.float32)[None, None, :] - mu32[:, 0, None, None]) ** 2
+    dy2 = (np.arange(h, dtype=np.float32)[None, :, None] - mu32[:, 1, None, None]) ** 2
+    heatmaps = np.exp(-(dx2 + dy2) / np.float32(2 * sigma ** 2))
+    heatmaps[weight == 0] = 0.0
+    return heatmaps, weight
+
+
+@dataclass(frozen=True)
+class TokenPoseHeatmap:
+    """TokenPose's codec: similarity crops, whole-map Gaussian targets, argmax + DARK, shift-free flips."""
+
+    input_hw: tuple[int, int] = DEFAULT_INPUT_HW  # crop (H, W) in pixels
+    heatmap_hw: tuple[int, int] = heatmap_hw_for(DEFAULT_INPUT_HW)  # heatmap (h, w)
+    sigma: float = DEFAULT_SIGMA  # target Gaussian, heatmap pixels (TokenPose: 2 at 256x192, 3 at 384x288)
+
+    name: ClassVar[str] = "tokenpose-heatmap"
+    blur_kernel: ClassVar[int] = 11  # DARK's Gaussian blur before the log (TokenPose's TEST.BLUR_KERNEL)
+
+    @classmethod
+    def for_input(cls, input_hw: tuple[int, int], sigma: float = DEFAULT_SIGMA) -> TokenPoseHeatmap:
+        """The codec of crops of `input_hw`, with heatmaps at stride 4."""
+        return cls(tuple(input_hw), heatmap_hw_for(input_hw), float(sigma))
+
+    @property
+    def stride(self) -> tuple[float, float]:
+        """(x, y) crop pixels per heatmap pixel: (W_in-1)/(w-1) on both axes (y also has an offset:
+        `heatmap_affine`)."""
+        stride, _ = tokenpose_grid(self.input_hw, self.heatmap_hw)
+        return stride, stride
+
+    def crop_affine(self, center: np.ndarray, scale_wh: np.ndarray, rot_deg: float) -> np.ndarray:
+        """Image pixels -> crop pixels, float64 [2, 3] (`tokenpose_affine`)."""
+        return tokenpose_affine(center, scale_wh, rot_deg, self.input_hw)
+
+    def encode(self, keypoints_crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """keypoints_crop [K, 3] (x, y crop pixels, v) -> targets float32 [K, h, w], weights float32 [K]."""
+        return tokenpose_gaussians(keypoints_crop, self.input_hw, self.heatmap_hw, self.sigma)
+
+    def decode(self, heatmaps: Any) -> tuple[np.ndarray, np.ndarray]:
+        """heatmaps [N, K, h, w] -> keypoints float64 [N, K, 2] in crop pixels (x, y), scores float32 [N, K]."""
+        coords, scores = dark_tokenpose(heatmaps, self.blur_kernel)
+        return self.heatmap_to_crop(coords), scores
+
+    @property
+    def heatmap_affine(self) -> np.ndarray:
+        """Heatmap pixels -> crop pixels, float64 [2, 3]: stride on both axes plus the y offset."""
+        stride, offset = tokenpose_grid(self.input_hw, self.heatmap_hw)
+        return np.array([[stride, 0.0, offset[0]], [0.0, stride, offset[1]]])
+
+    def heatmap_to_crop(self, coords: np.ndarray) -> np.ndarray:
+        """Heatmap pixels [..., 2] -> crop pixels [..., 2] (float64): TokenPose's `transform_preds` composed
+        with the crop's affine."""
+        stride, offset = tokenpose_grid(self.input_hw, self.heatmap_hw)
+        return np.asarray(coords, dtype=np.float64) * stride + offset
+
+    def flip(self, heatmaps: Any, keypoint_set: KeypointSet) -> Any:
+        """Heatmaps of the mirrored crop -> heatmaps of the crop, numpy or torch (`flip_heatmaps`; TokenPose's
+        `flip_back`, and its validate has no shift)."""
+        return flip_heatmaps(heatmaps, keypoint_set.flip_index)
+
+    def to_record(self) -> dict[str, Any]:
+        """What a cache records about the codec of its targets (JSON values)."""
+        return {"name": self.name, "input_hw": list(self.input_hw), "heatmap_hw": list(self.heatmap_hw),
+                "sigma": float(self.sigma)}
+
+
+Codec = UDPHeatmap | TokenPoseHeatmap
+
 # Codecs by the name a cache records.
-CODECS = {UDPHeatmap.name: UDPHeatmap}
+CODECS: dict[str, type[Codec]] = {UDPHeatmap.name: UDPHeatmap, TokenPoseHeatmap.name: TokenPoseHeatmap}
 
 
-def codec_from_record(record: dict[str, Any]) -> UDPHeatmap:
+def codec_from_record(record: dict[str, Any]) -> Codec:
     """The codec a cache recorded (`to_record`)."""
     kind = CODECS.get(record.get("name"))
     if kind is None:

@@ -1,6 +1,7 @@
 """Teachers: the families kdcache knows, loading any teacher file, and building one to train.
 
-A teacher family is one module that exposes (ViTPose: `kdcache.vitpose_family`; TokenPose next):
+A teacher family is one module that exposes (ViTPose: `kdcache.vitpose_family`; TokenPose:
+`kdcache.tokenpose_family`):
 
     KIND                     the `kind` its kdcache checkpoints record
     ARCHS                    presets by name (train-teacher --arch)
@@ -25,13 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcache import vitpose_family
+from kdcache import tokenpose_family, vitpose_family
 from kdcache.checkpoint import FORMAT, read_checkpoint
 from kdcache.errors import UserError
 from kdcache.keypoints import KeypointSet
 
 # The teacher families by the kind their kdcache checkpoints record.
-FAMILIES = {vitpose_family.KIND: vitpose_family}
+FAMILIES = {vitpose_family.KIND: vitpose_family, tokenpose_family.KIND: tokenpose_family}
 # Every family's presets: train-teacher --arch.
 ARCHS = {name: family for family in FAMILIES.values() for name in family.ARCHS}
 

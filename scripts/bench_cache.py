@@ -32,10 +32,11 @@ from kdcache.cache import open_cache
 from kdcache.cache_format import decode_crop, encode_crop
 from kdcache.checkpoint import checkpoint_dict
 from kdcache.coco import Instance, instances_from_coco, keypoint_set_of, load_coco
-from kdcache.codec import UDPHeatmap, dark_udp
+from kdcache.codec import UDPHeatmap
 from kdcache.config import DumpConfig, RunConfig
 from kdcache.data import TrainViews, ViewDataset
 from kdcache.dump import dump_teacher
+from kdcache.heatmap_decode import dark_udp
 from kdcache.heatmap_storage import encode_rows, heatmap_storage, inflate_row
 from kdcache.inference import to_input_tensor
 from kdcache.inspect_cache import cache_summary

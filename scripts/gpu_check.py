@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import crops_per_s, print_json  # noqa: E402
 from kdcache.cache import open_cache  # noqa: E402
 from kdcache.checkpoint import checkpoint_dict  # noqa: E402
-from kdcache.codec import dark_udp  # noqa: E402
 from kdcache.config import DumpConfig, OptimConfig, RunConfig, TrainStudentConfig  # noqa: E402
 from kdcache.dump import dump_teacher  # noqa: E402
+from kdcache.heatmap_decode import dark_udp  # noqa: E402
 from kdcache.inference import to_input_tensor  # noqa: E402
 from kdcache.models import load_model, model_input_hw  # noqa: E402
 from kdcache.student import StudentConfig  # noqa: E402

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from kdcache.augment import StudentAugConfig, jitter, occlude, photometric
-from kdcache.codec import UDPHeatmap, dark_udp
+from kdcache.codec import UDPHeatmap
+from kdcache.heatmap_decode import dark_udp
 
 INPUT_HW, HEATMAP_HW = (128, 96), (32, 24)
 CODEC = UDPHeatmap(INPUT_HW, HEATMAP_HW, sigma=2.0)

@@ -25,8 +25,9 @@ def test_every_family_offers_the_family_api_under_its_kind(kind):
     assert all(ARCHS[arch] is family for arch in family.ARCHS)
 
 
-def test_archs_are_the_vitpose_presets():
-    assert list(ARCHS) == list(VITPOSE_ARCHS)
+def test_archs_are_every_familys_presets():
+    from kdcache.tokenpose import ARCHS as TOKENPOSE_ARCHS
+    assert list(ARCHS) == list(VITPOSE_ARCHS) + list(TOKENPOSE_ARCHS)
 
 
 @pytest.mark.parametrize("arch", ["vitpose-nano", "vitpose-tiny"])  # the presets small enough for a CPU test
@@ -56,7 +57,7 @@ def test_load_teacher_reads_a_kdcache_checkpoint_at_its_size_or_another(nano_tea
 def test_a_kdcache_student_checkpoint_is_not_a_teacher(nano_teacher, tmp_path):
     ckpt = torch.load(nano_teacher((64, 64)), weights_only=True)
     torch.save({**ckpt, "kind": "student"}, tmp_path / "student.pt")
-    with pytest.raises(UserError, match=r"student\.pt is a kdcache 'student' checkpoint, not a teacher \(vitpose\)"):
+    with pytest.raises(UserError, match=r"student\.pt is a kdcache 'student' checkpoint, not a teacher \(vitpose, tokenpose\)"):
         load_teacher(tmp_path / "student.pt")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import Codec
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> grey (ITU-R BT.601)
 
@@ -86,12 +86,12 @@ def jitter_affine(input_hw: tuple[int, int], rng: np.random.Generator, cfg: Stud
 
 
 def jitter(crop: np.ndarray, heatmaps: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator,
-           cfg: StudentAugConfig, codec: UDPHeatmap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           cfg: StudentAugConfig, codec: Codec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warp crop, teacher heatmaps and keypoints by one small random affine (probability `jitter_prob`).
 
     Args:
-        crop: uint8 [H, W, 3]; heatmaps: float32 [K, h, w] made by `codec` (its stride maps heatmap pixels
-        to crop pixels); keypoints: float32 [K, 3] crop pixels and visibility.
+        crop: uint8 [H, W, 3]; heatmaps: float32 [K, h, w] made by `codec` (its `heatmap_affine` maps heatmap
+        pixels to crop pixels); keypoints: float32 [K, 3] crop pixels and visibility.
     Returns:
         The three warped; joints pushed outside the crop get visibility 0.
     """
@@ -100,11 +100,10 @@ def jitter(crop: np.ndarray, heatmaps: np.ndarray, keypoints: np.ndarray, rng: n
     (h_in, w_in), (h_hm, w_hm) = crop.shape[:2], heatmaps.shape[-2:]
     m = jitter_affine((h_in, w_in), rng, cfg)
     crop = cv2.warpAffine(crop, m, (w_in, h_in), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    # The same motion in heatmap pixels: S m S^-1, S = diag(1 / stride) (UDP: (w_hm - 1) / (w_in - 1), ...).
-    s = 1.0 / np.array(codec.stride)
-    m_hm = m.copy()
-    m_hm[:, :2] = m[:, :2] * s[:, None] / s[None, :]
-    m_hm[:, 2] = m[:, 2] * s
+    # The same motion in heatmap pixels: A^-1 m A, A = the codec's heatmap -> crop affine (UDP: diag(stride);
+    # TokenPose: its stride on both axes plus a y offset).
+    to_crop = np.vstack([codec.heatmap_affine, [0.0, 0.0, 1.0]])
+    m_hm = (np.linalg.inv(to_crop) @ np.vstack([m, [0.0, 0.0, 1.0]]) @ to_crop)[:2]
     warped = np.stack([cv2.warpAffine(hm, m_hm, (w_hm, h_hm), flags=cv2.INTER_LINEAR,
                                       borderMode=cv2.BORDER_CONSTANT) for hm in heatmaps])
     kp = keypoints.copy()

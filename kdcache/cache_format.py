@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from kdcache.codec import UDPHeatmap, codec_from_record
+from kdcache.codec import Codec, UDPHeatmap, codec_from_record
 from kdcache.errors import UserError
 from kdcache.keypoints import COCO_17, KeypointSet, keypoint_set
 
@@ -147,7 +147,7 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
         raise UserError(f"{path} is not valid JSON; the cache is damaged, dump it again into a new --out") from None
 
 
-def manifest_codec(manifest: dict[str, Any]) -> UDPHeatmap:
+def manifest_codec(manifest: dict[str, Any]) -> Codec:
     """The codec that made a cache's targets; schema 1 and 2 caches were all UDP heatmaps."""
     if "codec" in manifest:
         return codec_from_record(manifest["codec"])
@@ -159,7 +159,7 @@ def manifest_keypoint_set(manifest: dict[str, Any]) -> KeypointSet:
     return keypoint_set(manifest["keypoint_set"]) if "keypoint_set" in manifest else COCO_17
 
 
-def check_compatible(manifest: dict[str, Any], codec: UDPHeatmap) -> list[str]:
+def check_compatible(manifest: dict[str, Any], codec: Codec) -> list[str]:
     """What in a cache's targets does not match the codec a student trains with (empty = compatible)."""
     theirs, mine = manifest_codec(manifest).to_record(), codec.to_record()
     return [f"{key} {theirs[key]} (student: {mine[key]})" for key in mine if theirs.get(key) != mine[key]]

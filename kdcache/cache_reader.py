@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from kdcache import cache_format as fmt
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import Codec
 from kdcache.coco import ImageMemo
 from kdcache.errors import UserError
 from kdcache.heatmap_storage import heatmap_storage, inflate_row
@@ -99,7 +99,7 @@ class Cache:
         self.schema_version = version
         self.storage = heatmap_storage(manifest["heatmap_encoding"])
         self.crop_format = fmt.parse_crop_format(manifest["crop_encoding"])[0]
-        self.codec: UDPHeatmap = fmt.manifest_codec(manifest)  # what made the targets
+        self.codec: Codec = fmt.manifest_codec(manifest)  # what made the targets
         self.keypoint_set: KeypointSet = fmt.manifest_keypoint_set(manifest)
         self.images = Path(images if images is not None else manifest.get("dump", {}).get("images", "."))
         self.shards = sorted(manifest["shards"], key=lambda s: s["index"])

@@ -225,9 +225,9 @@ def _train_teacher_flags(p: argparse.ArgumentParser) -> None:
     _common(p, batch=teacher_optim.batch_size)
     _optim(p, teacher_optim)
     p.add_argument("--arch", default=default(TrainTeacherConfig, "arch"),
-                   help="vitpose-s/b/l/h, or vitpose-tiny/nano for CPU")
+                   help="vitpose-s/b/l/h, tokenpose-t/s/s-v2/b/l, or vitpose-tiny/nano, tokenpose-nano for CPU")
     p.add_argument("--head", choices=tuple(VITPOSE_HEADS), default=default(TrainTeacherConfig, "head"),
-                   help="deconvolution or bilinear head")
+                   help="ViTPose head: deconvolution or bilinear")
     p.add_argument("--input-size", type=size_hw, default=default(TrainTeacherConfig, "input_hw"), help="crop HxW")
     _view_aug(p)
 
@@ -370,7 +370,7 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
 # Each command: its one-line help and the function that adds its flags (in `kdcache --help` order).
 COMMAND_FLAGS = {
     "synth": ("write a synthetic dataset in COCO person-keypoints layout", _synth_flags),
-    "train-teacher": ("train a ViTPose model on ground truth", _train_teacher_flags),
+    "train-teacher": ("train a ViTPose or TokenPose model on ground truth", _train_teacher_flags),
     "dump-teacher": ("stage 1: teacher heatmaps of K views per instance -> cache", _dump_teacher_flags),
     "train-student": ("stage 2: train a student from the cache (or online, or on ground truth only when neither "
                       "--cache nor --online-teacher is given)", _train_student_flags),

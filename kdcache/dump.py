@@ -43,7 +43,7 @@ from kdcache.boxes import detected_person_boxes, detection_instances
 from kdcache.cache import check_shards
 from kdcache.cache_writer import ShardRows, add_shard, drop_shards, manifest_lock, write_manifest, write_shard
 from kdcache.checkpoint import provenance
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import Codec
 from kdcache.coco import (Instance, declares_keypoints, instances_from_coco, keypoint_set_of, load_coco,
                           person_category_id)
 from kdcache.config import DumpConfig, to_jsonable
@@ -122,7 +122,7 @@ def _teacher_sha(path: Path) -> str:
 def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, keypoint_set: KeypointSet, teacher_sha: str,
                   instances: list[Instance]) -> dict[str, Any]:
     """Everything that decides the cache's content; a rerun must match it exactly to resume."""
-    codec: UDPHeatmap = teacher.codec  # the teacher family's: the targets it was trained with
+    codec: Codec = teacher.codec  # the teacher family's: the targets it was trained with
     dump = to_jsonable(cfg)
     dump.pop("run")
     dump["seed"] = cfg.run.seed

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from torch import nn
 
 from kdcache.boxes import PersonBox, detected_person_boxes, gt_person_boxes
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import Codec
 from kdcache.coco import keypoint_set_of, load_coco, load_keypoint_results, person_category_id
 from kdcache.config import EvalConfig
 from kdcache.errors import UserError
@@ -37,7 +37,7 @@ def _model_keypoints(model: nn.Module) -> int:
     return int(getattr(model, "module", model).config.num_keypoints)
 
 
-def _model_codec(model: nn.Module) -> UDPHeatmap:
+def _model_codec(model: nn.Module) -> Codec:
     return getattr(model, "module", model).codec
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import Codec
 from kdcache.keypoints import KeypointSet
 
 # ImageNet normalisation that ViTPose and timm students are trained with, RGB order, 0-255 scale.
@@ -39,7 +39,7 @@ def to_input_tensor(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
-def predict_heatmaps(model: nn.Module, crops: np.ndarray | torch.Tensor, codec: UDPHeatmap,
+def predict_heatmaps(model: nn.Module, crops: np.ndarray | torch.Tensor, codec: Codec,
                      keypoint_set: KeypointSet, flip_test: bool = False) -> torch.Tensor:
     """Heatmaps of uint8 crops [N, H, W, 3] RGB (numpy or torch, any device): `input_heatmaps` of their
     normalised input on the model's device."""
@@ -48,7 +48,7 @@ def predict_heatmaps(model: nn.Module, crops: np.ndarray | torch.Tensor, codec: 
 
 
 @torch.no_grad()
-def input_heatmaps(model: nn.Module, x: torch.Tensor, codec: UDPHeatmap, keypoint_set: KeypointSet,
+def input_heatmaps(model: nn.Module, x: torch.Tensor, codec: Codec, keypoint_set: KeypointSet,
                    flip_test: bool = False) -> torch.Tensor:
     """Heatmaps of normalised crops x [N, 3, H, W] on the model's device: bf16 autocast on a GPU, fp32 on the CPU.
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kdcache.boxes import PersonBox
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import Codec
 from kdcache.coco import ImageMemo
 from kdcache.inference import predict_heatmaps
 from kdcache.keypoints import KeypointSet
@@ -33,7 +33,7 @@ class PredictConfig:
 class BoxCrops(Dataset):
     """Un-augmented crops of person boxes (the codec's affine), with the affine that made each."""
 
-    def __init__(self, boxes: list[PersonBox], images_dir: Path, codec: UDPHeatmap):
+    def __init__(self, boxes: list[PersonBox], images_dir: Path, codec: Codec):
         self.boxes, self.codec = boxes, codec
         self._images = ImageMemo(images_dir)
 
@@ -48,14 +48,14 @@ class BoxCrops(Dataset):
         return {"crop": crop, "affine": affine, "area": np.float64(scale_wh[0] * scale_wh[1])}
 
 
-def heatmaps_to_image(heatmaps: np.ndarray, affines: np.ndarray, codec: UDPHeatmap) -> np.ndarray:
+def heatmaps_to_image(heatmaps: np.ndarray, affines: np.ndarray, codec: Codec) -> np.ndarray:
     """Decode heatmaps [N, K, h, w] of crops made by `affines` [N, 2, 3] -> [N, K, 3] (x, y image px, score)."""
     crop_xy, scores = codec.decode(heatmaps)
     image_xy = np.stack([crop_to_image(xy, a) for xy, a in zip(crop_xy, affines)])
     return np.concatenate([image_xy, scores[..., None]], axis=-1).astype(np.float32)
 
 
-def predict_keypoints(model: nn.Module, boxes: list[PersonBox], images_dir: Path, codec: UDPHeatmap,
+def predict_keypoints(model: nn.Module, boxes: list[PersonBox], images_dir: Path, codec: Codec,
                       keypoint_set: KeypointSet, cfg: PredictConfig) -> tuple[np.ndarray, np.ndarray]:
     """Keypoints of each box in image pixels.
 

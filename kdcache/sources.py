@@ -8,13 +8,15 @@ training loop (`kdcache.train.fit`) runs any of them and does not know which.
     OnlineKD      augmented views, the teacher run on each batch (train-student --online-teacher: the baseline)
 
 A source is any object with `dataset` (items: dicts of numpy arrays with "crop" uint8 [H, W, 3] and, when
-the student sees changed pixels, "student_crop") and `loss(model, batch) -> scalar` over a collated batch
-already on the device. `student_source` picks the one a TrainStudentConfig asks for; a new source is one
+the student sees changed pixels, "student_crop"), `loss(model, batch) -> scalar` over a collated batch
+already on the device, and `codec`: the codec its targets were made with, which the student then keeps
+(a TokenPose teacher's students make and read TokenPose's heatmaps). `student_source` picks the one a TrainStudentConfig asks for; a new source is one
 more class here, its branch there, and its tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from torch.utils.data import Dataset
 from kdcache.cache import open_cache
 from kdcache.cache_format import check_compatible
 from kdcache.cache_reader import Cache
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import CODECS, Codec
 from kdcache.coco import instances_from_coco, keypoint_set_of, load_coco
 from kdcache.config import TrainStudentConfig
 from kdcache.data import CacheMix, CachedDataset, TrainViews, ViewDataset
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 class TrainingSource(Protocol):
     dataset: Dataset
+    codec: Codec
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The scalar loss of `model` on a collated batch (tensors on the training device)."""
@@ -53,7 +56,7 @@ def student_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return to_input_tensor(batch.get("student_crop", batch["crop"]))
 
 
-def annotated_views(ann: Path, images: Path, aug: AugmentConfig, codec: UDPHeatmap, seed: int) -> ViewDataset:
+def annotated_views(ann: Path, images: Path, aug: AugmentConfig, codec: Codec, seed: int) -> ViewDataset:
     """One fresh view per annotated person per epoch, in the annotation file's keypoint set."""
     coco = load_coco(ann)
     instances = instances_from_coco(coco, ann)
@@ -68,6 +71,10 @@ class GroundTruth:
 
     dataset: TrainViews
 
+    @property
+    def codec(self) -> Codec:
+        return self.dataset.views.sampler.codec
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return heatmap_mse(model(student_input(batch)), batch["target"], batch["target_weight"])
 
@@ -78,6 +85,10 @@ class CachedKD:
 
     dataset: CacheMix
     kd: KDConfig
+
+    @property
+    def codec(self) -> Codec:
+        return self.dataset.datasets[0].codec
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return distillation_loss(model(student_input(batch)), batch["teacher"], batch["target"],
@@ -93,6 +104,10 @@ class OnlineKD:
     teacher: nn.Module
     kd: KDConfig
 
+    @property
+    def codec(self) -> Codec:
+        return self.dataset.views.sampler.codec
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = student_input(batch)
         sampler = self.dataset.views.sampler
@@ -102,9 +117,10 @@ class OnlineKD:
                                  target.amax(dim=(2, 3)))
 
 
-def check_cache_fits(cache: Cache, student: StudentConfig, sigma: float) -> None:
-    """Refuse a cache whose targets another codec made (crop size, heatmap size, sigma) than the student's."""
-    mismatch = check_compatible(cache.manifest, UDPHeatmap.for_input(student.input_hw, sigma))
+def check_cache_fits(cache: Cache, student: StudentConfig, sigma: float, codec: str | None = None) -> None:
+    """Refuse a cache whose targets another codec made (kind, crop size, heatmap size, sigma) than the one the
+    student trains with: `codec` by name, default the cache's own kind (the student follows its teacher)."""
+    mismatch = check_compatible(cache.manifest, CODECS[codec or cache.codec.name].for_input(student.input_hw, sigma))
     if mismatch:
         hw = cache.input_hw
         raise UserError(f"cache {cache.path} does not match the student: {'; '.join(mismatch)}; pass "
@@ -122,6 +138,9 @@ def cache_mix(cfg: TrainStudentConfig) -> CacheMix:
     datasets = []
     for path in cfg.caches:
         cache = open_cache(path, images=cfg.images)
+        if datasets and cache.codec.name != datasets[0].codec.name:
+            raise UserError(f"cache {path} holds {cache.codec.name} targets, {cfg.caches[0]} {datasets[0].codec.name} "
+                            "ones; a student learns one codec: train on caches of teachers of one kind")
         check_cache_fits(cache, cfg.student, cfg.sigma)
         _check_keypoints(cfg.student, f"cache {path}", cache.keypoint_set.num_keypoints)
         datasets.append(CachedDataset(cache, cfg.flip_prob, cfg.run.seed, cfg.student_aug, cfg.train_views))
@@ -147,16 +166,19 @@ def student_source(cfg: TrainStudentConfig) -> GroundTruth | CachedKD | OnlineKD
     if cfg.ann is None or cfg.images is None:
         raise UserError("training without --cache needs --ann and --images (the ground truth to augment)")
     view_seed = cfg.run.seed if cfg.view_seed is None else cfg.view_seed
-    views = annotated_views(cfg.ann, cfg.images, cfg.aug, UDPHeatmap.for_input(cfg.student.input_hw, cfg.sigma),
-                            view_seed)
+    teacher = None
+    codec = CODECS[cfg.student.codec].for_input(cfg.student.input_hw, cfg.sigma)
+    if cfg.online_teacher is not None:
+        teacher = load_teacher(cfg.online_teacher, cfg.run.device, expert=cfg.expert)
+        if tuple(teacher.config.input_hw) != tuple(cfg.student.input_hw):
+            raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
+                            "pass --input-size to match them")
+        codec = dataclasses.replace(teacher.codec, sigma=cfg.sigma)  # views cut as the teacher was trained
+    views = annotated_views(cfg.ann, cfg.images, cfg.aug, codec, view_seed)
     _check_keypoints(cfg.student, str(cfg.ann), views.sampler.keypoint_set.num_keypoints)
-    if cfg.online_teacher is None:
+    if teacher is None:
         if cfg.kd.alpha > 0:
             log.info("no --cache or --online-teacher: training on ground truth only (alpha ignored)")
         return GroundTruth(TrainViews(views, cfg.student_aug))
-    teacher = load_teacher(cfg.online_teacher, cfg.run.device, expert=cfg.expert)
     require_keypoint_set(teacher, views.sampler.keypoint_set, cfg.online_teacher, cfg.expert)
-    if tuple(teacher.config.input_hw) != tuple(cfg.student.input_hw):
-        raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
-                        "pass --input-size to match them")
     return OnlineKD(TrainViews(views, cfg.student_aug, keep_clean=True), teacher, cfg.kd)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdcache.checkpoint import ModelConfig, read_state_dict
-from kdcache.codec import DEFAULT_INPUT_HW, HEATMAP_STRIDE, UDPHeatmap
+from kdcache.codec import CODECS, DEFAULT_INPUT_HW, HEATMAP_STRIDE, Codec, UDPHeatmap
 from kdcache.errors import UserError
 from kdcache.keypoints import COCO_17
 
@@ -45,6 +45,7 @@ class StudentConfig(ModelConfig):
     num_keypoints: int = COCO_17.num_keypoints  # heatmap channels
     head_channels: int = 128  # width of every upsampling block of the head
     pretrained: str = ""  # "": random init; "timm": ImageNet weights via timm's cache (fetched if missing); or a file
+    codec: str = UDPHeatmap.name  # CODECS: how its heatmaps are made and read, its teacher's (train-student sets it)
 
 
 class PoseStudent(nn.Module):
@@ -62,9 +63,9 @@ class PoseStudent(nn.Module):
         self.head = HEADS[config.head](in_channels, config.head_channels, num_blocks, config.num_keypoints)
 
     @property
-    def codec(self) -> UDPHeatmap:
-        """How its heatmaps are read: UDP at stride 4 of its input, as the teachers it learns from."""
-        return UDPHeatmap.for_input(self.config.input_hw)
+    def codec(self) -> Codec:
+        """How its heatmaps are read: its teacher's codec (`StudentConfig.codec`) at stride 4 of its input."""
+        return CODECS[self.config.codec].for_input(self.config.input_hw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)[-1]  # deepest map: [N, C, H/stride, W/stride]
@@ -84,6 +85,8 @@ def build_student(cfg: StudentConfig, load_pretrained: bool = True) -> PoseStude
 
     if cfg.head not in HEADS:
         raise UserError(f"unknown student head {cfg.head!r}; choose one of {list(HEADS)}")
+    if cfg.codec not in CODECS:
+        raise UserError(f"unknown student codec {cfg.codec!r}; choose one of {list(CODECS)}")
     timm_backbone.check_known_model(cfg.backbone)
     pretrained = cfg.pretrained if load_pretrained else ""
 

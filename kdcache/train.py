@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,6 @@ from tqdm import tqdm
 
 from kdcache.augment import StudentAugConfig
 from kdcache.checkpoint import atomic_torch_save, checkpoint_dict, provenance, read_checkpoint
-from kdcache.codec import UDPHeatmap
 from kdcache.coco import load_coco
 from kdcache.config import OptimConfig, RunConfig, TrainStudentConfig, TrainTeacherConfig, ValConfig, to_jsonable
 from kdcache.data import TrainViews
@@ -109,10 +109,11 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
     """Train a teacher (a family's preset, `cfg.arch`) on ground-truth heatmaps; returns the run folder."""
     prepare_run_folder(cfg.run)
     check_validation_set(cfg.val)
-    views = annotated_views(cfg.ann, cfg.images, cfg.aug, UDPHeatmap.for_input(cfg.input_hw, cfg.sigma), cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_teacher(cfg.arch, cfg.head, cfg.input_hw)
     check_resume_fits(cfg.run, model)
+    codec = dataclasses.replace(model.codec, sigma=cfg.sigma)  # the family's own targets (UDP, TokenPose's)
+    views = annotated_views(cfg.ann, cfg.images, cfg.aug, codec, cfg.run.seed)
     return fit(model, GroundTruth(TrainViews(views, StudentAugConfig())), cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
 
 
@@ -121,10 +122,13 @@ def train_student(cfg: TrainStudentConfig) -> Path:
     teacher, or ground truth only); returns the run folder."""
     prepare_run_folder(cfg.run)
     check_validation_set(cfg.val)
+    source = student_source(cfg)
+    # The student makes and reads heatmaps as its targets were made: its teacher's codec.
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, codec=source.codec.name))
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_student(cfg.student)
     check_resume_fits(cfg.run, model)
-    return fit(model, student_source(cfg), cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
+    return fit(model, source, cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
 
 
 def fit(model: nn.Module, source: TrainingSource, optim: OptimConfig, run: RunConfig, val: ValConfig,

@@ -3,8 +3,8 @@
 Conventions (ViTPose / mmpose 0.x with `use_udp=True`), in pixel units rather than mmpose's /200:
 
 - `center`: (x, y) in image pixels; `scale_wh`: (w, h) of the crop region in image pixels.
-- The affine is float64 [2, 3], image pixels -> crop pixels, made by the codec (`UDPHeatmap.crop_affine`:
-  the region's extent maps onto [0, W-1] x [0, H-1], so pixel centres line up).
+- The affine is float64 [2, 3], image pixels -> crop pixels, made by the codec (`crop_affine`; UDP's maps the
+  region's extent onto [0, W-1] x [0, H-1], so pixel centres line up; TokenPose's is its own similarity).
 - A horizontal flip never touches the image: the mirror x -> (W-1) - x is composed in crop space
   after the affine, and keypoint rows are permuted by the keypoint set's flip index.
   `cv2.warpAffine(image, affine, (W, H))` therefore gives the (possibly mirrored) crop directly.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import Codec
 from kdcache.keypoints import KeypointSet
 
 # Box padding of `_xywh2cs` / `TopDownGetBboxCenterScale`: context around the person.
@@ -140,7 +140,7 @@ class ViewSampler:
     """The views of instances, each reproducible from (seed, ann_id, view) alone."""
 
     aug: AugmentConfig            # ViTPose's view augmentation
-    codec: UDPHeatmap             # crop size and the affine that cuts a crop
+    codec: Codec             # crop size and the affine that cuts a crop
     keypoint_set: KeypointSet     # which joints are upper body (half-body crops)
     seed: int                     # with ann_id and view, decides every random number of a view
 

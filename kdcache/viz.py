@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-from kdcache.codec import UDPHeatmap
+from kdcache.codec import Codec
 from kdcache.coco import as_coco, instances_from_coco, keypoint_set_of, read_image
 from kdcache.errors import UserError
 from kdcache.keypoints import KeypointSet
@@ -131,23 +131,21 @@ def write_png(path: Path, image_rgb: np.ndarray) -> Path:
     return path
 
 
-def heat_overlay(crop_rgb: np.ndarray, heatmaps: np.ndarray, codec: UDPHeatmap) -> np.ndarray:
+def heat_overlay(crop_rgb: np.ndarray, heatmaps: np.ndarray, codec: Codec) -> np.ndarray:
     """`crop_rgb` (uint8 [H, W, 3]) with the max over K of `heatmaps` (float [K, h, w], 1 = peak) as JET colours.
 
-    The heatmap is resized with the codec's grid (UDP: heatmap pixel i at crop pixel i*(W-1)/(w-1)), the one
-    its decoding uses, so blobs sit exactly under the decoded keypoints.
+    The heatmap is warped with the codec's grid (`heatmap_affine`; UDP: heatmap pixel i at crop pixel
+    i*(W-1)/(w-1)), the one its decoding uses, so blobs sit exactly under the decoded keypoints.
     """
     H, W = crop_rgb.shape[:2]
     heat = np.clip(np.asarray(heatmaps, dtype=np.float32).max(axis=0), 0.0, 1.0)
-    stride_x, stride_y = codec.stride
-    scale = np.array([[stride_x, 0, 0], [0, stride_y, 0]], dtype=np.float64)
-    heat = cv2.warpAffine(heat, scale, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    heat = cv2.warpAffine(heat, codec.heatmap_affine, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     colors = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     alpha = (HEAT_ALPHA * heat)[..., None]
     return (crop_rgb * (1 - alpha) + colors * alpha).round().astype(np.uint8)
 
 
-def render_tile(crop_rgb: np.ndarray, heatmaps: np.ndarray, codec: UDPHeatmap, keypoint_set: KeypointSet,
+def render_tile(crop_rgb: np.ndarray, heatmaps: np.ndarray, codec: Codec, keypoint_set: KeypointSet,
                 title: str | None = None) -> np.ndarray:
     """One contact-sheet tile: heat overlay + decoded skeleton (+ title), uint8 [H, W, 3] RGB."""
     W = crop_rgb.shape[1]
@@ -161,7 +159,7 @@ def render_tile(crop_rgb: np.ndarray, heatmaps: np.ndarray, codec: UDPHeatmap, k
     return tile
 
 
-def contact_sheet(crops: np.ndarray, heatmaps: np.ndarray, path: Path, codec: UDPHeatmap,
+def contact_sheet(crops: np.ndarray, heatmaps: np.ndarray, path: Path, codec: Codec,
                   keypoint_set: KeypointSet, cols: int = 8, titles: list[str] | None = None) -> Path:
     """Tile crops with their heatmaps and decoded skeletons into one image file.
 

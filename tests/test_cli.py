@@ -235,3 +235,44 @@ def test_student_trains_on_a_labelled_cache_and_a_boxes_cache_together(pipeline,
     assert main([*student, "--cache", str(tmp_path / "u"), "--out", str(tmp_path / "r")]) == 2
     assert f"cache {tmp_path / 'u'} is damaged" in error_line()
     assert not (tmp_path / "r").exists()  # refused before the run folder was made
+
+
+def test_tokenpose_teacher_end_to_end_keeps_its_codec(pipeline, tmp_path):
+    """A TokenPose teacher trained here is dumped, distilled (cached and online) and evaluated, and every stage uses
+    TokenPose's codec: its crops, its targets, the student's decoding."""
+    from kdcache.codec import TokenPoseHeatmap
+    from kdcache.inference import to_input_tensor
+    from kdcache.models import load_model
+    from kdcache.transforms import bbox_to_center_scale
+
+    data, train, val = pipeline["data"], pipeline["train"], pipeline["val"]
+    assert main(["train-teacher", *train, "--out", str(tmp_path / "teacher"), "--arch", "tokenpose-nano", *SIZE,
+                 "--max-steps", "2", "--batch-size", "4", *QUIET]) == 0
+    teacher_file = tmp_path / "teacher/last.pt"
+    assert torch.load(teacher_file, weights_only=True)["kind"] == "tokenpose"
+    assert main(["dump-teacher", "--teacher", str(teacher_file), *train, "--out", str(tmp_path / "cache"),
+                 "--views", "2", "--batch-size", "4", *QUIET]) == 0
+    cache = open_cache(tmp_path / "cache")
+    codec = TokenPoseHeatmap.for_input((128, 96))
+    assert cache.codec == codec
+    row = next(cache[i] for i in range(len(cache)) if cache[i]["view"] == 0)
+    box = next(i.bbox_xywh for i in load_instances(data / "annotations/person_keypoints_train.json")
+               if i.ann_id == row["ann_id"])
+    assert np.allclose(row["affine"], codec.crop_affine(*bbox_to_center_scale(box), 0.0), atol=1e-6)
+    teacher = load_model(teacher_file)
+    with torch.no_grad():
+        out = teacher(to_input_tensor(row["crop"][None]))[0].numpy()
+    assert np.linalg.norm(out - row["heatmaps"]) / np.linalg.norm(out) < 0.1
+    assert main(["train-student", "--cache", str(tmp_path / "cache"), "--student", "mobilenetv3_small_100",
+                 "--out", str(tmp_path / "student"), "--max-steps", "2", "--batch-size", "4", "--head-channels", "32",
+                 *QUIET]) == 0
+    assert main(["train-student", "--online-teacher", str(teacher_file), *train, "--student", "mobilenetv3_small_100",
+                 *SIZE, "--out", str(tmp_path / "online"), "--max-steps", "1", "--batch-size", "4",
+                 "--head-channels", "32", *QUIET]) == 0
+    for run in ("student", "online"):
+        assert torch.load(tmp_path / run / "last.pt", weights_only=True)["model_config"]["codec"] == codec.name
+        assert load_model(tmp_path / run / "last.pt").codec == codec
+    for model in (tmp_path / "student/last.pt", teacher_file):
+        assert main(["eval", "--model", str(model), "--ann", val[1], "--images", val[3],
+                     "--metrics-out", str(tmp_path / "m.json"), "--workers", "0"]) == 0
+        assert np.isfinite(json.loads((tmp_path / "m.json").read_text())["AP"])

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from kdcache.checkpoint import ModelConfig
-from kdcache.codec import DEFAULT_INPUT_HW, DEFAULT_SIGMA, TokenPoseHeatmap, heatmap_hw_for
+from kdcache.codec import CODECS, DEFAULT_INPUT_HW, DEFAULT_SIGMA, Codec, TokenPoseHeatmap, heatmap_hw_for
 from kdcache.errors import UserError
 from kdcache.hrnet_stem import HRNetStage3, resnet_stem, run_resnet_stem
 from kdcache.keypoints import COCO_17
@@ -59,10 +59,14 @@ class TokenPoseConfig(ModelConfig):
     num_keypoints: int = COCO_17.num_keypoints  # keypoint tokens K
     hidden_heatmap_dim: int | None = 384  # width of the head's hidden layer, None: one Linear (L)
     pos_embedding: str = "sine-full"  # one of POS_EMBEDDINGS (every official COCO config: sine-full)
+    scale_with_head: bool = True  # attention scale (D/heads)^-1/2; False: D^-1/2 (official S, mmpose's port but L)
+    codec: str = TokenPoseHeatmap.name  # CODECS: the targets it was trained with (mmpose's port: UDP)
 
     def __post_init__(self) -> None:
         if self.variant not in STEM_CHANNELS:
             raise UserError(f"unknown TokenPose variant {self.variant!r}; known: {', '.join(STEM_CHANNELS)}")
+        if self.codec not in CODECS:
+            raise UserError(f"unknown codec {self.codec!r} for {self.arch}; known: {', '.join(CODECS)}")
         if self.pos_embedding not in POS_EMBEDDINGS:
             raise UserError(f"unknown TokenPose position embedding {self.pos_embedding!r}; known: "
                             f"{', '.join(POS_EMBEDDINGS)}")
@@ -92,11 +96,6 @@ class TokenPoseConfig(ModelConfig):
     @property
     def heatmap_hw(self) -> tuple[int, int]:
         return heatmap_hw_for(self.input_hw)
-
-    @property
-    def scale_with_head(self) -> bool:
-        """Attention scale (D/heads)^-1/2 (T, B, L) or D^-1/2 (S, as the official TokenPose_S_base builds it)."""
-        return self.variant != "s"
 
 
 def _replace(cfg: TokenPoseConfig, **changes) -> TokenPoseConfig:
@@ -245,9 +244,10 @@ class TokenPose(nn.Module):
             self.transformer = base
 
     @property
-    def codec(self) -> TokenPoseHeatmap:
-        """TokenPose's targets and decoding (its own pipeline: not UDP), sigma 2 at its heatmap size."""
-        return TokenPoseHeatmap(tuple(self.config.input_hw), tuple(self.config.heatmap_hw), DEFAULT_SIGMA)
+    def codec(self) -> Codec:
+        """The targets and decoding it was trained with: TokenPose's own pipeline (not UDP) for the official code's
+        models, UDP for mmpose's port; sigma 2 at its heatmap size."""
+        return CODECS[self.config.codec](tuple(self.config.input_hw), tuple(self.config.heatmap_hw), DEFAULT_SIGMA)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.variant == "s":
@@ -261,8 +261,8 @@ class TokenPose(nn.Module):
 # T, S and B; L's 3*192 = 576 wide tokens exceed half of its 384, so its head is one Linear).
 ARCHS: dict[str, TokenPoseConfig] = {
     "tokenpose-t": TokenPoseConfig("tokenpose-t", "t", 192, 12, 16, (16, 12)),
-    "tokenpose-s": TokenPoseConfig("tokenpose-s", "s", 192, 12, 8, (4, 3)),  # S-v1
-    "tokenpose-s-v2": TokenPoseConfig("tokenpose-s-v2", "s", 192, 12, 8, (2, 2)),
+    "tokenpose-s": TokenPoseConfig("tokenpose-s", "s", 192, 12, 8, (4, 3), scale_with_head=False),  # S-v1
+    "tokenpose-s-v2": TokenPoseConfig("tokenpose-s-v2", "s", 192, 12, 8, (2, 2), scale_with_head=False),
     "tokenpose-b": TokenPoseConfig("tokenpose-b", "b", 192, 12, 8, (4, 3)),
     "tokenpose-l": TokenPoseConfig("tokenpose-l", "l", 192, 8, 12, (4, 3), hidden_heatmap_dim=None),  # L/D24
     # A small CPU-trainable teacher for demos and tests (not official): T's layout, fewer and narrower blocks.

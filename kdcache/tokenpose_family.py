@@ -3,7 +3,11 @@ weights_file, from_kdcache, from_release and from_path, over the model (`kdcache
 
 Files: what the official code (github leeyegy/TokenPose, `tools/train.py`) saves, `final_state.pth` (a bare
 state dict, possibly with `module.` prefixes) or `checkpoint.pth` (`{'state_dict': ...}`); the maintainers
-published no weights (TokenPose issues #4, #5, #6). The architecture is read from the shapes: the variant from
+published no weights (TokenPose issues #4, #5, #6). Also mmpose's port (`mmpose/models/backbones/tokenpose.py`
+with `configs/body_2d_keypoint/topdown_heatmap/coco/td-hm_TokenPose-*`): a `backbone.*` TokenPose whose
+heatmap head is inside the backbone, trained with mmpose's UDPHeatmap codec, and whose T, S and B attention
+is scaled by D^-1/2 (it builds their transformer without `scale_with_head`; L keeps it). Its names are mapped
+to the official ones and the two differences become the model's `scale_with_head` and `codec`. The architecture is read from the shapes: the variant from
 the module names, width, depth, MLP ratio and head from their weights, the crop size from the heatmap the head
 writes (4:3, as every official config), the patch size from the patch embedding and the sine grid. Only the
 attention heads are not in the weights: they come from the official configs by variant (T 16, S 8, B 8, L 12).
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 
 from kdcache.checkpoint import unwrap_state_dict
+from kdcache.codec import UDPHeatmap
 from kdcache.errors import UserError
 from kdcache.tokenpose import ARCHS, HRNET_WIDTH, KIND, STEM_CHANNELS, TokenPose, TokenPoseConfig, build_tokenpose, \
     tokenpose_config
@@ -98,7 +103,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> TokenPoseConfig:
         raise UserError(f"TokenPose weights without {base}pos_embedding: the patch size cannot be read")
     patch_hw, pos = _patch_hw((input_hw[0] // stride, input_hw[1] // stride), patch_pixels, slots, keypoints)
     cfg = TokenPoseConfig("tokenpose-custom", variant, dim, depth, HEADS_BY_VARIANT[variant], patch_hw, mlp_ratio,
-                          input_hw, keypoints, hidden, pos)
+                          input_hw, keypoints, hidden, pos, scale_with_head=variant != "s")
     # A preset with this shape gives its heads (the official ones, or a CPU preset's own).
     preset = next((p for p in ARCHS.values() if dataclasses.replace(
         p, arch=cfg.arch, heads=cfg.heads, input_hw=input_hw, num_keypoints=keypoints, hidden_heatmap_dim=hidden) == cfg),
@@ -158,7 +163,7 @@ def claims(obj: Mapping) -> bool:
         sd = unwrap_state_dict(obj, Path("<checkpoint>"))
     except UserError:
         return False
-    return _base(sd) is not None
+    return _base(sd) is not None or is_mmpose_port(sd)
 
 
 def claims_path(path: Path) -> bool:
@@ -177,10 +182,16 @@ def from_path(path: Path, device: str | torch.device, input_hw: tuple[int, int] 
 
 def from_release(obj: Mapping, path: Path, device: str | torch.device, input_hw: tuple[int, int] | None,
                  expert: str | int | None) -> TokenPose:
-    """A file of the official code (`final_state.pth`, `checkpoint.pth`, `model_best.pth`), already read."""
+    """A file of the official code (`final_state.pth`, `checkpoint.pth`, `model_best.pth`) or of mmpose's port,
+    already read."""
     _no_expert(expert, path)
     sd = unwrap_state_dict(obj, Path(path))
-    cfg = config_from_state_dict(sd)
+    if is_mmpose_port(sd):
+        sd, scale_with_head = from_mmpose_port(sd, Path(path))
+        cfg = config_from_state_dict(sd)
+        cfg = dataclasses.replace(cfg, arch=f"{cfg.arch}-mmpose", scale_with_head=scale_with_head, codec=UDPHeatmap.name)
+    else:
+        cfg = config_from_state_dict(sd)
     _fixed_size(cfg, input_hw, path)
     return _load(cfg, sd, path, device)
 
@@ -192,3 +203,55 @@ def from_kdcache(obj: Mapping, path: Path, device: str | torch.device, input_hw:
     cfg = TokenPoseConfig.from_dict(obj["model_config"])
     _fixed_size(cfg, input_hw, path)
     return _load(cfg, obj["state_dict"], path, device)
+
+
+# ---- mmpose's port --------------------------------------------------------------------------------------------
+
+# (port name under `backbone.`, official name), the first match wins; `{base}` is features. (S) or transformer.
+_PORT_RENAMES = [
+    (r"^(keypoint_token|pos_embedding)$", r"{base}\1"),
+    (r"^patch_to_embedding\.", "{base}patch_to_embedding."),
+    (r"^(transformer[123]?)\.layers\.", r"{base}\1.layers."),
+    (r"^layers\.1\.", "{base}mlp_head."),  # layers = [stem or HRNet, mlp head]
+    (r"^layers\.0\.0\.", "features.conv1."),  # S's stem: Sequential(conv, BN, ReLU, conv, BN, ReLU, layer1)
+    (r"^layers\.0\.1\.", "features.bn1."),
+    (r"^layers\.0\.3\.", "features.conv2."),
+    (r"^layers\.0\.4\.", "features.bn2."),
+    (r"^layers\.0\.6\.", "features.layer1."),
+    (r"^pre_feature\.", "pre_feature."),  # mmpose's HRNet: the same names (conv1, bn1, transition1, stage2, ...)
+]
+# Built by mmpose's HRNet but unused by the port's stage-3 forward: stage 4, and stage 3's last fusions into
+# branches 1 and 2 (only branch 0 is returned). `layers.0` is the same HRNet registered a second time.
+_PORT_UNUSED = re.compile(r"^(pre_feature\.(transition3|stage4)\.|pre_feature\.stage3\.3\.fuse_layers\.[12]\.)")
+
+
+def is_mmpose_port(sd: Mapping[str, torch.Tensor]) -> bool:
+    return "backbone.keypoint_token" in sd
+
+
+def from_mmpose_port(sd: Mapping[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """mmpose port names -> official names; also whether its attention is scaled by (D/heads)^-1/2 (L only)."""
+    hrnet = "backbone.pre_feature.conv1.weight" in sd
+    stem = "backbone.layers.0.0.weight" in sd and not hrnet
+    base = "features." if stem else "transformer."
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        name = key[len("backbone."):] if key.startswith("backbone.") else None
+        if name is None or (hrnet and name.startswith("layers.0.")) or _PORT_UNUSED.match(name or ""):
+            if name is None:
+                unknown.append(key)
+            continue
+        new = next((re.sub(pattern, target.format(base=base), name) for pattern, target in _PORT_RENAMES
+                    if re.match(pattern, name)), None)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise UserError(f"{path}: keys that mmpose's TokenPose port does not have: {', '.join(unknown[:4])}"
+                        f"{' ...' if len(unknown) > 4 else ''} ({len(unknown)})")
+    log.info("mmpose TokenPose port: renamed to the official layout (UDP codec, attention scale %s)",
+             "(D/heads)^-1/2" if base + "transformer1.layers.0.0.fn.norm.weight" in out else "D^-1/2")
+    return out, base + "transformer1.layers.0.0.fn.norm.weight" in out
+

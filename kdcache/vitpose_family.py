@@ -143,7 +143,9 @@ def claims(obj: Mapping) -> bool:
         sd = unwrap_state_dict(obj, Path("<checkpoint>"))
     except UserError:
         return False
-    return formats.is_huggingface(sd) or any(k.startswith(("backbone.", "keypoint_head.")) for k in sd)
+    # mmpose's TokenPose port also names everything backbone.*: its keypoint tokens tell it apart.
+    return formats.is_huggingface(sd) or (any(k.startswith(("backbone.", "keypoint_head.")) for k in sd)
+                                          and "backbone.keypoint_token" not in sd)
 
 
 def claims_path(path: Path) -> bool:

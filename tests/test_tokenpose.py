@@ -124,7 +124,8 @@ def transformer(sd, p, x, heads, scale, k, pos):
     return x
 
 
-def reference_forward(sd, arch, x):
+def reference_forward(sd, arch, x, head_scaled=None):
+    """`head_scaled`: the attention scale, (D/heads)^-1/2 if True, D^-1/2 if False; default the official code's."""
     cfg = tokenpose_config(arch)
     heads = OFFICIAL_HEADS[arch]
     b = "features." if cfg.variant == "s" else "transformer."
@@ -143,7 +144,9 @@ def reference_forward(sd, arch, x):
     pos = sd[b + "pos_embedding"]
     k, d = sd[b + "keypoint_token"].shape[1:]
     t = torch.cat([sd[b + "keypoint_token"].expand(n, -1, -1), tokens + pos], dim=1)
-    scale = (d // heads) ** -0.5 if cfg.variant != "s" else d ** -0.5  # S_base's Transformer: dim ** -0.5
+    if head_scaled is None:
+        head_scaled = cfg.variant != "s"  # S_base builds its Transformer without scale_with_head: dim ** -0.5
+    scale = (d // heads) ** -0.5 if head_scaled else d ** -0.5
     if cfg.variant == "l":
         outs = []
         for j in (1, 2, 3):
@@ -231,3 +234,48 @@ def test_presets_cover_the_official_variants():
         "tokenpose-t": ("t", 192, 12, 16, (16, 12)), "tokenpose-s": ("s", 192, 12, 8, (4, 3)),
         "tokenpose-s-v2": ("s", 192, 12, 8, (2, 2)), "tokenpose-b": ("b", 192, 12, 8, (4, 3)),
         "tokenpose-l": ("l", 192, 8, 12, (4, 3))}
+
+
+def to_mmpose_port(sd: dict, variant: str) -> dict:
+    """The official layout rewritten as mmpose's port (mmpose/models/backbones/tokenpose.py) saves it: everything
+    under backbone.; `layers` = [stem Sequential (S) or the HRNet again (B, L), mlp head]; mmpose's HRNet also
+    holds a stage 4 and stage 3's fusions into every branch."""
+    b = "features." if variant == "s" else "transformer."
+    stem = {"conv1.": "layers.0.0.", "bn1.": "layers.0.1.", "conv2.": "layers.0.3.", "bn2.": "layers.0.4.",
+            "layer1.": "layers.0.6."}
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("pre_feature."):
+            out["backbone." + k] = v
+            out["backbone.layers.0." + k[len("pre_feature."):]] = v
+            continue
+        name = k[len(b):]
+        if name.startswith("mlp_head."):
+            name = "layers.1." + name[len("mlp_head."):]
+        for old, new in stem.items():
+            if variant == "s" and name.startswith(old):
+                name = new + name[len(old):]
+        out["backbone." + name] = v
+    if variant in "bl":
+        out["backbone.pre_feature.stage4.0.branches.3.0.conv1.weight"] = torch.zeros(256, 256, 3, 3)
+        out["backbone.pre_feature.transition3.3.0.0.weight"] = torch.zeros(256, 128, 3, 3)
+        out["backbone.pre_feature.stage3.3.fuse_layers.1.0.0.0.weight"] = torch.zeros(64, 32, 3, 3)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["tokenpose-b", "tokenpose-s"])
+def test_mmpose_port_file_matches_its_function(arch, tmp_path):
+    """mmpose's port: same weights under other names, D^-1/2 attention in B (the official B scales by head),
+    trained with UDP targets: the loaded model computes the port's function and decodes with UDP."""
+    cfg = tokenpose_config(arch)
+    sd = random_state_dict(build_tokenpose(cfg), seed=5)
+    torch.save({"meta": {}, "state_dict": to_mmpose_port(sd, cfg.variant)}, tmp_path / "port.pth")
+    from kdcache.teacher import load_teacher
+    model = load_teacher(tmp_path / "port.pth")
+    assert model.codec.name == "udp-heatmap" and model.config.arch == f"{arch}-mmpose"
+    x = torch.randn(1, 3, 256, 192, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out, ref = model(x), reference_forward(sd, arch, x, head_scaled=False)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    if arch == "tokenpose-b":  # the official B's scale gives another function
+        assert (reference_forward(sd, arch, x) - ref).abs().max() > 1e-2 * ref.abs().max()

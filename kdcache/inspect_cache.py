@@ -54,6 +54,7 @@ def cache_summary(path: Path) -> dict[str, Any]:
         "kb_per_view_parts": {k: round(v / views / 1000.0, 2) for k, v in parts.items()},
         "teacher": m["teacher"],
         "teacher_flip": bool(m.get("teacher_flip", False)),
+        "codec": cache.codec.name,  # how its crops were cut and its heatmaps are read (the teacher family's)
         "input_hw": m["input_hw"],
         "heatmap_hw": m["heatmap_hw"],
         "sigma": m["sigma"],

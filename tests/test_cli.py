@@ -237,7 +237,7 @@ def test_student_trains_on_a_labelled_cache_and_a_boxes_cache_together(pipeline,
     assert not (tmp_path / "r").exists()  # refused before the run folder was made
 
 
-def test_tokenpose_teacher_end_to_end_keeps_its_codec(pipeline, tmp_path):
+def test_tokenpose_teacher_end_to_end_keeps_its_codec(pipeline, tmp_path, capsys):
     """A TokenPose teacher trained here is dumped, distilled (cached and online) and evaluated, and every stage uses
     TokenPose's codec: its crops, its targets, the student's decoding."""
     from kdcache.codec import TokenPoseHeatmap
@@ -255,6 +255,9 @@ def test_tokenpose_teacher_end_to_end_keeps_its_codec(pipeline, tmp_path):
     cache = open_cache(tmp_path / "cache")
     codec = TokenPoseHeatmap.for_input((128, 96))
     assert cache.codec == codec
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "cache")]) == 0
+    assert "codec              tokenpose-heatmap" in capsys.readouterr().out.splitlines()
     row = next(cache[i] for i in range(len(cache)) if cache[i]["view"] == 0)
     box = next(i.bbox_xywh for i in load_instances(data / "annotations/person_keypoints_train.json")
                if i.ann_id == row["ann_id"])

@@ -142,8 +142,8 @@ def test_reader_reads_the_codec_and_keypoint_set_a_schema_3_cache_records(tmp_pa
     write_manifest(tmp_path, {**manifest, "codec": codec.to_record(), "keypoint_set": "coco-17"})
     cache = open_cache(tmp_path)
     assert cache.codec == codec and cache.keypoint_set is COCO_17
-    write_manifest(tmp_path, {**manifest, "keypoint_set": "crowdpose-14"})
-    with pytest.raises(UserError, match="unknown keypoint set 'crowdpose-14'"):
+    write_manifest(tmp_path, {**manifest, "keypoint_set": "halpe-26"})
+    with pytest.raises(UserError, match="unknown keypoint set 'halpe-26'"):
         open_cache(tmp_path)
 
 

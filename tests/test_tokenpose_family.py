@@ -62,7 +62,7 @@ def test_kdcache_checkpoint_round_trip(nano, tmp_path):
     model, x, want = nano
     torch.save(checkpoint_dict(model, epoch=1, step=2), tmp_path / "last.pt")
     loaded = load_teacher(tmp_path / "last.pt")
-    assert loaded.config == model.config and loaded.config.patch_hw == (16, 12)
+    assert loaded.config == model.config and loaded.config.patch_hw == (4, 3)
     with torch.no_grad():
         assert torch.equal(loaded(x), want)
     assert loaded.codec.name == "tokenpose-heatmap" and loaded.codec.input_hw == NANO_HW
@@ -78,7 +78,7 @@ def test_refusals_say_what_to_do(nano, tmp_path):
         load_teacher(tmp_path / "t.pth", expert="coco")
     broken = {k: v for k, v in model.state_dict().items() if "layers.1.0.fn.fn.to_qkv" not in k}
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(UserError, match=r"missing keys transformer.transformer.layers.1.0.fn.fn.to_qkv.weight \(1\)"):
+    with pytest.raises(UserError, match=r"missing keys features.transformer.layers.1.0.fn.fn.to_qkv.weight \(1\)"):
         load_teacher(tmp_path / "broken.pth")
     with pytest.raises(UserError, match="TokenPose has one head"):
         build_teacher("tokenpose-t", "simple", (256, 192))

@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from kdcache.errors import UserError
-from kdcache.keypoints import COCO_17, KEYPOINT_SETS, KeypointSet, keypoint_set_with
+from kdcache.keypoints import COCO_17, KeypointSet, keypoint_set_of_category, keypoint_set_with
 
 log = logging.getLogger(__name__)
 
@@ -213,15 +213,14 @@ def keypoint_count(coco: COCO) -> int:
 
 
 def keypoint_set_of(coco: COCO, ann_file: Path | str = "<coco>") -> KeypointSet:
-    """The keypoint set of a file loaded by `load_coco`: the built-in set its keypoint names are, else the one
-    with its keypoint count.
+    """The keypoint set of a file loaded by `load_coco`: the built-in set its category's keypoint names are
+    (however the file spells them: `keypoints.keypoint_set_of_category`), else the one with its keypoint count.
 
     Raises:
-        UserError: no built-in set has the file's keypoint count.
+        UserError: no built-in set, or several, have the file's keypoint count.
     """
-    names = tuple(_person_category(coco.dataset["categories"], Path(ann_file)).get("keypoints") or ())
-    named = [s for s in KEYPOINT_SETS.values() if names and s.names == names]
-    return named[0] if named else keypoint_set_with(keypoint_count(coco), str(ann_file))
+    named = keypoint_set_of_category(_person_category(coco.dataset["categories"], Path(ann_file)))
+    return named or keypoint_set_with(keypoint_count(coco), str(ann_file))
 
 
 def clip_bbox_xywh(bbox_xywh: tuple[float, float, float, float] | np.ndarray,

@@ -93,8 +93,8 @@ def mirror_affine(affine: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def half_body_center_scale(keypoints: np.ndarray, upper_body: tuple[int, ...], upper_first: bool, aspect_wh: float,
-                           padding: float = HALF_BODY_PADDING) -> tuple[np.ndarray, np.ndarray] | None:
+def half_body_center_scale(keypoints: np.ndarray, halves: tuple[tuple[int, ...], tuple[int, ...]], upper_first: bool,
+                           aspect_wh: float, padding: float = HALF_BODY_PADDING) -> tuple[np.ndarray, np.ndarray] | None:
     """Crop around the upper or the lower body (mmpose `TopDownHalfBodyTransform.half_body_transform`).
 
     The upper body is chosen when `upper_first` and it has more than 2 labelled joints, else the lower
@@ -103,17 +103,16 @@ def half_body_center_scale(keypoints: np.ndarray, upper_body: tuple[int, ...], u
 
     Args:
         keypoints: [K, 3] image pixels and visibility; joints with v > 0 count.
-        upper_body: indices of the upper-body joints (the keypoint set's); the others are lower body.
+        halves: (upper, lower) joint indices, the keypoint set's (`upper_body`, `lower_body`); joints in neither
+            (a whole-body set's face and hands) count for neither half, as mmpose's "upper"/"lower" types say.
         upper_first: mmpose draws `randn() < 0.5` (true with probability ~0.69) for this.
 
     Returns:
         (center, scale_wh) float64 [2] each, or None when no usable half-body crop exists.
     """
     labelled = keypoints[:, 2] > 0
-    is_upper = np.zeros(len(keypoints), dtype=bool)
-    is_upper[list(upper_body)] = True
-    upper = keypoints[labelled & is_upper, :2]
-    lower = keypoints[labelled & ~is_upper, :2]
+    upper = keypoints[[i for i in halves[0] if labelled[i]], :2]
+    lower = keypoints[[i for i in halves[1] if labelled[i]], :2]
     if upper_first and len(upper) > 2:
         chosen = upper
     elif len(lower) > 2:
@@ -179,7 +178,8 @@ class ViewSampler:
             flip = bool(u_flip <= aug.flip_prob)
             num_labelled = int(np.count_nonzero(keypoints[:, 2] > 0))
             if num_labelled > aug.half_body_min_joints and u_half < aug.half_body_prob:
-                half = half_body_center_scale(keypoints, self.keypoint_set.upper_body, bool(n_half < 0.5), aspect_wh)
+                half = half_body_center_scale(keypoints, (self.keypoint_set.upper_body, self.keypoint_set.lower_body),
+                                              bool(n_half < 0.5), aspect_wh)
                 if half is not None:
                     center, scale_wh = half
             sf, rf = aug.scale_factor, aug.rot_factor

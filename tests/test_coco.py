@@ -234,3 +234,23 @@ def test_persons_picks_labelled_unlabelled_or_all_and_declares_keypoints_tells_i
     assert not declares_keypoints(load_coco(path))
     path.write_text(json.dumps({"images": [image], "categories": [{**person, "keypoints": ["nose"] * 17}]}))
     assert declares_keypoints(load_coco(path))
+
+
+def test_keypoint_set_read_from_the_category_however_spelt_else_by_an_unambiguous_count(tmp_path):
+    """AIC files spell 'Right Shoulder'; a 14-joint file without names could be CrowdPose or AIC: refused."""
+    from kdcache.coco import keypoint_set_of
+    from kdcache.keypoints import AIC_14, CROWDPOSE_14
+
+    def file_with(names, count=14):
+        kpts = [10, 10, 2] * count
+        return _write(tmp_path, {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}],
+                                 "categories": [{"id": 1, "name": "person", "keypoints": names}],
+                                 "annotations": [_ann(10, 1, [5, 5, 30, 40], keypoints=kpts, num_keypoints=count)]})
+
+    spelt = [n.replace("_", " ").title() for n in AIC_14.names]  # "Right Shoulder", ...
+    assert keypoint_set_of(load_coco(file_with(spelt))) is AIC_14
+    assert keypoint_set_of(load_coco(file_with(list(CROWDPOSE_14.names)))) is CROWDPOSE_14
+    path = file_with([])
+    with pytest.raises(UserError, match=r"14 keypoints per person, as CrowdPose and AIC have") as info:
+        keypoint_set_of(load_coco(path), path)
+    assert "\n" not in str(info.value) and "crowdpose-14" in str(info.value)

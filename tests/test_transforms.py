@@ -173,3 +173,19 @@ def test_warp_crop_with_mirror_equals_flipped_crop():
     flipped = flip_crop(warp_crop(image, a, INPUT_HW)).astype(np.int32)
     # Same geometry; OpenCV's fixed-point sampling may round a rare pixel differently.
     assert np.abs(mirrored - flipped).max() <= 1 and np.abs(mirrored - flipped).mean() < 0.05
+
+
+def test_half_body_uses_the_sets_halves_and_ignores_joints_in_neither():
+    """Whole-body: face and hands are in neither half (mmpose's types), so a crop of the lower body never moves
+    towards the face, however many face points are labelled."""
+    from kdcache.keypoints import COCO_WHOLEBODY_133 as wb
+    from kdcache.transforms import half_body_center_scale
+
+    kpts = np.zeros((wb.num_keypoints, 3), np.float32)
+    lower = [i for i in wb.lower_body][:4]
+    kpts[lower] = [[40, 150, 2], [60, 150, 2], [40, 200, 2], [60, 200, 2]]
+    face = list(wb.part("face"))
+    kpts[face, :2], kpts[face, 2] = (50, 20), 2
+    assert not set(face) & (set(wb.upper_body) | set(wb.lower_body))
+    center, _ = half_body_center_scale(kpts, (wb.upper_body, wb.lower_body), upper_first=True, aspect_wh=0.75)
+    assert np.allclose(center, (50, 175))  # the upper half has no labelled joint: the lower one, face ignored

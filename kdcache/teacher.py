@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcache import tokenpose_family, vitpose_family
+from kdcache import keypoints, tokenpose_family, vitpose_family, vitpose_formats
 from kdcache.checkpoint import FORMAT, read_checkpoint
 from kdcache.errors import UserError
 from kdcache.keypoints import KeypointSet
@@ -97,7 +97,13 @@ def build_teacher(arch: str, head: str, input_hw: tuple[int, int]) -> nn.Module:
 
 
 def require_keypoint_set(teacher: nn.Module, keypoint_set: KeypointSet, path: Path, expert: str | int | None) -> None:
-    """Refuse a teacher (e.g. the AIC or MPII expert of a ViTPose++ file) that predicts another keypoint set."""
+    """Refuse a teacher (e.g. the AIC or MPII expert of a ViTPose++ file) that predicts another keypoint set than
+    the annotation file's: by the set the chosen expert was trained on, else by the count."""
+    wanted = None if expert is None else vitpose_formats.expert_keypoint_set(expert)
+    if wanted is not None and wanted != keypoint_set.name:
+        raise UserError(f"--expert {expert!r} of {path} predicts {keypoints.keypoint_set(wanted).title}'s keypoints, "
+                        f"the annotation file has {keypoint_set.title}'s: pass annotations of that set, or the "
+                        f"expert of {keypoint_set.title}'s keypoints")
     count = teacher.config.num_keypoints
     if count != keypoint_set.num_keypoints:
         raise UserError(f"{path} (expert {expert!r}) predicts {count} keypoints, not {keypoint_set.title}'s "

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 # (configs/body/.../coco/vitPose+_*_coco+aic+mpii+ap10k+apt36k+wholebody_256x192_udp.py) number them;
 # tools/model_split.py writes coco.pth from expert 0 and aic/mpii/ap10k/apt36k/wholebody.pth from 1..5.
 VITPOSE_PLUS_DATASETS = ("coco", "aic", "mpii", "ap10k", "apt36k", "wholebody")
+# The keypoint set each expert predicts (`kdcache.keypoints`). APT-36K has AP-10K's 17 animal keypoints: ViTPose's
+# configs describe both with `configs/_base_/datasets/ap10k_info.py` (there is no apt36k_info).
+EXPERT_KEYPOINT_SETS = {"coco": "coco-17", "aic": "aic-14", "mpii": "mpii-16", "ap10k": "ap10k-17",
+                        "apt36k": "ap10k-17", "wholebody": "coco-wholebody-133"}
 
 # The defaults of transformers' VitPoseConfig / VitPoseBackboneConfig: `save_pretrained` writes only the
 # values that differ from them, so a key missing from config.json means this value.
@@ -116,6 +120,15 @@ def expert_index(expert: str | int | None, num_experts: int) -> int:
     if not 0 <= index < num_experts:
         raise UserError(f"expert {expert!r} (index {index}) is not in this file: it has {num_experts} experts")
     return index
+
+
+def expert_keypoint_set(expert: str | int) -> str | None:
+    """The name of the keypoint set a ViTPose++ expert (by name or index) predicts; None for an index beyond
+    the released six."""
+    if isinstance(expert, int) or str(expert).isdigit():
+        index = int(expert)
+        return EXPERT_KEYPOINT_SETS[VITPOSE_PLUS_DATASETS[index]] if index < len(VITPOSE_PLUS_DATASETS) else None
+    return EXPERT_KEYPOINT_SETS.get(str(expert).lower())
 
 
 def merge_expert(sd: dict[str, torch.Tensor], expert: str | int | None, path: Path) -> dict[str, torch.Tensor]:

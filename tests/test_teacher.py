@@ -92,10 +92,21 @@ def test_teacher_weights_file_of_a_file_and_of_a_huggingface_folder(tmp_path):
         teacher_weights_file(tmp_path / "empty")
 
 
-def test_require_keypoint_set_refuses_another_count_naming_both():
+def test_require_keypoint_set_refuses_another_set_or_count_naming_both():
+    """By the set the expert was trained on (AP-10K's 17 animal joints are not COCO's 17), else by the count."""
+    from kdcache.keypoints import keypoint_set
+
     cfg = dataclasses.replace(vitpose_config("vitpose-nano", input_hw=(64, 48)), num_keypoints=14)
     aic = build_vitpose(cfg)
-    with pytest.raises(UserError, match=r"plus\.pth \(expert 'aic'\) predicts 14 keypoints, not COCO's 17"):
+    with pytest.raises(UserError, match=r"--expert 'aic' of plus\.pth predicts AIC's keypoints, the annotation file "
+                                        r"has COCO's"):
         require_keypoint_set(aic, COCO_17, Path("plus.pth"), "aic")
+    with pytest.raises(UserError, match=r"plus\.pth \(expert None\) predicts 14 keypoints, not COCO's 17"):
+        require_keypoint_set(aic, COCO_17, Path("plus.pth"), None)
+    assert require_keypoint_set(aic, keypoint_set("aic-14"), Path("plus.pth"), 1) is None  # index 1 is AIC
+    animal = types.SimpleNamespace(config=types.SimpleNamespace(num_keypoints=17))
+    with pytest.raises(UserError, match=r"predicts AP-10K's keypoints, the annotation file has COCO's"):
+        require_keypoint_set(animal, COCO_17, Path("plus.pth"), "apt36k")  # APT-36K: AP-10K's keypoints
+    assert require_keypoint_set(animal, keypoint_set("ap10k-17"), Path("plus.pth"), "ap10k") is None
     coco = types.SimpleNamespace(config=types.SimpleNamespace(num_keypoints=17))
     assert require_keypoint_set(coco, COCO_17, Path("plus.pth"), None) is None

@@ -486,9 +486,19 @@ def test_dump_teacher_uses_the_chosen_expert_and_hashes_hf_weights(plus, tmp_pat
               "--heatmap-error", "0.008"]  # fine storage: 1% then tells the chosen expert from the others
     assert main(["dump-teacher", "--teacher", str(tmp_path / "plus.pth"), "--expert", "aic",
                  "--out", str(tmp_path / "aic"), *common]) == 2
-    assert "predicts 14 keypoints, not COCO's 17" in capsys.readouterr().err
+    assert "--expert 'aic' of " in (err := capsys.readouterr().err) and "predicts AIC's keypoints, the annotation " \
+        "file has COCO's" in err
+    # AP-10K's expert has 17 joints too, but animal ones: refused on COCO people, taken on an AP-10K file.
     assert main(["dump-teacher", "--teacher", str(tmp_path / "plus.pth"), "--expert", "ap10k",
-                 "--out", str(tmp_path / "ap10k"), *common]) == 0  # AP-10K: 17 (animal) joints
+                 "--out", str(tmp_path / "ap10k"), *common]) == 2
+    assert "predicts AP-10K's keypoints, the annotation file has COCO's" in capsys.readouterr().err
+    from kdcache.keypoints import keypoint_set
+    ann = json.loads((data / "annotations/person_keypoints_train.json").read_text())
+    ann["categories"][0]["keypoints"] = list(keypoint_set("ap10k-17").names)
+    (data / "annotations/ap10k.json").write_text(json.dumps(ann))
+    common[1] = str(data / "annotations/ap10k.json")
+    assert main(["dump-teacher", "--teacher", str(tmp_path / "plus.pth"), "--expert", "ap10k",
+                 "--out", str(tmp_path / "ap10k"), *common]) == 0
     cache = open_cache(tmp_path / "ap10k", images=data / "train")
     assert read_manifest(tmp_path / "ap10k")["teacher"]["expert"] == "ap10k"
     row = cache[1]

@@ -238,7 +238,10 @@ def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
                          "AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "AR": metrics["AR"],
                          "train_seconds": round(train_seconds(out / name), 1)})
     teacher = result("eval teacher")
-    return {"config": to_jsonable(cfg), "steps": cfg.steps,
+    metrics = out / "teacher/metrics.csv"
+    in_training = None if teacher is not None or not metrics.exists() else val_curve(out / "teacher")
+    return {"config": to_jsonable(cfg), "steps": cfg.steps, "teacher_in_training": in_training,
+            "planned_runs": len(cfg.seeds) * len([a for a in ARMS if not cfg.arms or a.name in cfg.arms]),
             "teacher": None if teacher is None else {
                 "AP": teacher["AP"], "train_seconds": round(train_seconds(out / "teacher"), 1),
                 "val_curve": val_curve(out / "teacher")},
@@ -275,6 +278,13 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
              f"{c['box_score_thr']}`.",
              f"- **Teacher**: `{c['teacher_arch']}` trained {c['teacher_epochs']} epochs on L only"
              + ("" if teacher is None else f": **{teacher['AP']:.1f} AP** on validation") + "."]
+    done, planned = len(results["runs"]), results.get("planned_runs")
+    if planned and done < planned:
+        curve = results.get("teacher_in_training")
+        lines.append(f"- **In progress**: {done} of {planned} runs finished" + (
+            f"; the teacher is training (validation AP by epoch so far: "
+            f"{', '.join(f'{e}: {ap:.1f}' for e, ap in curve)})" if curve else "") +
+            f". Resume with `python scripts/benchmark_unlabelled.py --regime {cfg.regime}`.")
     if results.get("teacher_on_U"):
         lines.append(f"- **Its pseudo-labels on U**, scored against U's hidden truth through the detector's boxes: "
                      f"{results['teacher_on_U']['AP']:.1f} AP (AP50 {results['teacher_on_U']['AP50']:.1f}).")

@@ -250,12 +250,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from kdcache.export import export_onnx
-    from kdcache.keypoints import keypoint_set_with
+    from kdcache.keypoints import keypoint_set, keypoint_set_with
     from kdcache.models import load_model, model_input_hw
 
     model = load_model(a.model, expert=a.expert)
-    keypoint_set = keypoint_set_with(model.config.num_keypoints, f"model {a.model}")
-    diff = export_onnx(model, a.onnx, model_input_hw(model), keypoint_set)
+    named = getattr(model.config, "keypoint_set", None)  # a student records its set; teachers by their count
+    keypoints = keypoint_set(named) if named else keypoint_set_with(model.config.num_keypoints, f"model {a.model}")
+    diff = export_onnx(model, a.onnx, model_input_hw(model), keypoints)
     print(f"wrote {a.onnx} (max abs difference to PyTorch: {diff:.2e})")
     return 0
 

@@ -56,6 +56,10 @@ def _person_boxes(coco: COCO, ann: Path, boxes: Path | None, box_score_thr: floa
 def _score_model(model: nn.Module, coco: COCO, ann: Path, images: Path, person_boxes: list[PersonBox],
                  predict: PredictConfig) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
     keypoint_set = keypoint_set_of(coco, ann)
+    named = getattr(getattr(model, "module", model).config, "keypoint_set", None)  # students record theirs
+    if named and named != keypoint_set.name:
+        raise UserError(f"the model was trained for the keypoint set {named} but {ann} has {keypoint_set.name}'s; "
+                        "evaluate it on annotations of its own keypoint set")
     if _model_keypoints(model) != keypoint_set.num_keypoints:
         raise UserError(f"the model predicts {_model_keypoints(model)} keypoints but {ann} has "
                         f"{keypoint_set.num_keypoints} per person; evaluate a model trained for this keypoint set")

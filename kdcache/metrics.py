@@ -51,7 +51,8 @@ def coco_keypoint_metrics(ann: Path | COCO, results: list[dict[str, Any]]) -> di
         ev = COCOeval(gt, dt, "keypoints")
         ev.params.useSegm = None
         sigmas = np.asarray(keypoint_set_of(gt, source).oks_sigmas)
-        if not np.allclose(sigmas, ev.params.kpt_oks_sigmas):  # pycocotools' own are COCO-17's
+        default = np.asarray(ev.params.kpt_oks_sigmas)  # pycocotools' own are COCO-17's
+        if sigmas.shape != default.shape or not np.allclose(sigmas, default):
             ev.params.kpt_oks_sigmas = sigmas
         ev.params.catIds = [person_category_id(gt)]  # default: every category, person or not
         ev.evaluate()

@@ -35,6 +35,7 @@ from kdcache.config import TrainStudentConfig
 from kdcache.data import CacheMix, CachedDataset, TrainViews, ViewDataset
 from kdcache.errors import UserError
 from kdcache.inference import input_heatmaps, to_input_tensor
+from kdcache.keypoints import KeypointSet
 from kdcache.losses import KDConfig, distillation_loss, heatmap_mse
 from kdcache.student import StudentConfig
 from kdcache.teacher import load_teacher, require_keypoint_set
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 class TrainingSource(Protocol):
     dataset: Dataset
     codec: Codec
+    keypoint_set: KeypointSet
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The scalar loss of `model` on a collated batch (tensors on the training device)."""
@@ -75,6 +77,10 @@ class GroundTruth:
     def codec(self) -> Codec:
         return self.dataset.views.sampler.codec
 
+    @property
+    def keypoint_set(self) -> KeypointSet:
+        return self.dataset.views.sampler.keypoint_set
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return heatmap_mse(model(student_input(batch)), batch["target"], batch["target_weight"])
 
@@ -89,6 +95,10 @@ class CachedKD:
     @property
     def codec(self) -> Codec:
         return self.dataset.datasets[0].codec
+
+    @property
+    def keypoint_set(self) -> KeypointSet:
+        return self.dataset.datasets[0].keypoint_set
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return distillation_loss(model(student_input(batch)), batch["teacher"], batch["target"],
@@ -107,6 +117,10 @@ class OnlineKD:
     @property
     def codec(self) -> Codec:
         return self.dataset.views.sampler.codec
+
+    @property
+    def keypoint_set(self) -> KeypointSet:
+        return self.dataset.views.sampler.keypoint_set
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = student_input(batch)
@@ -127,14 +141,9 @@ def check_cache_fits(cache: Cache, student: StudentConfig, sigma: float, codec: 
                         f"--input-size {hw[0]}x{hw[1]} or dump a cache with the student's settings")
 
 
-def _check_keypoints(student: StudentConfig, source: str, keypoint_set_size: int) -> None:
-    if student.num_keypoints != keypoint_set_size:
-        raise UserError(f"the student predicts {student.num_keypoints} keypoints but {source} has "
-                        f"{keypoint_set_size}; build the student for that keypoint set")
-
-
 def cache_mix(cfg: TrainStudentConfig) -> CacheMix:
-    """The caches of `cfg`, each checked (readable, complete, the student's codec and keypoints), mixed by weight."""
+    """The caches of `cfg`, each checked (readable, complete, the student's codec), mixed by weight; they must
+    share one keypoint set, which the student then predicts."""
     datasets = []
     for path in cfg.caches:
         cache = open_cache(path, images=cfg.images)
@@ -142,7 +151,6 @@ def cache_mix(cfg: TrainStudentConfig) -> CacheMix:
             raise UserError(f"cache {path} holds {cache.codec.name} targets, {cfg.caches[0]} {datasets[0].codec.name} "
                             "ones; a student learns one codec: train on caches of teachers of one kind")
         check_cache_fits(cache, cfg.student, cfg.sigma)
-        _check_keypoints(cfg.student, f"cache {path}", cache.keypoint_set.num_keypoints)
         datasets.append(CachedDataset(cache, cfg.flip_prob, cfg.run.seed, cfg.student_aug, cfg.train_views))
     names = {d.keypoint_set.name for d in datasets}
     if len(names) > 1:
@@ -175,7 +183,6 @@ def student_source(cfg: TrainStudentConfig) -> GroundTruth | CachedKD | OnlineKD
                             "pass --input-size to match them")
         codec = dataclasses.replace(teacher.codec, sigma=cfg.sigma)  # views cut as the teacher was trained
     views = annotated_views(cfg.ann, cfg.images, cfg.aug, codec, view_seed)
-    _check_keypoints(cfg.student, str(cfg.ann), views.sampler.keypoint_set.num_keypoints)
     if teacher is None:
         if cfg.kd.alpha > 0:
             log.info("no --cache or --online-teacher: training on ground truth only (alpha ignored)")

@@ -46,6 +46,7 @@ class StudentConfig(ModelConfig):
     head_channels: int = 128  # width of every upsampling block of the head
     pretrained: str = ""  # "": random init; "timm": ImageNet weights via timm's cache (fetched if missing); or a file
     codec: str = UDPHeatmap.name  # CODECS: how its heatmaps are made and read, its teacher's (train-student sets it)
+    keypoint_set: str = COCO_17.name  # KEYPOINT_SETS: what its channels are (train-student sets it from its data)
 
 
 class PoseStudent(nn.Module):

@@ -5,7 +5,7 @@ A teacher family is one module that exposes (ViTPose: `kdcache.vitpose_family`; 
 
     KIND                     the `kind` its kdcache checkpoints record
     ARCHS                    presets by name (train-teacher --arch)
-    build(arch, head, input_hw)                              a fresh model to train
+    build(arch, head, input_hw, num_keypoints)               a fresh model to train
     claims(obj) / from_release(obj, path, device, input_hw, expert)
                              recognise / load a release checkpoint already read (official layouts)
     claims_path(path) / from_path(path, device, input_hw, expert)
@@ -89,11 +89,12 @@ def teacher_weights_file(path: Path) -> Path:
     return path
 
 
-def build_teacher(arch: str, head: str, input_hw: tuple[int, int]) -> nn.Module:
-    """A freshly initialised teacher of a family's preset `arch`, for train-teacher."""
+def build_teacher(arch: str, head: str, input_hw: tuple[int, int], num_keypoints: int = 17) -> nn.Module:
+    """A freshly initialised teacher of a family's preset `arch` predicting `num_keypoints` joints, for
+    train-teacher (which passes its annotation file's keypoint count)."""
     if arch not in ARCHS:
         raise UserError(f"unknown teacher architecture {arch!r}; known: {', '.join(ARCHS)}")
-    return ARCHS[arch].build(arch, head, input_hw)
+    return ARCHS[arch].build(arch, head, input_hw, num_keypoints)
 
 
 def require_keypoint_set(teacher: nn.Module, keypoint_set: KeypointSet, path: Path, expert: str | int | None) -> None:

@@ -149,12 +149,12 @@ def _no_expert(expert: str | int | None, path: Path) -> None:
 # ---- the family's loaders (kdcache.teacher calls these) ---------------------------------------------------
 
 
-def build(arch: str, head: str, input_hw: tuple[int, int]) -> TokenPose:
+def build(arch: str, head: str, input_hw: tuple[int, int], num_keypoints: int = 17) -> TokenPose:
     """A freshly initialised preset (`ARCHS`), for train-teacher. TokenPose has one head: `head` must be the
     default ("classic"), which names no choice here."""
     if head != "classic":
         raise UserError(f"--head {head}: TokenPose has one head (its MLP); drop --head")
-    return build_tokenpose(tokenpose_config(arch, input_hw))
+    return build_tokenpose(dataclasses.replace(tokenpose_config(arch, input_hw), num_keypoints=num_keypoints))
 
 
 def claims(obj: Mapping) -> bool:

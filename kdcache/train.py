@@ -109,11 +109,12 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
     """Train a teacher (a family's preset, `cfg.arch`) on ground-truth heatmaps; returns the run folder."""
     prepare_run_folder(cfg.run)
     check_validation_set(cfg.val)
-    torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
-    model = build_teacher(cfg.arch, cfg.head, cfg.input_hw)
-    check_resume_fits(cfg.run, model)
-    codec = dataclasses.replace(model.codec, sigma=cfg.sigma)  # the family's own targets (UDP, TokenPose's)
+    with torch.device("meta"):  # the family's own targets (UDP, TokenPose's), before the data says K
+        codec = dataclasses.replace(build_teacher(cfg.arch, cfg.head, cfg.input_hw).codec, sigma=cfg.sigma)
     views = annotated_views(cfg.ann, cfg.images, cfg.aug, codec, cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
+    model = build_teacher(cfg.arch, cfg.head, cfg.input_hw, views.sampler.keypoint_set.num_keypoints)
+    check_resume_fits(cfg.run, model)
     return fit(model, GroundTruth(TrainViews(views, StudentAugConfig())), cfg.optim, cfg.run, cfg.val, to_jsonable(cfg))
 
 
@@ -123,8 +124,10 @@ def train_student(cfg: TrainStudentConfig) -> Path:
     prepare_run_folder(cfg.run)
     check_validation_set(cfg.val)
     source = student_source(cfg)
-    # The student makes and reads heatmaps as its targets were made: its teacher's codec.
-    cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, codec=source.codec.name))
+    # The student makes and reads heatmaps as its targets were made (its teacher's codec), for its data's keypoints.
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(
+        cfg.student, codec=source.codec.name, num_keypoints=source.keypoint_set.num_keypoints,
+        keypoint_set=source.keypoint_set.name))
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_student(cfg.student)
     check_resume_fits(cfg.run, model)

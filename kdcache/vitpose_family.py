@@ -132,9 +132,10 @@ def load_vitpose_weights(model: ViTPose, state_dict: Mapping[str, torch.Tensor],
 # ---- the family's loaders (kdcache.teacher calls these) ---------------------------------------------------
 
 
-def build(arch: str, head: str, input_hw: tuple[int, int]) -> ViTPose:
-    """A freshly initialised preset (`ARCHS`), for train-teacher."""
-    return build_vitpose(vitpose_config(arch, head=head, input_hw=input_hw))
+def build(arch: str, head: str, input_hw: tuple[int, int], num_keypoints: int = 17) -> ViTPose:
+    """A freshly initialised preset (`ARCHS`) predicting `num_keypoints` joints, for train-teacher."""
+    return build_vitpose(dataclasses.replace(vitpose_config(arch, head=head, input_hw=input_hw),
+                                             num_keypoints=num_keypoints))
 
 
 def claims(obj: Mapping) -> bool:

@@ -279,3 +279,47 @@ def test_tokenpose_teacher_end_to_end_keeps_its_codec(pipeline, tmp_path, capsys
         assert main(["eval", "--model", str(model), "--ann", val[1], "--images", val[3],
                      "--metrics-out", str(tmp_path / "m.json"), "--workers", "0"]) == 0
         assert np.isfinite(json.loads((tmp_path / "m.json").read_text())["AP"])
+
+
+def crowdpose_layout(coco_file, out_file):
+    """A CrowdPose-layout copy of a COCO-17 file: its 14 names, the 12 limb joints, head (the nose stands in) and
+    neck (between the shoulders), and no `area` (CrowdPose's files have none)."""
+    from kdcache.keypoints import CROWDPOSE_14
+
+    coco = json.loads(coco_file.read_text())
+    coco["categories"] = [{**coco["categories"][0], "keypoints": list(CROWDPOSE_14.names), "skeleton": []}]
+    for ann in coco["annotations"]:
+        k = np.asarray(ann["keypoints"], float).reshape(17, 3)
+        neck = [*(k[5, :2] + k[6, :2]) / 2, min(k[5, 2], k[6, 2])]
+        ann["keypoints"] = np.concatenate([k[5:17], k[:1], [neck]]).ravel().tolist()
+        ann["num_keypoints"] = int((np.asarray(ann["keypoints"])[2::3] > 0).sum())
+        ann.pop("area", None)
+    out_file.write_text(json.dumps(coco))
+    return out_file
+
+
+def test_a_14_keypoint_crowdpose_file_runs_through_train_dump_distil_and_eval(pipeline, tmp_path):
+    """The teacher and the student predict the file's 14 joints; the cache and the student record CrowdPose;
+    eval scores with CrowdPose's sigmas and refuses the student on a COCO-17 file."""
+    data = pipeline["data"]
+    train_ann = crowdpose_layout(data / "annotations/person_keypoints_train.json", tmp_path / "cp_train.json")
+    val_ann = crowdpose_layout(data / "annotations/person_keypoints_val.json", tmp_path / "cp_val.json")
+    train = ["--ann", str(train_ann), "--images", str(data / "train")]
+    assert main(["train-teacher", *train, "--out", str(tmp_path / "teacher"), "--arch", "vitpose-nano", *SIZE,
+                 "--max-steps", "2", "--batch-size", "4", *QUIET]) == 0
+    teacher = torch.load(tmp_path / "teacher/last.pt", weights_only=True)
+    assert teacher["model_config"]["num_keypoints"] == 14
+    assert main(["dump-teacher", "--teacher", str(tmp_path / "teacher/last.pt"), *train, "--out", str(tmp_path / "c"),
+                 "--views", "2", "--batch-size", "4", *QUIET]) == 0
+    cache = open_cache(tmp_path / "c")
+    assert cache.keypoint_set.name == "crowdpose-14" and cache[0]["heatmaps"].shape == (14, 32, 24)
+    assert main(["train-student", "--cache", str(tmp_path / "c"), "--student", "mobilenetv3_small_100",
+                 "--out", str(tmp_path / "s"), "--max-steps", "2", "--batch-size", "4", "--head-channels", "32",
+                 *QUIET]) == 0
+    config = torch.load(tmp_path / "s/last.pt", weights_only=True)["model_config"]
+    assert (config["num_keypoints"], config["keypoint_set"]) == (14, "crowdpose-14")
+    assert main(["eval", "--model", str(tmp_path / "s/last.pt"), "--ann", str(val_ann), "--images", str(data / "val"),
+                 "--metrics-out", str(tmp_path / "m.json"), "--workers", "0"]) == 0
+    assert np.isfinite(json.loads((tmp_path / "m.json").read_text())["AP"])
+    assert main(["eval", "--model", str(tmp_path / "s/last.pt"), "--ann", pipeline["val"][1],
+                 "--images", pipeline["val"][3], "--workers", "0"]) == 2

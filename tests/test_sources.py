@@ -85,9 +85,13 @@ def test_a_cache_of_another_codec_is_refused_naming_the_key(tiny, change, key):
     assert check_cache_fits(open_cache(tiny["cache"]), config(tiny).student, 2.0) is None
 
 
-def test_a_student_of_another_keypoint_count_is_refused(tiny):
-    with pytest.raises(UserError, match=r"the student predicts 14 keypoints but cache .* has 17"):
-        student_source(config(tiny, num_keypoints=14, caches=(tiny["cache"],)))
+def test_every_source_names_the_keypoint_set_and_codec_the_student_follows(tiny):
+    """The student is built for its data (train_student takes both from the source), whatever it was asked for."""
+    from kdcache.keypoints import COCO_17
+
+    for source in (student_source(config(tiny, num_keypoints=14, caches=(tiny["cache"],))),
+                   student_source(config(tiny, num_keypoints=14, ann=tiny["ann"], images=tiny["images"]))):
+        assert source.keypoint_set is COCO_17 and source.codec.name == "udp-heatmap"
 
 
 def test_an_online_teacher_of_another_crop_size_is_refused(tiny):

@@ -159,6 +159,27 @@ def read_checkpoint(path: Path) -> Any:
 _WRAPPERS = ("state_dict", "model", "module")
 
 
+def key_list(keys: list[str]) -> str:
+    """The first few of `keys` and how many there are, for a one-line message."""
+    return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else f" ({len(keys)})")
+
+
+def key_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps weights `sd` from loading into a model whose state dict is `own`: missing keys (BN step
+    counters excepted: converted files drop them) and unexpected ones; None when the key sets fit."""
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    parts = ([f"missing keys {key_list(missing)}"] if missing else []) + \
+            ([f"unexpected keys {key_list(unexpected)}"] if unexpected else [])
+    return "; ".join(parts) or None
+
+
+def shape_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> str | None:
+    """The keys whose shapes differ between `sd` and `own`, or None."""
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    return f"shape mismatch {key_list(wrong)}" if wrong else None
+
+
 def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The tensor dict inside a checkpoint object (wrapper keys and a `module.` prefix removed).
 

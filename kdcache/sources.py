@@ -67,9 +67,8 @@ def annotated_views(ann: Path, images: Path, aug: AugmentConfig, codec: Codec, s
     return ViewDataset(instances, images, ViewSampler(aug, codec, keypoint_set_of(coco, ann), seed))
 
 
-@dataclass
-class GroundTruth:
-    """Ground-truth heatmaps only: mmpose's weighted MSE on the codec's targets."""
+class _OnAnnotatedViews:
+    """A source whose data are augmented views of annotated people: their codec and keypoint set."""
 
     dataset: TrainViews
 
@@ -80,6 +79,13 @@ class GroundTruth:
     @property
     def keypoint_set(self) -> KeypointSet:
         return self.dataset.views.sampler.keypoint_set
+
+
+@dataclass
+class GroundTruth(_OnAnnotatedViews):
+    """Ground-truth heatmaps only: mmpose's weighted MSE on the codec's targets."""
+
+    dataset: TrainViews
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return heatmap_mse(model(student_input(batch)), batch["target"], batch["target_weight"])
@@ -107,20 +113,12 @@ class CachedKD:
 
 
 @dataclass
-class OnlineKD:
+class OnlineKD(_OnAnnotatedViews):
     """The teacher run on every batch, on the crop before photometric changes (as the dump sees it)."""
 
     dataset: TrainViews
     teacher: nn.Module
     kd: KDConfig
-
-    @property
-    def codec(self) -> Codec:
-        return self.dataset.views.sampler.codec
-
-    @property
-    def keypoint_set(self) -> KeypointSet:
-        return self.dataset.views.sampler.keypoint_set
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = student_input(batch)

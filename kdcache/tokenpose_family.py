@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kdcache.checkpoint import unwrap_state_dict
+from kdcache.checkpoint import key_mismatch, shape_mismatch, unwrap_state_dict
 from kdcache.codec import UDPHeatmap
 from kdcache.errors import UserError
 from kdcache.tokenpose import ARCHS, HRNET_WIDTH, KIND, STEM_CHANNELS, TokenPose, TokenPoseConfig, build_tokenpose, \
@@ -119,15 +119,8 @@ def _load(cfg: TokenPoseConfig, sd: Mapping[str, torch.Tensor], path: Path, devi
     with torch.device("meta"):
         model = TokenPose(cfg)
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        parts = ([f"missing keys {', '.join(missing[:4])} ({len(missing)})"] if missing else []) + \
-                ([f"unexpected keys {', '.join(unexpected[:4])} ({len(unexpected)})"] if unexpected else [])
-        raise UserError(f"{path}: weights do not fit {cfg.arch}: {'; '.join(parts)}")
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if wrong:
-        raise UserError(f"{path}: weights do not fit {cfg.arch}: shape mismatch {', '.join(wrong[:4])}")
+    if problem := key_mismatch(own, sd) or shape_mismatch(own, sd):
+        raise UserError(f"{path}: weights do not fit {cfg.arch}: {problem}")
     state = {k: sd[k].to(v.dtype) if k in sd else torch.zeros(v.shape, dtype=v.dtype) for k, v in own.items()}
     model.load_state_dict(state, assign=True)
     log.info("loaded %s (TokenPose-%s, %d keypoints, input %dx%d) from %s", cfg.arch, cfg.variant.upper(),

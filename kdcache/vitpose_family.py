@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache import vitpose_formats as formats
-from kdcache.checkpoint import unwrap_state_dict
+from kdcache.checkpoint import key_mismatch, shape_mismatch, unwrap_state_dict
 from kdcache.errors import UserError
 from kdcache.vitpose import ARCHS, KIND, ViTPose, ViTPoseConfig, build_vitpose, vitpose_config
 
@@ -91,10 +91,6 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], input_hw: tup
         drop_path_rate=preset.drop_path_rate if preset else 0.0)
 
 
-def _key_list(keys: list[str]) -> str:
-    return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else f" ({len(keys)})")
-
-
 def load_vitpose_weights(model: ViTPose, state_dict: Mapping[str, torch.Tensor],
                          src_grid: tuple[int, int] | None = None, assign: bool = False) -> None:
     """Load official-named weights into `model`, resizing pos_embed to the model's grid if needed.
@@ -106,23 +102,16 @@ def load_vitpose_weights(model: ViTPose, state_dict: Mapping[str, torch.Tensor],
     """
     sd = dict(state_dict)
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        parts = ([f"missing keys {_key_list(missing)}"] if missing else []) + \
-                ([f"unexpected keys {_key_list(unexpected)}"] if unexpected else [])
-        raise UserError(f"weights do not fit {model.config.arch} ({model.config.head} head): "
-                        f"{'; '.join(parts)}")
+    if problem := key_mismatch(own, sd):
+        raise UserError(f"weights do not fit {model.config.arch} ({model.config.head} head): {problem}")
     pos = sd["backbone.pos_embed"]
     dst_grid = model.config.grid_hw
     src_grid = _guess_grid(pos.shape[1] - 1, src_grid or dst_grid)
     if src_grid != dst_grid:
         log.info("interpolating pos_embed from a %dx%d to a %dx%d grid", *src_grid, *dst_grid)
         sd["backbone.pos_embed"] = resize_pos_embed(pos, src_grid, dst_grid)
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in sd and sd[k].shape != v.shape]
-    if wrong:
-        raise UserError(f"weights do not fit {model.config.arch}: shape mismatch {_key_list(wrong)}")
+    if problem := shape_mismatch(own, sd):
+        raise UserError(f"weights do not fit {model.config.arch}: {problem}")
     # Same dtypes as the model (a half-precision file still gives an fp32 model); BN step counters
     # are bookkeeping that some converted files drop.
     sd = {k: sd[k].to(v.dtype) if k in sd else torch.zeros_like(v, device="cpu") for k, v in own.items()}

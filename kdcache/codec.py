@@ -132,20 +132,45 @@ def flip_heatmaps(heatmaps: Any, flip_index: tuple[int, ...]) -> Any:
 
 
 @dataclass(frozen=True)
-class UDPHeatmap:
-    """ViTPose's codec: UDP crops, UDP Gaussian targets, argmax + DARK-UDP decoding, shift-free flips."""
+class _HeatmapCodec:
+    """What every codec shares: its sizes and sigma, heatmap -> crop pixels by its `heatmap_affine`, flips
+    without a shift, and its record. A codec adds `name`, `stride`, `heatmap_affine`, `crop_affine`, `encode`
+    and `decode`."""
 
     input_hw: tuple[int, int] = DEFAULT_INPUT_HW  # crop (H, W) in pixels
     heatmap_hw: tuple[int, int] = heatmap_hw_for(DEFAULT_INPUT_HW)  # heatmap (h, w)
     sigma: float = DEFAULT_SIGMA  # target Gaussian, heatmap pixels
 
-    name: ClassVar[str] = "udp-heatmap"
-    blur_kernel: ClassVar[int] = 11  # DARK's Gaussian blur before the log (ViTPose's modulate_kernel)
+    name: ClassVar[str]
+    # DARK's Gaussian blur before the log: ViTPose's modulate_kernel and TokenPose's TEST.BLUR_KERNEL.
+    blur_kernel: ClassVar[int] = 11
 
     @classmethod
-    def for_input(cls, input_hw: tuple[int, int], sigma: float = DEFAULT_SIGMA) -> UDPHeatmap:
-        """The codec of crops of `input_hw`, with heatmaps at stride 4."""
+    def for_input(cls, input_hw: tuple[int, int], sigma: float = DEFAULT_SIGMA) -> _HeatmapCodec:
+        """The codec (of this class) of crops of `input_hw`, with heatmaps at stride 4."""
         return cls(tuple(input_hw), heatmap_hw_for(input_hw), float(sigma))
+
+    def heatmap_to_crop(self, coords: np.ndarray) -> np.ndarray:
+        """Heatmap pixels [..., 2] -> crop pixels [..., 2] (float64), by `heatmap_affine` (a scale per axis and
+        an offset)."""
+        affine = self.heatmap_affine
+        return np.asarray(coords, dtype=np.float64) * affine[[0, 1], [0, 1]] + affine[:, 2]
+
+    def flip(self, heatmaps: Any, keypoint_set: KeypointSet) -> Any:
+        """Heatmaps of the mirrored crop -> heatmaps of the crop, numpy or torch (`flip_heatmaps`)."""
+        return flip_heatmaps(heatmaps, keypoint_set.flip_index)
+
+    def to_record(self) -> dict[str, Any]:
+        """What a cache records about the codec of its targets (JSON values)."""
+        return {"name": self.name, "input_hw": list(self.input_hw), "heatmap_hw": list(self.heatmap_hw),
+                "sigma": float(self.sigma)}
+
+
+@dataclass(frozen=True)
+class UDPHeatmap(_HeatmapCodec):
+    """ViTPose's codec: UDP crops, UDP Gaussian targets, argmax + DARK-UDP decoding, shift-free flips."""
+
+    name: ClassVar[str] = "udp-heatmap"
 
     @property
     def stride(self) -> tuple[float, float]:
@@ -170,23 +195,6 @@ class UDPHeatmap:
         """Heatmap pixels -> crop pixels, float64 [2, 3]: diag(stride), no offset."""
         stride_x, stride_y = self.stride
         return np.array([[stride_x, 0.0, 0.0], [0.0, stride_y, 0.0]])
-
-    def heatmap_to_crop(self, coords: np.ndarray) -> np.ndarray:
-        """Heatmap pixels [..., 2] -> crop pixels [..., 2] (float64) with the UDP stride."""
-        stride_x, stride_y = self.stride
-        out = np.array(coords, dtype=np.float64, copy=True)
-        out[..., 0] *= stride_x
-        out[..., 1] *= stride_y
-        return out
-
-    def flip(self, heatmaps: Any, keypoint_set: KeypointSet) -> Any:
-        """Heatmaps of the mirrored crop -> heatmaps of the crop, numpy or torch (`flip_heatmaps`)."""
-        return flip_heatmaps(heatmaps, keypoint_set.flip_index)
-
-    def to_record(self) -> dict[str, Any]:
-        """What a cache records about the codec of its targets (JSON values)."""
-        return {"name": self.name, "input_hw": list(self.input_hw), "heatmap_hw": list(self.heatmap_hw),
-                "sigma": float(self.sigma)}
 
 
 def tokenpose_affine(center: np.ndarray, scale_wh: np.ndarray, rot_deg: float,
@@ -267,20 +275,11 @@ def tokenpose_gaussians(keypoints_crop: np.ndarray, input_hw: tuple[int, int], h
 
 
 @dataclass(frozen=True)
-class TokenPoseHeatmap:
-    """TokenPose's codec: similarity crops, whole-map Gaussian targets, argmax + DARK, shift-free flips."""
-
-    input_hw: tuple[int, int] = DEFAULT_INPUT_HW  # crop (H, W) in pixels
-    heatmap_hw: tuple[int, int] = heatmap_hw_for(DEFAULT_INPUT_HW)  # heatmap (h, w)
-    sigma: float = DEFAULT_SIGMA  # target Gaussian, heatmap pixels (TokenPose: 2 at 256x192, 3 at 384x288)
+class TokenPoseHeatmap(_HeatmapCodec):
+    """TokenPose's codec: similarity crops, whole-map Gaussian targets, argmax + DARK, shift-free flips (its
+    `flip_back`; its validate has no shift). Its configs use sigma 2 at 256x192, 3 at 384x288."""
 
     name: ClassVar[str] = "tokenpose-heatmap"
-    blur_kernel: ClassVar[int] = 11  # DARK's Gaussian blur before the log (TokenPose's TEST.BLUR_KERNEL)
-
-    @classmethod
-    def for_input(cls, input_hw: tuple[int, int], sigma: float = DEFAULT_SIGMA) -> TokenPoseHeatmap:
-        """The codec of crops of `input_hw`, with heatmaps at stride 4."""
-        return cls(tuple(input_hw), heatmap_hw_for(input_hw), float(sigma))
 
     @property
     def stride(self) -> tuple[float, float]:
@@ -304,25 +303,10 @@ class TokenPoseHeatmap:
 
     @property
     def heatmap_affine(self) -> np.ndarray:
-        """Heatmap pixels -> crop pixels, float64 [2, 3]: stride on both axes plus the y offset."""
+        """Heatmap pixels -> crop pixels, float64 [2, 3]: stride on both axes plus the y offset (TokenPose's
+        `transform_preds` composed with the crop's affine)."""
         stride, offset = tokenpose_grid(self.input_hw, self.heatmap_hw)
         return np.array([[stride, 0.0, offset[0]], [0.0, stride, offset[1]]])
-
-    def heatmap_to_crop(self, coords: np.ndarray) -> np.ndarray:
-        """Heatmap pixels [..., 2] -> crop pixels [..., 2] (float64): TokenPose's `transform_preds` composed
-        with the crop's affine."""
-        stride, offset = tokenpose_grid(self.input_hw, self.heatmap_hw)
-        return np.asarray(coords, dtype=np.float64) * stride + offset
-
-    def flip(self, heatmaps: Any, keypoint_set: KeypointSet) -> Any:
-        """Heatmaps of the mirrored crop -> heatmaps of the crop, numpy or torch (`flip_heatmaps`; TokenPose's
-        `flip_back`, and its validate has no shift)."""
-        return flip_heatmaps(heatmaps, keypoint_set.flip_index)
-
-    def to_record(self) -> dict[str, Any]:
-        """What a cache records about the codec of its targets (JSON values)."""
-        return {"name": self.name, "input_hw": list(self.input_hw), "heatmap_hw": list(self.heatmap_hw),
-                "sigma": float(self.sigma)}
 
 
 Codec = UDPHeatmap | TokenPoseHeatmap

@@ -176,8 +176,27 @@ def key_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]
 
 def shape_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> str | None:
     """The keys whose shapes differ between `sd` and `own`, or None."""
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and sd[k].shape != v.shape]
     return f"shape mismatch {key_list(wrong)}" if wrong else None
+
+
+def rename_keys(sd: Mapping[str, torch.Tensor], renames: list[tuple[str, str]], drop: str | None = None
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Another layout's weights under our names: each key under the first (regex, replacement) of `renames` that
+    matches it (`re.sub` replacements), the keys `drop` matches left out; also the keys nothing matched."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        if drop is not None and re.match(drop, key):
+            continue
+        new = next((re.sub(pattern, replacement, key) for pattern, replacement in renames if re.match(pattern, key)),
+                   None)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    return out, unknown
 
 
 def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -64,7 +64,8 @@ EXAMPLES = {
     "dump-teacher": "kdcache dump-teacher --teacher vitpose-b.pth "
                     "--ann coco/annotations/person_keypoints_train2017.json "
                     "--images coco/train2017 --out cache --views 8 --device cuda\n"
-                    "  kdcache dump-teacher --teacher vitpose-b.pth --ann coco/annotations/image_info_unlabeled2017.json "
+                    "  kdcache dump-teacher --teacher vitpose-b.pth "
+                    "--ann coco/annotations/image_info_unlabeled2017.json "
                     "--boxes unlabeled2017_person_dets.json --box-score-thr 0.5 --images coco/unlabeled2017 "
                     "--out cache-u --device cuda",
     "train-student": "kdcache train-student --cache cache --student mobilenetv3_large_100 --out runs/mnv3 --epochs 210 "

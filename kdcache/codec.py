@@ -22,6 +22,7 @@ entry in `CODECS`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,6 +40,17 @@ DEFAULT_INPUT_HW = (256, 192)   # ViTPose's crop (H, W)
 def heatmap_hw_for(input_hw: tuple[int, int]) -> tuple[int, int]:
     """Heatmaps are at stride 4 of the input: 256x192 -> 64x48."""
     return input_hw[0] // HEATMAP_STRIDE, input_hw[1] // HEATMAP_STRIDE
+
+
+def closest_to_4_3(shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (h, w) of `shapes` whose h / w is closest to 4:3, the aspect of every ViTPose and TokenPose crop: how
+    a grid, a heatmap or a patch is told from a weight file's count of cells alone."""
+    return min(shapes, key=lambda hw: abs(math.log(hw[0] / hw[1] / (4 / 3))))
+
+
+def factor_pairs(cells: int) -> list[tuple[int, int]]:
+    """Every (h, w) with h * w == `cells`."""
+    return [(h, cells // h) for h in range(1, cells + 1) if cells % h == 0]
 
 
 def heatmap_stride(input_hw: tuple[int, int], heatmap_hw: tuple[int, int]) -> tuple[float, float]:

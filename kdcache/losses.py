@@ -63,7 +63,7 @@ class KDConfig:
     loss: str = "mse"           # the teacher term, one of KD_LOSSES
     temperature: float = 1.0    # "kl": softmax temperature (the loss is scaled by T^2)
     confidence_weights: bool = False  # weight each joint's teacher term by the teacher's confidence (its peak)
-    box_score_weights: bool = False   # weight each row's teacher term by its person box's score (detector's; 1 annotated)
+    box_score_weights: bool = False   # weight each row's teacher term by its box's score (a detector's; 1 annotated)
 
     def __post_init__(self) -> None:
         if self.loss not in KD_LOSSES:

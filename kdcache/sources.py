@@ -9,8 +9,9 @@ training loop (`kdcache.train.fit`) runs any of them and does not know which.
 
 A source is any object with `dataset` (items: dicts of numpy arrays with "crop" uint8 [H, W, 3] and, when
 the student sees changed pixels, "student_crop"), `loss(model, batch) -> scalar` over a collated batch
-already on the device, and `codec`: the codec its targets were made with, which the student then keeps
-(a TokenPose teacher's students make and read TokenPose's heatmaps). `student_source` picks the one a TrainStudentConfig asks for; a new source is one
+already on the device, `codec` (the codec its targets were made with) and `keypoint_set`: the student then
+keeps both (a TokenPose teacher's students make and read TokenPose's heatmaps; a CrowdPose file's students
+predict its 14 joints). `student_source` picks the one a TrainStudentConfig asks for; a new source is one
 more class here, its branch there, and its tests.
 """
 

@@ -42,8 +42,9 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", input_hw:
     """Load a teacher in eval mode from any file a family reads, or from a kdcache checkpoint.
 
     ViTPose: official release files (classic or simple head, S/B/L/H, multi-dataset and ViTPose++ files
-    included), a bare state dict of the same keys, mmpose 1.x `td-hm_ViTPose-*` checkpoints, a HuggingFace VitPose folder (config.json + safetensors
-    or .bin) or weight file, and kdcache checkpoints (`{"format": "kdcache", "kind": "vitpose", ...}`).
+    included), a bare state dict of the same keys, mmpose 1.x `td-hm_ViTPose-*` checkpoints, a HuggingFace
+    VitPose folder (config.json + safetensors or .bin) or weight file, and kdcache checkpoints
+    (`{"format": "kdcache", "kind": "vitpose", ...}`). TokenPose: the official code's files and mmpose's port's.
     Pickled files are read with `torch.load(weights_only=True)`: a file that would run code is refused.
 
     Args:

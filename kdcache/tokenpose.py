@@ -160,8 +160,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.num_keypoints = cfg.num_keypoints
         self.pos_every_block = cfg.pos_embedding == "sine-full"
-        self.layers = nn.ModuleList(nn.ModuleList([PreNorm(cfg.dim, Attention(cfg)), PreNorm(cfg.dim, FeedForward(cfg))])
-                                    for _ in range(cfg.depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PreNorm(cfg.dim, Attention(cfg)), PreNorm(cfg.dim, FeedForward(cfg))])
+            for _ in range(cfg.depth))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: [N, K + patches, D]; pos: [1, patches, D], added to the patch tokens before blocks 2.. (sine-full)."""

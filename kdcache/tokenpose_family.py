@@ -7,10 +7,12 @@ published no weights (TokenPose issues #4, #5, #6). Also mmpose's port (`mmpose/
 with `configs/body_2d_keypoint/topdown_heatmap/coco/td-hm_TokenPose-*`): a `backbone.*` TokenPose whose
 heatmap head is inside the backbone, trained with mmpose's UDPHeatmap codec, and whose T, S and B attention
 is scaled by D^-1/2 (it builds their transformer without `scale_with_head`; L keeps it). Its names are mapped
-to the official ones and the two differences become the model's `scale_with_head` and `codec`. The architecture is read from the shapes: the variant from
-the module names, width, depth, MLP ratio and head from their weights, the crop size from the heatmap the head
-writes (4:3, as every official config), the patch size from the patch embedding and the sine grid. Only the
-attention heads are not in the weights: they come from the official configs by variant (T 16, S 8, B 8, L 12).
+to the official ones and the two differences become the model's `scale_with_head` and `codec`.
+
+The architecture is read from the shapes: the variant from the module names, width, depth, MLP ratio and head
+from their weights, the crop size from the heatmap the head writes (4:3, as every official config), the patch
+size from the patch embedding and the sine grid. Only the attention heads are not in the weights: they come from
+the official configs by variant (T 16, S 8, B 8, L 12).
 TokenPose runs only at the size it was trained at: its patch grid and its heatmap head are fixed by it.
 """
 
@@ -18,15 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from kdcache.checkpoint import key_mismatch, shape_mismatch, unwrap_state_dict
-from kdcache.codec import UDPHeatmap
+from kdcache.checkpoint import key_list, key_mismatch, rename_keys, shape_mismatch, unwrap_state_dict
+from kdcache.codec import UDPHeatmap, closest_to_4_3, factor_pairs
 from kdcache.errors import UserError
 from kdcache.tokenpose import ARCHS, HRNET_WIDTH, KIND, STEM_CHANNELS, TokenPose, TokenPoseConfig, build_tokenpose, \
     tokenpose_config
@@ -60,23 +61,18 @@ def _variant(sd: Mapping[str, torch.Tensor], base: str) -> str:
     return variant
 
 
-def _heatmap_hw(pixels: int) -> tuple[int, int]:
-    """(h, w) of a heatmap of `pixels` cells: the factorisation closest to 4:3 (every official config)."""
-    pairs = [(h, pixels // h) for h in range(1, pixels + 1) if pixels % h == 0]
-    return min(pairs, key=lambda hw: abs(math.log(hw[0] / hw[1] / (4 / 3))))
-
-
-def _patch_hw(feature_hw: tuple[int, int], patch_pixels: int, slots: int, keypoints: int) -> tuple[tuple[int, int], str]:
+def _patch_hw(feature_hw: tuple[int, int], patch_pixels: int, slots: int,
+              keypoints: int) -> tuple[tuple[int, int], str]:
     """Patch (h, w) and position embedding kind that explain `slots` positions over a `feature_hw` map.
 
     Every divisor pair of `patch_pixels` that tiles the map gives the same count, so the shape closest to 4:3 is
     taken, as every official config's (16x12, 4x3, 6x4 at 384x288; 2x2 is the closest for 4 pixels)."""
     fh, fw = feature_hw
+    tiling = [(ph, pw) for ph, pw in factor_pairs(patch_pixels) if fh % ph == 0 and fw % pw == 0]
     for kind, grid in (("sine-full", slots), ("learnable", slots - keypoints)):
-        fits = [(ph, patch_pixels // ph) for ph in range(1, patch_pixels + 1) if patch_pixels % ph == 0
-                and fh % ph == 0 and fw % (patch_pixels // ph) == 0 and (fh // ph) * (fw // (patch_pixels // ph)) == grid]
+        fits = [(ph, pw) for ph, pw in tiling if (fh // ph) * (fw // pw) == grid]
         if fits:
-            return min(fits, key=lambda hw: abs(math.log(hw[0] / hw[1] / (4 / 3)))), kind
+            return closest_to_4_3(fits), kind
     raise UserError(f"TokenPose weights: no patch size cuts a {fh}x{fw} map into {slots} positions "
                     f"({patch_pixels} pixels per patch)")
 
@@ -94,7 +90,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> TokenPoseConfig:
     two_layers = base + "mlp_head.3.weight" in sd
     out = sd[base + ("mlp_head.3.weight" if two_layers else "mlp_head.1.weight")].shape[0]
     hidden = sd[base + "mlp_head.1.weight"].shape[0] if two_layers else None
-    heatmap_hw = _heatmap_hw(out)
+    heatmap_hw = closest_to_4_3(factor_pairs(out))  # every official config's heatmap is 4:3
     input_hw = (4 * heatmap_hw[0], 4 * heatmap_hw[1])
     stride = 1 if variant == "t" else 4
     patch_pixels = sd[base + "patch_to_embedding.weight"].shape[1] // STEM_CHANNELS[variant]
@@ -105,9 +101,9 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> TokenPoseConfig:
     cfg = TokenPoseConfig("tokenpose-custom", variant, dim, depth, HEADS_BY_VARIANT[variant], patch_hw, mlp_ratio,
                           input_hw, keypoints, hidden, pos, scale_with_head=variant != "s")
     # A preset with this shape gives its heads (the official ones, or a CPU preset's own).
-    preset = next((p for p in ARCHS.values() if dataclasses.replace(
-        p, arch=cfg.arch, heads=cfg.heads, input_hw=input_hw, num_keypoints=keypoints, hidden_heatmap_dim=hidden) == cfg),
-        None)
+    unsized = dict(arch=cfg.arch, heads=cfg.heads, input_hw=input_hw, num_keypoints=keypoints,
+                   hidden_heatmap_dim=hidden)
+    preset = next((p for p in ARCHS.values() if dataclasses.replace(p, **unsized) == cfg), None)
     if preset is None:
         log.info("TokenPose weights match no preset; assuming the official %d heads of variant %s", cfg.heads,
                  variant.upper())
@@ -130,7 +126,8 @@ def _load(cfg: TokenPoseConfig, sd: Mapping[str, torch.Tensor], path: Path, devi
 
 def _fixed_size(cfg: TokenPoseConfig, input_hw: tuple[int, int] | None, path: Path) -> None:
     if input_hw is not None and tuple(input_hw) != tuple(cfg.input_hw):
-        raise UserError(f"{path}: TokenPose runs only at the size it was trained at, {cfg.input_hw[0]}x{cfg.input_hw[1]} "
+        raise UserError(f"{path}: TokenPose runs only at the size it was trained at, "
+                        f"{cfg.input_hw[0]}x{cfg.input_hw[1]} "
                         f"(its patch grid and heatmap head are fixed by it), not {input_hw[0]}x{input_hw[1]}")
 
 
@@ -182,7 +179,8 @@ def from_release(obj: Mapping, path: Path, device: str | torch.device, input_hw:
     if is_mmpose_port(sd):
         sd, scale_with_head = from_mmpose_port(sd, Path(path))
         cfg = config_from_state_dict(sd)
-        cfg = dataclasses.replace(cfg, arch=f"{cfg.arch}-mmpose", scale_with_head=scale_with_head, codec=UDPHeatmap.name)
+        cfg = dataclasses.replace(cfg, arch=f"{cfg.arch}-mmpose", scale_with_head=scale_with_head,
+                                  codec=UDPHeatmap.name)
     else:
         cfg = config_from_state_dict(sd)
     _fixed_size(cfg, input_hw, path)
@@ -200,22 +198,23 @@ def from_kdcache(obj: Mapping, path: Path, device: str | torch.device, input_hw:
 
 # ---- mmpose's port --------------------------------------------------------------------------------------------
 
-# (port name under `backbone.`, official name), the first match wins; `{base}` is features. (S) or transformer.
+# (port name, official name), the first match wins; `{base}` is features. (S) or transformer.
 _PORT_RENAMES = [
-    (r"^(keypoint_token|pos_embedding)$", r"{base}\1"),
-    (r"^patch_to_embedding\.", "{base}patch_to_embedding."),
-    (r"^(transformer[123]?)\.layers\.", r"{base}\1.layers."),
-    (r"^layers\.1\.", "{base}mlp_head."),  # layers = [stem or HRNet, mlp head]
-    (r"^layers\.0\.0\.", "features.conv1."),  # S's stem: Sequential(conv, BN, ReLU, conv, BN, ReLU, layer1)
-    (r"^layers\.0\.1\.", "features.bn1."),
-    (r"^layers\.0\.3\.", "features.conv2."),
-    (r"^layers\.0\.4\.", "features.bn2."),
-    (r"^layers\.0\.6\.", "features.layer1."),
-    (r"^pre_feature\.", "pre_feature."),  # mmpose's HRNet: the same names (conv1, bn1, transition1, stage2, ...)
+    (r"^backbone\.(keypoint_token|pos_embedding)$", r"{base}\1"),
+    (r"^backbone\.patch_to_embedding\.", "{base}patch_to_embedding."),
+    (r"^backbone\.(transformer[123]?)\.layers\.", r"{base}\1.layers."),
+    (r"^backbone\.layers\.1\.", "{base}mlp_head."),  # layers = [stem or HRNet, mlp head]
+    # S's stem: Sequential(conv, BN, ReLU, conv, BN, ReLU, layer1)
+    (r"^backbone\.layers\.0\.0\.", "features.conv1."),
+    (r"^backbone\.layers\.0\.1\.", "features.bn1."),
+    (r"^backbone\.layers\.0\.3\.", "features.conv2."),
+    (r"^backbone\.layers\.0\.4\.", "features.bn2."),
+    (r"^backbone\.layers\.0\.6\.", "features.layer1."),
+    (r"^backbone\.pre_feature\.", "pre_feature."),  # mmpose's HRNet: our names (conv1, bn1, transition1, ...)
 ]
 # Built by mmpose's HRNet but unused by the port's stage-3 forward: stage 4, and stage 3's last fusions into
-# branches 1 and 2 (only branch 0 is returned). `layers.0` is the same HRNet registered a second time.
-_PORT_UNUSED = re.compile(r"^(pre_feature\.(transition3|stage4)\.|pre_feature\.stage3\.3\.fuse_layers\.[12]\.)")
+# branches 1 and 2 (only branch 0 is returned).
+_PORT_UNUSED = r"backbone\.pre_feature\.(transition3|stage4)\.|backbone\.pre_feature\.stage3\.3\.fuse_layers\.[12]\."
 
 
 def is_mmpose_port(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -227,24 +226,13 @@ def from_mmpose_port(sd: Mapping[str, torch.Tensor], path: Path) -> tuple[dict[s
     hrnet = "backbone.pre_feature.conv1.weight" in sd
     stem = "backbone.layers.0.0.weight" in sd and not hrnet
     base = "features." if stem else "transformer."
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        name = key[len("backbone."):] if key.startswith("backbone.") else None
-        if name is None or (hrnet and name.startswith("layers.0.")) or _PORT_UNUSED.match(name or ""):
-            if name is None:
-                unknown.append(key)
-            continue
-        new = next((re.sub(pattern, target.format(base=base), name) for pattern, target in _PORT_RENAMES
-                    if re.match(pattern, name)), None)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
+    # With an HRNet, layers.0 is that HRNet registered a second time.
+    drop = "^(" + _PORT_UNUSED + (r"|backbone\.layers\.0\." if hrnet else "") + ")"
+    out, unknown = rename_keys(sd, [(p, t.format(base=base)) for p, t in _PORT_RENAMES], drop)
     if unknown:
-        raise UserError(f"{path}: keys that mmpose's TokenPose port does not have: {', '.join(unknown[:4])}"
-                        f"{' ...' if len(unknown) > 4 else ''} ({len(unknown)})")
+        raise UserError(f"{path}: keys that mmpose's TokenPose port does not have: {key_list(unknown)}")
+    head_scaled = base + "transformer1.layers.0.0.fn.norm.weight" in out  # L, the port's only head-scaled one
     log.info("mmpose TokenPose port: renamed to the official layout (UDP codec, attention scale %s)",
-             "(D/heads)^-1/2" if base + "transformer1.layers.0.0.fn.norm.weight" in out else "D^-1/2")
-    return out, base + "transformer1.layers.0.0.fn.norm.weight" in out
+             "(D/heads)^-1/2" if head_scaled else "D^-1/2")
+    return out, head_scaled
 

@@ -94,7 +94,8 @@ def mirror_affine(affine: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
 
 
 def half_body_center_scale(keypoints: np.ndarray, halves: tuple[tuple[int, ...], tuple[int, ...]], upper_first: bool,
-                           aspect_wh: float, padding: float = HALF_BODY_PADDING) -> tuple[np.ndarray, np.ndarray] | None:
+                           aspect_wh: float, padding: float = HALF_BODY_PADDING
+                           ) -> tuple[np.ndarray, np.ndarray] | None:
     """Crop around the upper or the lower body (mmpose `TopDownHalfBodyTransform.half_body_transform`).
 
     The upper body is chosen when `upper_first` and it has more than 2 labelled joints, else the lower
@@ -139,7 +140,7 @@ class ViewSampler:
     """The views of instances, each reproducible from (seed, ann_id, view) alone."""
 
     aug: AugmentConfig            # ViTPose's view augmentation
-    codec: Codec             # crop size and the affine that cuts a crop
+    codec: Codec                  # crop size and the affine that cuts a crop
     keypoint_set: KeypointSet     # which joints are upper body (half-body crops)
     seed: int                     # with ann_id and view, decides every random number of a view
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from kdcache import vitpose_formats as formats
 from kdcache.checkpoint import key_mismatch, shape_mismatch, unwrap_state_dict
+from kdcache.codec import closest_to_4_3, factor_pairs
 from kdcache.errors import UserError
 from kdcache.vitpose import ARCHS, KIND, ViTPose, ViTPoseConfig, build_vitpose, vitpose_config
 
@@ -41,8 +42,7 @@ def _guess_grid(num_patches: int, hint: tuple[int, int] | None) -> tuple[int, in
     """Patch grid of a checkpoint's pos_embed: the hint if it fits, else the factorisation closest to 4:3."""
     if hint is not None and math.prod(hint) == num_patches:
         return tuple(hint)
-    pairs = [(h, num_patches // h) for h in range(1, num_patches + 1) if num_patches % h == 0]
-    return min(pairs, key=lambda hw: abs(math.log(hw[0] / hw[1] / (4 / 3))))
+    return closest_to_4_3(factor_pairs(num_patches))
 
 
 # Heads per embedding width, from the presets: the weights cannot tell how D is split into heads.

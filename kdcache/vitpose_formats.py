@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from kdcache.checkpoint import read_state_dict, unwrap_state_dict
+from kdcache.checkpoint import key_list, read_state_dict, rename_keys, unwrap_state_dict
 from kdcache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -255,14 +255,7 @@ def from_huggingface(sd: Mapping[str, torch.Tensor], config: Mapping, path: Path
                         f"{'simple' if simple else 'classic'} head")
     if simple and config.get("scale_factor", 4) != 4:
         raise UserError(f"{path}: simple head with scale_factor {config['scale_factor']}; ViTPose's is 4")
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        new = _hf_to_official(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
+    out, unknown = rename_keys(sd, _HF_RENAMES)
     qkv = {}  # (block, kind) -> {query|key|value: tensor}
     for key in [k for k in out if ".attn.__" in k]:
         block, part, kind = re.match(r"backbone\.blocks\.(\d+)\.attn\.__(\w+)\.(weight|bias)$", key).groups()
@@ -275,8 +268,7 @@ def from_huggingface(sd: Mapping[str, torch.Tensor], config: Mapping, path: Path
         for (block, kind), parts in list(qkv.items()):
             out[f"backbone.blocks.{block}.attn.qkv.bias"] = parts["query"].new_zeros(3 * parts["query"].shape[0])
     if unknown:
-        raise UserError(f"{path}: unexpected HuggingFace VitPose keys {', '.join(unknown[:4])}"
-                        f"{' ...' if len(unknown) > 4 else ''} ({len(unknown)})")
+        raise UserError(f"{path}: unexpected HuggingFace VitPose keys {key_list(unknown)}")
     image = backbone["image_size"]
     image = (image, image) if isinstance(image, int) else tuple(image)
     overrides = {"num_heads": int(backbone["num_attention_heads"]), "layer_norm_eps": float(backbone["layer_norm_eps"])}
@@ -302,19 +294,6 @@ _HF_RENAMES = [  # (HuggingFace pattern, official replacement), applied to the w
 ]
 
 
-def _hf_to_official(key: str) -> str | None:
-    return _rename(key, _HF_RENAMES)
-
-
-def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
-    """`key` under the first pattern of `renames` that matches it, or None."""
-    for pattern, replacement in renames:
-        new, hits = re.subn(pattern, replacement, key)
-        if hits:
-            return new
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # mmpose 1.x: mmcls / mmpretrain VisionTransformer + HeatmapHead
 
@@ -336,20 +315,11 @@ def from_mmpose1(sd: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.
     `backbone.pos_embed` holds a class slot first when the file also holds `backbone.cls_token` (mmcls 1.x
     builds both and never adds that slot to a patch); an mmpretrain file holds the patch positions alone.
     """
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        if key == "backbone.cls_token" or key.startswith("data_preprocessor."):
-            continue  # unused with with_cls_token=False; the preprocessor's mean/std are ViTPose's
-        new = _rename(key, _MMPOSE1_RENAMES)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
+    # cls_token: unused with with_cls_token=False; the data preprocessor's mean/std are ViTPose's.
+    out, unknown = rename_keys(sd, _MMPOSE1_RENAMES, drop=r"^(backbone\.cls_token$|data_preprocessor\.)")
     if unknown:
-        raise UserError(f"{path}: mmpose 1.x keys that ViTPose does not have: {', '.join(unknown[:4])}"
-                        f"{' ...' if len(unknown) > 4 else ''} ({len(unknown)}); kdcache reads mmpose's "
-                        "td-hm_ViTPose-* checkpoints (VisionTransformer + HeatmapHead)")
+        raise UserError(f"{path}: mmpose 1.x keys that ViTPose does not have: {key_list(unknown)}; kdcache reads "
+                        "mmpose's td-hm_ViTPose-* checkpoints (VisionTransformer + HeatmapHead)")
     if "backbone.pos_embed" not in out:
         raise UserError(f"{path}: mmpose 1.x ViTPose file without backbone.pos_embed")
     pos = out["backbone.pos_embed"]

@@ -88,7 +88,9 @@ def check_resume_fits(run: RunConfig, model: nn.Module) -> None:
     last = Path(run.out) / "last.pt"
     if not (run.resume and last.exists()):
         return
-    saved, now = read_checkpoint(last).get("model_config") or {}, model.config.to_dict()
+    # read through the config class, so that a field added since the file was written takes its default
+    saved = type(model.config).from_dict(read_checkpoint(last).get("model_config") or {}).to_dict()
+    now = model.config.to_dict()
     if saved != now:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         shown = ", ".join(f"{k} {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff[:3])

@@ -56,6 +56,18 @@ def test_resume_with_another_model_is_one_line(error_line, data, tmp_path, capsy
     assert code == 2 and "is another model" in err and "vitpose-nano" in err and "vitpose-tiny" in err
 
 
+def test_resume_reads_a_checkpoint_written_before_a_config_field_existed(data, tmp_path, capsys):
+    """A field added to a model's config since its last.pt was written takes its default: the run resumes."""
+    run = tmp_path / "run"
+    assert _teacher(data, run, "--max-steps", "1") == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["model_config"]["num_keypoints"], ckpt["model_config"]["layer_norm_eps"]  # as an older kdcache wrote
+    torch.save(ckpt, run / "last.pt")
+    capsys.readouterr()
+    assert _teacher(data, run, "--max-steps", "1", "--resume") == 0
+    assert f"resuming {run} after epoch 1 (step 1)" in capsys.readouterr().err
+
+
 def test_out_that_is_a_file_or_cannot_be_written_fails_before_any_work(error_line, data, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

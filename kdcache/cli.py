@@ -77,7 +77,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
     out = synthesize(SynthConfig(out=a.out, train_images=a.train_images, val_images=a.val_images,
                                  unlabelled_images=a.unlabelled_images, seed=a.seed, workers=a.workers,
-                                 max_people=a.max_people, clutter=a.clutter))
+                                 max_people=a.max_people, clutter=a.clutter, keypoint_set=a.keypoint_set))
     print(f"wrote {out}")
     return 0
 

@@ -24,7 +24,7 @@ from kdcache.inspect_cache import SHEET_VIEWS
 from kdcache.losses import KD_LOSSES, KDConfig
 from kdcache.optim import SCHEDULES
 from kdcache.student import HEADS as STUDENT_HEADS, StudentConfig
-from kdcache.synth import SynthConfig
+from kdcache.synth import SYNTH_SETS, SynthConfig
 from kdcache.transforms import AugmentConfig
 from kdcache.vitpose import HEADS as VITPOSE_HEADS
 
@@ -218,6 +218,8 @@ def _synth_flags(p: argparse.ArgumentParser) -> None:
                    help="people per image drawn from 1..P")
     p.add_argument("--clutter", type=NON_NEGATIVE, default=default(SynthConfig, "clutter"),
                    help="background distractors (0: none)")
+    p.add_argument("--keypoint-set", choices=SYNTH_SETS, default=default(SynthConfig, "keypoint_set"),
+                   help="what is labelled: COCO's 17, or COCO-WholeBody's 133 (feet, face, hands) in its layout")
 
 
 def _train_teacher_flags(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,8 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from kdcache.errors import UserError
-from kdcache.keypoints import COCO_17, KeypointSet, keypoint_set_of_category, keypoint_set_with
+from kdcache.keypoints import (COCO_17, COCO_WHOLEBODY_133, KeypointSet, keypoint_set_of_category,
+                               keypoint_set_with)
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +176,37 @@ def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
                 raise UserError(f"{where} has {len(kpts)} keypoint values, expected {expected} (x, y, v per joint"
                                 f"{', as the category names' if names else ''}); fix it")
     num_keypoints = num_keypoints or _NO_KEYPOINTS.num_keypoints  # no keypoint in the file at all (image info)
-    for ann in annotations:
-        if ann.get("category_id") != person["id"]:
-            continue
+    people = [ann for ann in annotations if ann.get("category_id") == person["id"]]
+    if any(kpts in ann for ann in people for _, kpts, _ in WHOLEBODY_FIELDS):
+        _check_and_fill_wholebody(people, num_keypoints, ann_file)
+    for ann in people:
         # What COCOeval reads from every person, as COCO defines it where converted files leave it out.
         if not ann.get("keypoints"):
             ann["keypoints"], ann["num_keypoints"] = [0] * (3 * num_keypoints), 0
         ann.setdefault("num_keypoints", sum(1 for v in ann["keypoints"][2::3] if v > 0))
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
         ann.setdefault("iscrowd", 0)
+
+
+def _check_and_fill_wholebody(people: list[dict[str, Any]], num_keypoints: int, ann_file: Path) -> None:
+    """A COCO-WholeBody file's part fields: each [x, y, v] * the part's size in numbers, flags true or false; a
+    person without a part's field gets it unlabelled (zeros, not valid)."""
+    body = COCO_WHOLEBODY_133.part("body")
+    if num_keypoints != len(body):
+        raise UserError(f"{ann_file} has COCO-WholeBody part fields ({WHOLEBODY_FIELDS[0][1]}, ...) but "
+                        f"{num_keypoints} body keypoints per person; COCO-WholeBody's body is COCO's {len(body)}")
+    for ann in people:
+        for part, kpts, valid in WHOLEBODY_FIELDS:
+            size = 3 * len(COCO_WHOLEBODY_133.part(part))
+            if kpts not in ann:
+                ann[kpts], ann[valid] = [0] * size, False
+            values = ann[kpts]
+            if not (isinstance(values, list) and len(values) == size and all(is_number(v) for v in values)):
+                raise UserError(f"{ann_file}: person annotation {ann['id']} has {kpts} that are not {size // 3} x 3 "
+                                "finite numbers (x, y, v per point, as COCO-WholeBody writes them); fix it")
+            if not isinstance(ann.get(valid, True), bool):
+                raise UserError(f"{ann_file}: person annotation {ann['id']} has {valid} {ann[valid]!r}, not true or "
+                                "false; fix it or leave it out")
 
 
 def as_coco(ann: Path | COCO) -> tuple[COCO, Path | str]:
@@ -199,9 +222,61 @@ def person_category_id(coco: COCO) -> int:
 # A file that names no keypoints and holds none (an image-info file) is read as this set's.
 _NO_KEYPOINTS = COCO_17
 
+# COCO-WholeBody files keep COCO's 17 body keypoints in `keypoints` and each other part in a field of its own,
+# with a validity flag; kdcache reads a person as one 133-point instance in this order (COCO_WHOLEBODY_133's
+# parts), as mmpose's CocoWholeBodyDataset does. `num_keypoints` counts the body's alone, as in COCO's files.
+WHOLEBODY_FIELDS = (("foot", "foot_kpts", "foot_valid"), ("face", "face_kpts", "face_valid"),
+                    ("left_hand", "lefthand_kpts", "lefthand_valid"),
+                    ("right_hand", "righthand_kpts", "righthand_valid"))
+
+
+def is_wholebody(coco: COCO) -> bool:
+    """The file is in COCO-WholeBody's layout (`load_coco` gave every person all the part fields, or none)."""
+    person = person_category_id(coco)
+    return any(ann.get("category_id") == person and WHOLEBODY_FIELDS[0][1] in ann
+               for ann in coco.dataset.get("annotations", []))
+
+
+def person_keypoints(ann: dict[str, Any], wholebody: bool, honour_valid: bool = True) -> list[float]:
+    """All keypoints of a person annotation of `load_coco` as one flat [x, y, v] * K list: in a whole-body file,
+    body then each part, a part flagged not valid (`*_valid` false) counted as unlabelled unless not
+    `honour_valid` (COCO-WholeBody's evaluation reads the points alone)."""
+    if not wholebody:
+        return ann["keypoints"]
+    out = list(ann["keypoints"])
+    for _, kpts, valid in WHOLEBODY_FIELDS:
+        values = list(ann[kpts])
+        if honour_valid and not ann.get(valid, True):
+            values[2::3] = [0] * (len(values) // 3)
+        out += values
+    return out
+
+
+def joined_wholebody_result(entry: dict[str, Any]) -> dict[str, Any]:
+    """A keypoint result in COCO-WholeBody's layout (body in `keypoints`, the parts in their fields) as one
+    133-point `keypoints` list; one already joined is returned as it is."""
+    if WHOLEBODY_FIELDS[0][1] not in entry:
+        return entry
+    joined = {k: v for k, v in entry.items() if k not in {kpts for _, kpts, _ in WHOLEBODY_FIELDS}}
+    joined["keypoints"] = person_keypoints(entry, wholebody=True, honour_valid=False)
+    return joined
+
+
+def split_wholebody_result(entry: dict[str, Any]) -> dict[str, Any]:
+    """A 133-point keypoint result in COCO-WholeBody's layout, as its tools (xtcocotools, mmpose) read results."""
+    flat, out = entry["keypoints"], dict(entry)
+    body = COCO_WHOLEBODY_133.part("body")
+    out["keypoints"] = flat[3 * body.start:3 * body.stop]
+    for part, kpts, _ in WHOLEBODY_FIELDS:
+        span = COCO_WHOLEBODY_133.part(part)
+        out[kpts] = flat[3 * span.start:3 * span.stop]
+    return out
+
 
 def keypoint_count(coco: COCO) -> int:
     """K, the joints per person of a file loaded by `load_coco`: its keypoint names, else its annotations."""
+    if is_wholebody(coco):
+        return COCO_WHOLEBODY_133.num_keypoints
     names = _person_category(coco.dataset["categories"], Path("<coco>")).get("keypoints")
     if names:
         return len(names)
@@ -214,11 +289,14 @@ def keypoint_count(coco: COCO) -> int:
 
 def keypoint_set_of(coco: COCO, ann_file: Path | str = "<coco>") -> KeypointSet:
     """The keypoint set of a file loaded by `load_coco`: the built-in set its category's keypoint names are
-    (however the file spells them: `keypoints.keypoint_set_of_category`), else the one with its keypoint count.
+    (however the file spells them: `keypoints.keypoint_set_of_category`), else the one with its keypoint count;
+    COCO-WholeBody's for a file in its layout.
 
     Raises:
         UserError: no built-in set, or several, have the file's keypoint count.
     """
+    if is_wholebody(coco):  # its category names COCO's 17 body keypoints only
+        return COCO_WHOLEBODY_133
     named = keypoint_set_of_category(_person_category(coco.dataset["categories"], Path(ann_file)))
     return named or keypoint_set_with(keypoint_count(coco), str(ann_file))
 
@@ -273,6 +351,7 @@ def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>", persons: st
         raise UserError(f"unknown --persons {persons!r}; choose one of {', '.join(PERSONS)}")
     person_id = person_category_id(coco)
     num_keypoints = keypoint_set_of(coco, ann_file).num_keypoints  # a set kdcache knows, or refused
+    wholebody = is_wholebody(coco)
     instances = []
     dropped = {"crowd": 0, "labelled": 0, "unlabelled": 0, "box": 0}
     for ann in coco.dataset.get("annotations", []):
@@ -282,7 +361,8 @@ def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>", persons: st
             dropped["crowd"] += 1
             continue
         # load_coco gave every person a box, K keypoints (checked above) and num_keypoints.
-        kpts = np.asarray(ann["keypoints"], dtype=np.float32).reshape(num_keypoints, 3)
+        kpts = np.asarray(person_keypoints(ann, wholebody), dtype=np.float32).reshape(num_keypoints, 3)
+        # (whole-body files: a person counts as labelled by its body, as mmpose's COCO-WholeBody loading does)
         labelled = kpts[:, 2].max() > 0 and ann["num_keypoints"] > 0
         if persons != "all" and labelled != (persons == "labelled"):
             dropped["labelled" if labelled else "unlabelled"] += 1
@@ -398,11 +478,16 @@ def load_keypoint_results(results: Path, coco: COCO, ann: Path) -> list[dict[str
                         "score}, ...]); pass one")
     if not entries:
         raise UserError(f"nothing to score: {results} holds no results")
-    person, k = person_category_id(coco), keypoint_count(coco)
+    person, k, wholebody = person_category_id(coco), keypoint_count(coco), is_wholebody(coco)
     for index, e in enumerate(entries):
         where = f"{results}: result #{index}"
         if not isinstance(e, dict) or not all(key in e for key in ("image_id", "category_id", "keypoints", "score")):
             raise UserError(f"{where} is not {{image_id, category_id, keypoints, score}}; pass COCO keypoint results")
+        if wholebody and WHOLEBODY_FIELDS[0][1] in e:  # COCO-WholeBody's layout: checked as one 133-point list
+            if not all(kpts in e for _, kpts, _ in WHOLEBODY_FIELDS):
+                raise UserError(f"{where} has some of COCO-WholeBody's part fields but not all of "
+                                f"{[kpts for _, kpts, _ in WHOLEBODY_FIELDS]}; write every part")
+            e = entries[index] = joined_wholebody_result(e)
         if type(e["image_id"]) is not int or e["image_id"] not in coco.imgs:
             raise UserError(f"{where} is on image {e['image_id']!r}, which is not in {ann}; score it against the "
                             "annotation file it was predicted for")
@@ -412,7 +497,9 @@ def load_keypoint_results(results: Path, coco: COCO, ann: Path) -> list[dict[str
         kpts = e["keypoints"]
         if not (isinstance(kpts, list) and len(kpts) == 3 * k and all(is_number(v) for v in kpts)):
             raise UserError(f"{where} has keypoints that are not {k} x 3 finite numbers (x, y, score per joint); "
-                            f"{ann} has {k} keypoints per person")
+                            f"{ann} has {k} keypoints per person"
+                            + (" (in COCO-WholeBody's layout: 17 body ones and each part's in its field)"
+                               if wholebody else ""))
         if not is_number(e["score"]):
             raise UserError(f"{where} has score {e['score']!r}, not a finite number")
     return entries

@@ -21,7 +21,8 @@ from torch import nn
 
 from kdcache.boxes import PersonBox, detected_person_boxes, gt_person_boxes
 from kdcache.codec import Codec
-from kdcache.coco import keypoint_set_of, load_coco, load_keypoint_results, person_category_id
+from kdcache.coco import (is_wholebody, keypoint_set_of, load_coco, load_keypoint_results, person_category_id,
+                          split_wholebody_result)
 from kdcache.config import EvalConfig
 from kdcache.errors import UserError
 from kdcache.metrics import coco_keypoint_metrics, require_scorable
@@ -128,8 +129,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, float | None]:
     metrics, results = _score_model(model, coco, cfg.ann, cfg.images, person_boxes, cfg.predict)
     if cfg.metrics_out is not None:
         _write_json(Path(cfg.metrics_out), metrics)
-    if cfg.results_out is not None:
-        _write_json(Path(cfg.results_out), results)
+    if cfg.results_out is not None:  # a whole-body file's results in its layout, for its tools
+        _write_json(Path(cfg.results_out), [split_wholebody_result(r) for r in results] if is_wholebody(coco)
+                    else results)
     if cfg.vis_dir is not None:
         write_pictures(coco, cfg.images, results, cfg.vis_dir, cfg.vis_count)
     return metrics

@@ -55,6 +55,7 @@ def cache_summary(path: Path) -> dict[str, Any]:
         "teacher": m["teacher"],
         "teacher_flip": bool(m.get("teacher_flip", False)),
         "codec": cache.codec.name,  # how its crops were cut and its heatmaps are read (the teacher family's)
+        "keypoint_set": f"{cache.keypoint_set.name} ({cache.keypoint_set.num_keypoints} keypoints)",
         "input_hw": m["input_hw"],
         "heatmap_hw": m["heatmap_hw"],
         "sigma": m["sigma"],

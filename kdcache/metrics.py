@@ -11,8 +11,10 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kdcache.coco import as_coco, keypoint_set_of, person_category_id
+from kdcache.coco import (as_coco, is_wholebody, joined_wholebody_result, keypoint_set_of, person_category_id,
+                          person_keypoints)
 from kdcache.errors import UserError
+from kdcache.keypoints import KeypointSet
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
@@ -46,11 +48,32 @@ def coco_keypoint_metrics(ann: Path | COCO, results: list[dict[str, Any]]) -> di
     require_scorable(gt, source)
     if not results:
         raise UserError(f"nothing to score: no predictions for the images of {source}")
+    keypoint_set = keypoint_set_of(gt, source)
+    if is_wholebody(gt):
+        return wholebody_metrics(gt, results, keypoint_set)
+    return _cocoeval(gt, results, keypoint_set.oks_sigmas)
+
+
+def _cocoeval(gt: COCO, results: list[dict[str, Any]], sigmas: tuple[float, ...] | np.ndarray,
+              result_areas: list[float] | None = None) -> dict[str, float | None]:
+    """pycocotools' keypoint COCOeval of `results` on `gt`'s person category with these OKS sigmas.
+
+    Args:
+        result_areas: each result's area (which area range an unmatched result counts in) instead of the
+            extent of its keypoints, which loadRes takes.
+    """
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds id/area/bbox to each: not to the caller's
+        if results:
+            dt = gt.loadRes([dict(r) for r in results])  # loadRes adds id/area/bbox to each: not to the caller's
+            for ann, area in zip(dt.dataset["annotations"], result_areas or ()):
+                ann["area"] = area
+        else:  # (loadRes cannot take none): nothing found, scored as such
+            dt = COCO()
+            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+            dt.createIndex()
         ev = COCOeval(gt, dt, "keypoints")
         ev.params.useSegm = None
-        sigmas = np.asarray(keypoint_set_of(gt, source).oks_sigmas)
+        sigmas = np.asarray(sigmas)
         default = np.asarray(ev.params.kpt_oks_sigmas)  # pycocotools' own are COCO-17's
         if sigmas.shape != default.shape or not np.allclose(sigmas, default):
             ev.params.kpt_oks_sigmas = sigmas
@@ -59,6 +82,64 @@ def coco_keypoint_metrics(ann: Path | COCO, results: list[dict[str, Any]]) -> di
         ev.accumulate()
         ev.summarize()
     return {name: float(v) * 100.0 if v >= 0 else None for name, v in zip(METRIC_NAMES, ev.stats)}
+
+
+# What COCO-WholeBody's protocol reports besides whole-body AP (its parts, as xtcocotools names its iouTypes).
+WHOLEBODY_PARTS = ("body", "foot", "face", "left_hand", "right_hand")
+
+
+def wholebody_metrics(gt: COCO, results: list[dict[str, Any]], keypoint_set: KeypointSet
+                      ) -> dict[str, float | None]:
+    """COCO-WholeBody's protocol (xtcocotools' `keypoints_body`, `_foot`, `_face`, `_lefthand`, `_righthand`
+    and `_wholebody` COCOevals, as mmpose's CocoWholeBodyMetric runs them), on pycocotools.
+
+    Each part is scored as its own keypoint set: the gt and the results keep that part's points (whole-body:
+    all 133) and its OKS sigmas; a person is ignored when none of the part's points is labelled (xtcocotools
+    counts v > 0 per part), and a result is dropped when none of its part's scores is positive; the OKS area
+    is the person's `area`, the score the result's; a result's own area (which area range it falls in when it
+    matches nobody) is its body keypoints' extent, as xtcocotools' loadRes reads it from results in
+    COCO-WholeBody's layout, whose `keypoints` are the body's. So scoring a part equals xtcocotools' for it
+    (`scripts/check_wholebody_metric.py` compares the two where xtcocotools is installed).
+
+    Args:
+        results: kdcache's (`keypoints`: all 133 points) or COCO-WholeBody's layout (`keypoints`: the body's 17,
+            and `foot_kpts`, `face_kpts`, `lefthand_kpts`, `righthand_kpts`).
+
+    Returns:
+        The whole-body numbers under METRIC_NAMES, and each part's under "<part> AP", "<part> AR" etc.
+    """
+    results = [joined_wholebody_result(r) for r in results]
+    person = person_category_id(gt)
+    body = slice(3 * keypoint_set.part("body").start, 3 * keypoint_set.part("body").stop)
+    out: dict[str, float | None] = {}
+    for part in (*WHOLEBODY_PARTS, "wholebody"):
+        span = range(keypoint_set.num_keypoints) if part == "wholebody" else keypoint_set.part(part)
+        cut = slice(3 * span.start, 3 * span.stop)
+        anns = []
+        for ann in gt.dataset["annotations"]:
+            if ann["category_id"] == person:
+                kpts = person_keypoints(ann, wholebody=True, honour_valid=False)[cut]
+                ann = {**ann, "keypoints": kpts, "num_keypoints": sum(1 for v in kpts[2::3] if v > 0)}
+            anns.append(ann)
+        part_gt = COCO()
+        part_gt.dataset = {**gt.dataset, "annotations": anns}
+        with contextlib.redirect_stdout(io.StringIO()):
+            part_gt.createIndex()
+        kept = [r for r in results if any(v > 0 for v in r["keypoints"][cut][2::3])]
+        sigmas = keypoint_set.oks_sigmas[span.start:span.stop]
+        scored = _cocoeval(part_gt, [{**r, "keypoints": r["keypoints"][cut]} for r in kept], sigmas,
+                           [_extent_area(r["keypoints"][body]) for r in kept])
+        if part == "wholebody":
+            out = {**scored, **out}
+        else:
+            out.update({f"{part} {name}": value for name, value in scored.items()})
+    return out
+
+
+def _extent_area(flat: list[float]) -> float:
+    """The area of the box around [x, y, v] * K keypoints, scores ignored (what loadRes gives a result)."""
+    xs, ys = flat[0::3], flat[1::3]
+    return float((max(xs) - min(xs)) * (max(ys) - min(ys)))
 
 
 def format_metrics(metrics: dict[str, float | None]) -> str:
@@ -70,5 +151,14 @@ def format_metrics(metrics: dict[str, float | None]) -> str:
         "AR50": "AR @[IoU=0.50 | area=all]", "AR75": "AR @[IoU=0.75 | area=all]",
         "ARm": "AR @[IoU=0.50:0.95 | area=medium]", "ARl": "AR @[IoU=0.50:0.95 | area=large]",
     }
-    shown = {name: "–" if metrics[name] is None else f"{metrics[name]:.2f}" for name in METRIC_NAMES}
-    return "\n".join(f"{name:5s} {labels[name]:38s} = {shown[name]:>6s}" for name in METRIC_NAMES)
+    def show(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    lines = [f"{name:5s} {labels[name]:38s} = {show(metrics[name]):>6s}" for name in METRIC_NAMES]
+    parts = [part for part in WHOLEBODY_PARTS if f"{part} AP" in metrics]
+    if parts:  # COCO-WholeBody: the table above is whole-body; then each part, as its papers tabulate them
+        lines.insert(0, "whole-body (all 133 keypoints):")
+        lines.append(f"{'part':10s} " + " ".join(f"{name:>6s}" for name in METRIC_NAMES))
+        lines += [f"{part:10s} " + " ".join(f"{show(metrics[f'{part} {name}']):>6s}" for name in METRIC_NAMES)
+                  for part in parts]
+    return "\n".join(lines)

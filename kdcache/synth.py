@@ -43,7 +43,8 @@ import numpy as np
 
 from kdcache import synth_figure as sf
 from kdcache.errors import UserError
-from kdcache.keypoints import COCO_17
+from kdcache.coco import WHOLEBODY_FIELDS
+from kdcache.keypoints import COCO_17, COCO_WHOLEBODY_133
 from kdcache.synth_detector import SynthDetector
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,12 @@ class SynthConfig:
     max_people: int = 4  # people per image are drawn from 1..max_people (1 = no inter-person occlusion)
     clutter: float = 1.0  # scales the number of background distractor shapes (0 = plain backgrounds)
     detector: SynthDetector = SynthDetector()  # boxes the unlabelled split's people
+    keypoint_set: str = COCO_17.name  # one of SYNTH_SETS: COCO's 17, or COCO-WholeBody's 133 in its file layout
+
+
+# What `kdcache synth` can label: COCO-WholeBody's people are the same (same images, boxes, body keypoints),
+# with fingers, brows and lips drawn and the feet, face and hand points in COCO-WholeBody's fields.
+SYNTH_SETS = (COCO_17.name, COCO_WHOLEBODY_133.name)
 
 
 def image_id(split_id: int, index: int) -> int:
@@ -91,6 +98,8 @@ def synthesize(cfg: SynthConfig) -> Path:
         raise UserError("synth: workers must be >= 1")
     if not 1 <= cfg.max_people <= 4 or cfg.clutter < 0:
         raise UserError("synth: --max-people must be within 1..4 and --clutter >= 0")
+    if cfg.keypoint_set not in SYNTH_SETS:
+        raise UserError(f"synth: cannot label the keypoint set {cfg.keypoint_set!r}; choose one of {SYNTH_SETS}")
     out = Path(cfg.out)
     pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
     try:
@@ -100,7 +109,8 @@ def synthesize(cfg: SynthConfig) -> Path:
                 continue
             (out / "annotations").mkdir(parents=True, exist_ok=True)
             (out / split).mkdir(exist_ok=True)
-            jobs = [(out / split, cfg.seed, split_id, i, tuple(cfg.image_wh), cfg.max_people, cfg.clutter)
+            wholebody = cfg.keypoint_set == COCO_WHOLEBODY_133.name
+            jobs = [(out / split, cfg.seed, split_id, i, tuple(cfg.image_wh), cfg.max_people, cfg.clutter, wholebody)
                     for i in range(count)]
             results = pool.imap(_render_to_file, jobs, chunksize=4) if pool else map(_render_to_file, jobs)
             images, annotations = [], []
@@ -121,8 +131,8 @@ def synthesize(cfg: SynthConfig) -> Path:
 
 
 def _render_to_file(job: tuple) -> tuple[dict, list[dict]]:
-    folder, seed, split_id, index, image_wh, max_people, clutter = job
-    bgr, anns = render_image(seed, split_id, index, image_wh, max_people, clutter)
+    folder, seed, split_id, index, image_wh, max_people, clutter, wholebody = job
+    bgr, anns = render_image(seed, split_id, index, image_wh, max_people, clutter, wholebody)
     iid = image_id(split_id, index)
     name = f"{iid:012d}.jpg"
     if not cv2.imwrite(str(folder / name), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]):
@@ -168,8 +178,9 @@ def _write_json(path: Path, doc: dict | list) -> None:
 
 
 def render_image(seed: int, split_id: int, index: int, image_wh: tuple[int, int] = (320, 256),
-                 max_people: int = 4, clutter: float = 1.0) -> tuple[np.ndarray, list[dict]]:
-    """One image and its annotations (without `id`/`image_id`).
+                 max_people: int = 4, clutter: float = 1.0, wholebody: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """One image and its annotations (without `id`/`image_id`); `wholebody`: in COCO-WholeBody's layout, with
+    the same people (the same draws) as without.
 
     Returns:
         bgr: uint8 [H, W, 3] (cv2 channel order).
@@ -181,7 +192,7 @@ def render_image(seed: int, split_id: int, index: int, image_wh: tuple[int, int]
     counts, weights = np.arange(1, max_people + 1), np.array([0.3, 0.3, 0.2, 0.2])[:max_people]
     accepted: list[tuple[dict, dict]] = []
     while not accepted:  # every image has somebody; a lone, badly truncated person is redrawn
-        people = [_place_person(rng, w, h) for _ in range(rng.choice(counts, p=weights / weights.sum()))]
+        people = [_place_person(rng, w, h, wholebody) for _ in range(rng.choice(counts, p=weights / weights.sum()))]
         people.sort(key=lambda p: -p["key"])  # nearest first for the occlusion test
         covered = np.zeros((h, w), bool)  # union of the masks of accepted nearer people
         for p in people:
@@ -194,10 +205,11 @@ def render_image(seed: int, split_id: int, index: int, image_wh: tuple[int, int]
     return _camera(rng, canvas), [ann for _, ann in reversed(accepted)]
 
 
-def _place_person(rng: np.random.Generator, w: int, h: int) -> dict:
+def _place_person(rng: np.random.Generator, w: int, h: int, wholebody: bool = False) -> dict:
     """Samples pose, size, sleeve/trouser length and position; rasterises the figure's label map.
 
-    Returns a dict: fig, xy (keypoints [17, 2] in image px), labels_in / mask ([h, w] label map and its
+    Returns a dict: fig, xy (keypoints [K, 2] in image px: COCO's 17, or COCO-WholeBody's 133), vis (what the
+    figure itself says of each: 0 unlabelled, 1 hidden by the head, 2 seen), labels_in / mask ([h, w] label map and its
     mask, clipped to the image), clip (the image slices they cover), total (mask pixels before
     clipping) and key (depth order: larger is nearer).
     """
@@ -207,7 +219,7 @@ def _place_person(rng: np.random.Generator, w: int, h: int) -> dict:
     r = rng.random()
     stature = h * (rng.uniform(0.12, 0.31) if r < 0.12 else rng.uniform(0.35, 0.86) if r < 0.55
                    else rng.uniform(0.86, 1.33))
-    style = {"short_sleeves": bool(rng.random() < 0.35), "shorts": bool(rng.random() < 0.2)}
+    style = {"short_sleeves": bool(rng.random() < 0.35), "shorts": bool(rng.random() < 0.2), "wholebody": wholebody}
     fig = sf.build_figure(pose, stature, **style)
     x0, y0, x1, y1 = fig.extent()
     truncate = rng.random() < 0.2  # otherwise shrink to fit and keep the whole person in view
@@ -225,7 +237,11 @@ def _place_person(rng: np.random.Generator, w: int, h: int) -> dict:
     cx0, cy0, cx1, cy1 = max(rx0, 0), max(ry0, 0), min(rx1, w), min(ry1, h)
     clip = (slice(cy0, max(cy1, cy0)), slice(cx0, max(cx1, cx0)))
     labels_in = labels[cy0 - ry0:max(cy1, cy0) - ry0, cx0 - rx0:max(cx1, cx0) - rx0]
-    return {"fig": fig, "xy": fig.points[:COCO_17.num_keypoints] + (dx, dy), "labels_in": labels_in,
+    xy = fig.points[:COCO_17.num_keypoints]
+    vis = np.concatenate([fig.face_vis, np.full(COCO_17.num_keypoints - len(fig.face_vis), 2)])
+    if wholebody:
+        xy, vis = np.concatenate([xy, fig.wholebody[:, :2]]), np.concatenate([vis, fig.wholebody[:, 2]])
+    return {"fig": fig, "xy": xy + (dx, dy), "vis": vis.astype(np.int64), "labels_in": labels_in,
             "mask": labels_in > 0, "clip": clip, "total": int((labels > 0).sum()),
             "key": y1 + dy + rng.normal(0, 0.05 * h)}  # lower feet = nearer, with some randomness
 
@@ -236,24 +252,47 @@ def _annotate(p: dict, covered: np.ndarray, w: int, h: int) -> dict | None:
     visible = mask & ~covered[clip]
     if p["total"] == 0 or visible.sum() < MIN_VISIBLE_FRACTION * p["total"]:
         return None
-    kps = np.zeros((COCO_17.num_keypoints, 3))
+    kps = np.zeros((len(p["xy"]), 3))
     for k, (x, y) in enumerate(p["xy"]):
-        v = int(p["fig"].face_vis[k]) if k < 5 else 2
+        v = int(p["vis"][k])
         if v == 0 or not (0 <= x <= w - 1 and 0 <= y <= h - 1):
             continue
         if covered[int(round(y)), int(round(x))]:
             v = 1
         kps[k] = (round(float(x), 2), round(float(y), 2), v)
-    num = int((kps[:, 2] > 0).sum())
+    body = kps[:COCO_17.num_keypoints]
+    num = int((body[:, 2] > 0).sum())
     if num < MIN_LABELLED_KEYPOINTS:
         return None
     ys, xs = np.nonzero(mask)
     bx, by = int(xs.min()) + clip[1].start, int(ys.min()) + clip[0].start
     bw, bh = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
-    return {"category_id": 1, "iscrowd": 0, "bbox": [bx, by, bw, bh], "area": float(mask.sum()),
-            "num_keypoints": num, "keypoints": [float(v) if i % 3 < 2 else int(v)
-                                                for i, v in enumerate(kps.ravel())],
-            "segmentation": [[bx, by, bx + bw, by, bx + bw, by + bh, bx, by + bh]]}
+    ann = {"category_id": 1, "iscrowd": 0, "bbox": [bx, by, bw, bh], "area": float(mask.sum()),
+           "num_keypoints": num, "keypoints": _flat(body),
+           "segmentation": [[bx, by, bx + bw, by, bx + bw, by + bh, bx, by + bh]]}
+    if len(kps) > COCO_17.num_keypoints:
+        ann.update(_wholebody_fields(kps))
+    return ann
+
+
+def _flat(kps: np.ndarray) -> list:
+    """[K, 3] keypoints as a COCO file writes them: x, y floats, v ints."""
+    return [float(v) if i % 3 < 2 else int(v) for i, v in enumerate(kps.ravel())]
+
+
+def _wholebody_fields(kps: np.ndarray) -> dict:
+    """COCO-WholeBody's part fields of a 133-point person: points, validity (any labelled), and the face and
+    hand boxes (tight around the labelled points, zeros when none), as its annotation files hold them."""
+    out: dict = {}
+    for part, field, valid in WHOLEBODY_FIELDS:
+        points = kps[COCO_WHOLEBODY_133.part(part)]
+        labelled = points[points[:, 2] > 0, :2]
+        out[field], out[valid] = _flat(points), bool(len(labelled))
+        if part != "foot":
+            box = ([float(v) for v in (*labelled.min(0), *(labelled.max(0) - labelled.min(0)))] if len(labelled)
+                   else [0.0] * 4)
+            out[field.replace("_kpts", "_box")] = box
+    return out
 
 
 def _random_bgr(rng: np.random.Generator, sat: tuple[float, float] = (0.2, 0.9),

@@ -50,6 +50,41 @@ _FACE = (
     ((-0.05, -0.002, -0.005), (-1.0, 0.0, -0.1), -0.2, -0.85),  # right ear
 )
 
+
+def _face68() -> tuple[np.ndarray, np.ndarray]:
+    """The 68-point face (iBUG / COCO-WholeBody order, point 0 on the person's right) on the head ellipsoid's
+    front, in the head frame: offsets [68, 3] and unit outward normals [68, 3]."""
+    t = np.linspace(0, np.pi, 17)
+    jaw = np.stack([-0.047 * np.cos(t), 0.006 - 0.058 * np.sin(t)], 1)            # 0-16, right ear to left ear
+    brow = np.stack([np.linspace(-0.036, -0.008, 5), 0.022 + 0.004 * np.sin(np.linspace(0, np.pi, 5))], 1)
+    brows = np.concatenate([brow, brow[::-1] * (-1, 1)])                            # 17-21 right, 22-26 left
+    bridge = np.stack([np.zeros(4), np.linspace(0.014, -0.01, 4)], 1)               # 27-30
+    nostrils = np.stack([np.linspace(-0.01, 0.01, 5), -0.017 + 0.002 * np.abs(np.linspace(-1, 1, 5))], 1)
+    a = np.radians((180, 135, 45, 0, -45, -135))                                    # outer corner first
+    eye = np.stack([0.01 * np.cos(a), 0.004 * np.sin(a)], 1)
+    eyes = np.concatenate([eye + (-0.02, 0.008), eye[[3, 2, 1, 0, 5, 4]] * (1, 1) + (0.02, 0.008)])  # 36-47
+    a = np.radians(np.linspace(180, -150, 12))
+    outer = np.stack([0.018 * np.cos(a), 0.008 * np.sin(a)], 1) + (0, -0.034)       # 48-59
+    a = np.radians((180, 120, 90, 60, 0, -60, -90, -120))
+    inner = np.stack([0.012 * np.cos(a), 0.003 * np.sin(a)], 1) + (0, -0.034)       # 60-67
+    xy = np.concatenate([jaw, brows, bridge, nostrils, eyes, outer, inner])
+    ax, ay, az = _HEAD_AXES
+    z = az * np.sqrt(np.clip(1 - (xy[:, 0] / ax) ** 2 - (xy[:, 1] / ay) ** 2, 0.05, None))
+    offsets = np.concatenate([xy, z[:, None]], 1)
+    normals = offsets / _HEAD_AXES ** 2
+    return offsets, normals / np.linalg.norm(normals, axis=1, keepdims=True)
+
+
+_FACE68, _FACE68_NORMALS = _face68()
+# Each hand's 21 points in its forearm's frame (x the person's left, y along the arm, z forward, palm facing
+# forward), in units of the hand's length: the wrist, then thumb, forefinger, middle, ring and pinky from the
+# base joint to the tip; mirrored in x for the right hand.
+_THUMB = [(0.15 + 0.08 * j, -0.1 - 0.15 * j, 0.03 * j) for j in range(4)]
+_FINGERS = [(x * (1 + 0.1 * j), -(0.45 + 0.18 * j) * length, 0.0)
+            for x, length in ((0.16, 0.95), (0.04, 1.0), (-0.08, 0.95), (-0.19, 0.8)) for j in range(4)]
+_HAND21 = np.array([(0.0, 0.0, 0.0), *_THUMB, *_FINGERS])
+NUM_WHOLEBODY_EXTRA = 6 + 68 + 21 + 21  # COCO-WholeBody's points after the 17 body ones
+
 _FAMILIES = ("standing", "walking", "arms_raised", "sitting", "crouching", "free")
 _FAMILY_P = (0.24, 0.24, 0.16, 0.1, 0.1, 0.16)
 
@@ -116,10 +151,12 @@ def sample_pose(rng: np.random.Generator) -> dict[str, float]:
     return p
 
 
-def forward_kinematics(p: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def forward_kinematics(p: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """3-D points [NUM_POINTS, 3] (camera frame: x right, y up, z towards the camera, stature units,
-    pelvis at the origin), head rotation [3, 3], and face visibilities [5] (0/1/2)."""
+    pelvis at the origin), head rotation [3, 3], face visibilities [5] (0/1/2), and COCO-WholeBody's other
+    points [NUM_WHOLEBODY_EXTRA, 4] (x, y, z, visibility 0/2) in its order: feet, face, left hand, right hand."""
     pts = np.zeros((NUM_POINTS, 3))
+    extra = np.zeros((NUM_WHOLEBODY_EXTRA, 4))
     body = _ry(p["yaw"])
     torso = body @ _ry(p["twist"]) @ _rz(p["side"]) @ _rx(p["pitch"])
     pts[NECK] = torso @ (0, _SPINE, 0)
@@ -145,8 +182,17 @@ def forward_kinematics(p: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.
         pts[13 + i] = pts[11 + i] + thigh @ (0, -_THIGH, 0)
         shank = thigh @ _rx(p[f"knee_{s}"])
         pts[15 + i] = pts[13 + i] + shank @ (0, -_SHANK, 0)
-        pts[TOE_L + i] = pts[15 + i] + shank @ _rx(p[f"ankle_{s}"]) @ (0, -0.035, 0.12)
-    return pts, head_rot, face_vis
+        foot = shank @ _rx(p[f"ankle_{s}"])
+        pts[TOE_L + i] = pts[15 + i] + foot @ (0, -0.035, 0.12)
+        for j, offset in enumerate(((-g * 0.02, -0.04, 0.125), (g * 0.025, -0.04, 0.1), (0, -0.045, -0.03))):
+            extra[3 * i + j, :3] = pts[15 + i] + foot @ offset  # big toe, small toe, heel
+        hand = (np.array([g, 1.0, 1.0]) * _HAND21) @ fore.T * _HAND  # fore @ each offset
+        extra[74 + 21 * i:95 + 21 * i, :3] = pts[9 + i] + hand
+    extra[:6, 3] = extra[74:, 3] = 2
+    extra[6:74, :3] = pts[HEAD] + _FACE68 @ head_rot.T
+    if face_vis[0]:  # a face seen at all: its points that turn towards the camera are labelled
+        extra[6:74, 3] = np.where((_FACE68_NORMALS @ head_rot.T)[:, 2] > 0.05, 2, 0)
+    return pts, head_rot, face_vis, extra
 
 
 @dataclass
@@ -155,6 +201,9 @@ class Figure:
 
     points: [NUM_POINTS, 2] float64, x right / y down, pixel centres at integers.
     face_vis: [5] 0/1/2 from the head's own orientation.
+    wholebody: the other points of a COCO-WholeBody person, in pixels as `points`, with their visibility
+        (a face point turned away from the camera is 0); drawn (fingers, brows, mouth) only when the figure
+        is built `wholebody`.
     parts: drawing commands sorted far to near: (kind, material, geometry...).
     """
 
@@ -162,6 +211,7 @@ class Figure:
     face_vis: np.ndarray
     parts: list[tuple]
     stature_px: float
+    wholebody: np.ndarray  # [NUM_WHOLEBODY_EXTRA, 3]: COCO-WholeBody's feet, face and hand points (x, y, v)
 
     def extent(self) -> tuple[float, float, float, float]:
         """x0, y0, x1, y1 of everything drawn (points plus a margin for thickness and the head)."""
@@ -171,11 +221,15 @@ class Figure:
                 xy[:, 0].max() + margin, xy[:, 1].max() + margin)
 
 
-def build_figure(pose: dict[str, float], stature_px: float, short_sleeves: bool, shorts: bool) -> Figure:
-    """Projects the posed body to pixels (pelvis at 0, 0) and lists its parts in painter's order."""
-    pts3, head_rot, face_vis = forward_kinematics(pose)
+def build_figure(pose: dict[str, float], stature_px: float, short_sleeves: bool, shorts: bool,
+                 wholebody: bool = False) -> Figure:
+    """Projects the posed body to pixels (pelvis at 0, 0) and lists its parts in painter's order; with
+    `wholebody`, also the fingers, brows and mouth that COCO-WholeBody's points lie on."""
+    pts3, head_rot, face_vis, extra3 = forward_kinematics(pose)
     c, s = np.cos(np.radians(pose["roll"])), np.sin(np.radians(pose["roll"]))
-    xy = np.stack([pts3[:, 0], -pts3[:, 1]], 1) @ np.array([[c, s], [-s, c]]) * stature_px
+    turn = np.array([[c, s], [-s, c]])
+    xy = np.stack([pts3[:, 0], -pts3[:, 1]], 1) @ turn * stature_px
+    extra = np.concatenate([np.stack([extra3[:, 0], -extra3[:, 1]], 1) @ turn * stature_px, extra3[:, 3:]], 1)
     depth = pts3[:, 2]
     S = stature_px
     parts: list[tuple[float, tuple]] = []
@@ -235,8 +289,28 @@ def build_figure(pose: dict[str, float], stature_px: float, short_sleeves: bool,
         if face_vis[k] == 2:
             size = np.array([feature, 2 * feature]) if k >= 3 else np.array([feature, feature])
             parts.append((z_head + 0.01, ("ellipse", mat, xy[k], size, tilt)))
+    if wholebody:
+        _wholebody_parts(parts, extra, depth, z_head, face_vis, S)
     parts.sort(key=lambda zp: zp[0])
-    return Figure(xy, face_vis, [p for _, p in parts], S)
+    return Figure(xy, face_vis, [p for _, p in parts], S, extra)
+
+
+def _wholebody_parts(parts: list, extra: np.ndarray, depth: np.ndarray, z_head: float, face_vis: np.ndarray,
+                     S: float) -> None:
+    """Fingers (skin, the left hand's shaded), and for a face towards the camera brows and lips, on
+    COCO-WholeBody's points (`extra`: [NUM_WHOLEBODY_EXTRA, 3] as `Figure.wholebody`)."""
+    for i, mat in ((0, SKIN_L), (1, SKIN)):
+        hand = extra[74 + 21 * i:95 + 21 * i, :2]
+        z = depth[9 + i] + 0.031
+        for f in range(5):
+            base, tip = hand[0] if f == 0 else hand[1 + 4 * f], hand[4 + 4 * f]
+            parts.append((z, ("seg", mat, base, tip, max(0.012 * S, 1.0))))
+    if face_vis[0] == 2:
+        face = extra[6:74, :2]
+        for a, b in ((17, 21), (22, 26)):
+            parts.append((z_head + 0.01, ("seg", HAIR, face[a], face[b], max(0.006 * S, 1.0))))
+        mouth = face[48:60]
+        parts.append((z_head + 0.01, ("poly", NOSE, mouth)))
 
 
 def draw_labels(fig: Figure, origin_xy: tuple[int, int], hw: tuple[int, int]) -> np.ndarray:

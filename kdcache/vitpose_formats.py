@@ -102,7 +102,8 @@ def teacher_weights(obj: Mapping, path: Path, expert: str | int | None = None,
     sd = merge_expert(sd, expert, path)
     extras = sorted(k for k in sd if _EXTRAS.match(k))
     if extras:
-        log.info("ignoring %d multi-dataset keys not used by the COCO model (%s, ...)", len(extras), extras[0])
+        used = "COCO" if expert in (None, 0, "0", "coco") else f"--expert {expert}"
+        log.info("ignoring %d multi-dataset keys not used by the %s model (%s, ...)", len(extras), used, extras[0])
     return TeacherWeights({k: v for k, v in sd.items() if not _EXTRAS.match(k)}, overrides, trained_hw)
 
 

@@ -24,8 +24,9 @@ PART = 48  # ViTPose++ part_features (the official files use 96-320; any split w
 PLUS_KEYPOINTS = (17, 14, 16, 17, 17, 133)  # coco, then the associate heads: aic, mpii, ap10k, apt36k, wholebody
 
 
-def random_official(head: str = "classic", seed: int = 0, num_keypoints: int = 17) -> dict[str, torch.Tensor]:
-    cfg = vitpose_config("vitpose-tiny", head=head, input_hw=INPUT_HW)
+def random_official(head: str = "classic", seed: int = 0, num_keypoints: int = 17,
+                    input_hw: tuple[int, int] = INPUT_HW) -> dict[str, torch.Tensor]:
+    cfg = vitpose_config("vitpose-tiny", head=head, input_hw=input_hw)
     with torch.device("meta"):
         shapes = ViTPose(cfg).state_dict()
     gen = torch.Generator().manual_seed(seed)
@@ -88,9 +89,9 @@ def test_multi_dataset_file_extras_ignored(classic, tmp_path, caplog):
 # ------------------------------------------------------------------------------------------- ViTPose++
 
 
-def vitpose_plus_file() -> dict[str, torch.Tensor]:
+def vitpose_plus_file(input_hw: tuple[int, int] = INPUT_HW) -> dict[str, torch.Tensor]:
     """The layout of vitpose+_*.pth: ViTMoE blocks (fc2 shared + 6 experts), COCO head + 5 associate heads."""
-    sd = random_official(seed=5)
+    sd = random_official(seed=5, input_hw=input_hw)
     gen = torch.Generator().manual_seed(6)
     for i in range(DEPTH):
         sd[f"backbone.blocks.{i}.mlp.fc2.weight"] = sd[f"backbone.blocks.{i}.mlp.fc2.weight"][:DIM - PART]
@@ -99,7 +100,7 @@ def vitpose_plus_file() -> dict[str, torch.Tensor]:
             sd[f"backbone.blocks.{i}.mlp.experts.{e}.weight"] = 0.2 * torch.randn(PART, HIDDEN, generator=gen)
             sd[f"backbone.blocks.{i}.mlp.experts.{e}.bias"] = 0.2 * torch.randn(PART, generator=gen)
     for j, k in enumerate(PLUS_KEYPOINTS[1:]):
-        head = random_official(seed=10 + j, num_keypoints=k)
+        head = random_official(seed=10 + j, num_keypoints=k, input_hw=input_hw)
         sd.update({f"associate_keypoint_heads.{j}." + n[len("keypoint_head."):]: v
                    for n, v in head.items() if n.startswith("keypoint_head.")})
     return sd
@@ -512,3 +513,51 @@ def test_dump_teacher_uses_the_chosen_expert_and_hashes_hf_weights(plus, tmp_pat
     folder = write_hf(tmp_path / "hf", random_official(seed=9), hf_config(False))
     assert main(["dump-teacher", "--teacher", str(folder), "--out", str(tmp_path / "hf-cache"), *common]) == 0
     assert read_manifest(tmp_path / "hf-cache")["teacher"]["sha256"] == sha256_file(folder / "model.safetensors")
+
+
+def test_wholebody_expert_dumped_distilled_and_scored_per_part(tmp_path, capsys):
+    """ViTPose++'s whole-body expert on a COCO-WholeBody-layout file: the cache holds its 133 maps, a student
+    distils them, and `eval` scores it the COCO-WholeBody way (whole body, then each part), writes its results
+    in COCO-WholeBody's layout, and scoring that file again gives the same numbers."""
+    from kdcache.cache import open_cache
+    from kdcache.cli import main
+    from kdcache.synth import SynthConfig, synthesize
+
+    data = synthesize(SynthConfig(out=tmp_path / "data", train_images=4, val_images=2, seed=2, max_people=2,
+                                  keypoint_set="coco-wholebody-133"))
+    torch.save({"state_dict": vitpose_plus_file(input_hw=(64, 64)), "meta": {}}, tmp_path / "vitpose+_tiny.pth")
+    train = ["--ann", str(data / "annotations/person_keypoints_train.json"), "--images", str(data / "train")]
+    val = ["--ann", str(data / "annotations/person_keypoints_val.json"), "--images", str(data / "val")]
+    quiet = ["--workers", "0", "--no-progress"]
+    assert main(["dump-teacher", "--teacher", str(tmp_path / "vitpose+_tiny.pth"), "--expert", "wholebody",
+                 "--views", "2", "--out", str(tmp_path / "cache"), *train, *quiet]) == 0
+    cache = open_cache(tmp_path / "cache", images=data / "train")
+    assert cache.keypoint_set.name == "coco-wholebody-133" and cache[0]["heatmaps"].shape == (133, 16, 16)
+    assert cache[0]["keypoints"].shape == (133, 3) and (cache[0]["keypoints"][91:, 2] > 0).any()  # hands labelled
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "cache")]) == 0
+    assert "keypoint_set       coco-wholebody-133 (133 keypoints)" in capsys.readouterr().out
+
+    assert main(["train-student", "--cache", str(tmp_path / "cache"), "--student", "mobilenetv3_small_050",
+                 "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "student"), *quiet]) == 0
+    saved = torch.load(tmp_path / "student/last.pt", weights_only=True)
+    assert saved["model_config"]["keypoint_set"] == "coco-wholebody-133"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "student/last.pt"), *val, "--results-out",
+                 str(tmp_path / "r.json"), "--metrics-out", str(tmp_path / "m.json")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "whole-body (all 133 keypoints):"
+    assert [line.split()[0] for line in table[-5:]] == ["body", "foot", "face", "left_hand", "right_hand"]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert {f"{part} {name}" for part in ("body", "foot", "face", "left_hand", "right_hand")
+            for name in ("AP", "AR")} <= set(metrics)
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [len(results[0][k]) for k in ("keypoints", "foot_kpts", "face_kpts", "lefthand_kpts",
+                                         "righthand_kpts")] == [51, 18, 204, 63, 63]
+    assert main(["eval", "--results", str(tmp_path / "r.json"), "--ann", val[1],
+                 "--metrics-out", str(tmp_path / "m2.json")]) == 0
+    assert json.loads((tmp_path / "m2.json").read_text()) == metrics
+    # The teacher itself, scored with its expert the same way.
+    assert main(["eval", "--model", str(tmp_path / "vitpose+_tiny.pth"), "--expert", "wholebody", *val,
+                 "--metrics-out", str(tmp_path / "t.json")]) == 0
+    assert "face AP" in json.loads((tmp_path / "t.json").read_text())

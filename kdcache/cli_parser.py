@@ -258,7 +258,7 @@ def _dump_teacher_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heatmap-encoding", choices=tuple(HEATMAP_STORAGES),
                    default=default(DumpConfig, "heatmap_storage"), help="how teacher heatmaps are stored")
     p.add_argument("--heatmap-error", type=POSITIVE, default=default(DumpConfig, "heatmap_rel_error"),
-                   help="int16-step: relative L2 error of each stored heatmap")
+                   help="int16-step(-window): relative L2 error of each stored heatmap (of its window)")
     p.add_argument("--gzip-level", type=int, default=default(DumpConfig, "gzip_level"), choices=range(1, 10),
                    metavar="1..9", help="deflate level of the heatmap chunks")
     p.add_argument("--teacher-flip", action="store_true",

@@ -45,7 +45,8 @@ from kdcache.transforms import AugmentConfig, ViewSampler
 from kdcache.vitpose import build_vitpose, vitpose_config
 
 HEATMAP_OPTIONS = [("int16-step", 0.004), ("int16-step", 0.008), ("int16-step", 0.016), ("int16-step", 0.03),
-                   ("float16", 0.0), ("uint8-minmax-per-joint", 0.0)]
+                   ("float16", 0.0), ("uint8-minmax-per-joint", 0.0), ("int16-step-window", 0.008),
+                   ("int16-step-window", 0.03)]
 CROP_OPTIONS = ["jpeg75", "jpeg85", "jpeg90", "jpeg95", "png"]
 
 
@@ -89,7 +90,7 @@ def heatmap_option(heat: np.ndarray, encoding: str, eps: float, level: int) -> d
     got, _ = dark_udp(decoded)
     err = np.linalg.norm(got - ref, axis=-1)
     side_bytes = 0 if side is None else side[0].nbytes
-    return {"heatmap_encoding": encoding, "rel_error": eps if encoding == "int16-step" else None,
+    return {"heatmap_encoding": encoding, "rel_error": eps if encoding.startswith("int16-step") else None,
             "gzip_level": level, "bytes_per_view": float(np.mean([len(c) for c in chunks]) + side_bytes),
             "rel_l2_mean": float(rel.mean()), "rel_l2_max": float(rel.max()),
             "kp_err_median_px": float(np.median(err)), "kp_err_p99_px": float(np.percentile(err, 99)),

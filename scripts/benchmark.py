@@ -191,7 +191,8 @@ def data_and_teacher(stages: Stages, out: Path, cfg: Any, train_images: int, val
     data = out / "data"
     stages.run("synth", lambda: str(synthesize(SynthConfig(
         out=data, train_images=train_images, val_images=cfg.val_images, seed=cfg.seed,
-        max_people=cfg.max_people, clutter=cfg.clutter, workers=max(1, cfg.workers)))))
+        max_people=cfg.max_people, clutter=cfg.clutter, workers=max(1, cfg.workers),
+        keypoint_set=getattr(cfg, "keypoint_set", SynthConfig.keypoint_set)))))
     stages.run("teacher", lambda: str(train_teacher(TrainTeacherConfig(
         ann=data / "annotations/person_keypoints_train.json", images=data / "train",
         run=run_config(out, "teacher", cfg.seed, cfg.workers), arch=cfg.teacher_arch, input_hw=cfg.input_hw,

@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from kdcache.coco import (Instance, as_coco, clip_bbox_xywh, instances_from_coco, is_number, load_coco,
-                          person_category_id)
+                          subject_category_ids)
 from kdcache.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,12 @@ class PersonBox:
     score: float               # detector score; 1 for ground-truth boxes
     image_wh: tuple[int, int] | None = None  # (width, height) the annotation file gives the image; checked on read
     det_id: int = 0            # 1-based position of the box in its detection file (0: an annotated box)
+    category_id: int = 1       # the file's person category (AP-10K: the species), written into its results
 
 
 def gt_person_boxes(ann: Path | COCO) -> list[PersonBox]:
     """The training/dump instance set (non-crowd, >=1 keypoint, positive area) as boxes of score 1."""
-    return [PersonBox(i.image_id, i.file_name, i.bbox_xywh, 1.0, i.image_wh)
+    return [PersonBox(i.image_id, i.file_name, i.bbox_xywh, 1.0, i.image_wh, category_id=i.category_id)
             for i in instances_from_coco(*as_coco(ann))]
 
 
@@ -47,7 +48,7 @@ def detected_person_boxes(ann: Path, dets: Path, score_thr: float, coco: COCO | 
         UserError: the file is missing or not detection results, or no box is left after the filtering.
     """
     coco = load_coco(ann) if coco is None else coco
-    person = person_category_id(coco)
+    subjects = subject_category_ids(coco)
     if not Path(dets).exists():
         raise UserError(f"detection file {dets} does not exist; pass COCO detection results JSON to --boxes")
     try:
@@ -62,14 +63,16 @@ def detected_person_boxes(ann: Path, dets: Path, score_thr: float, coco: COCO | 
     for position, e in enumerate(entries, start=1):
         bbox = np.asarray(e["bbox"], dtype=np.float32)
         image = coco.imgs.get(e["image_id"]) if type(e["image_id"]) is int else None  # "12" is not image 12
-        reason = ("category" if e.get("category_id", person) != person else "score" if e.get("score", 1.0) < score_thr
+        category = e.get("category_id", subjects[0])
+        reason = ("category" if category not in subjects else "score" if e.get("score", 1.0) < score_thr
                   else "image" if image is None else "empty" if bbox[2] <= 0 or bbox[3] <= 0 else None)
         if reason is not None:
             dropped[reason] += 1
             continue
         boxes.append(PersonBox(int(e["image_id"]), image["file_name"], bbox, float(e.get("score", 1.0)),
-                               (int(image["width"]), int(image["height"])), position))
-    counts = (f"dropped {dropped['category']} not of category {person} (the person category of {ann}), "
+                               (int(image["width"]), int(image["height"])), position, int(category)))
+    shown = subjects[0] if len(subjects) == 1 else f"{list(subjects)[:6]}"
+    counts = (f"dropped {dropped['category']} not of category {shown} (the person category of {ann}), "
               f"{dropped['score']} below score {score_thr:g}, {dropped['image']} on images not in {ann}, "
               f"{dropped['empty']} empty")
     log.info("%s: %d person boxes (%s)", dets, len(boxes), counts)
@@ -98,7 +101,7 @@ def detection_instances(boxes: list[PersonBox], num_keypoints: int) -> list[Inst
             continue
         out.append(Instance(image_id=box.image_id, ann_id=box.det_id, file_name=box.file_name,
                             image_wh=box.image_wh, bbox_xywh=bbox, keypoints=np.zeros((num_keypoints, 3), np.float32),
-                            area=float(bbox[2] * bbox[3]), score=box.score))
+                            area=float(bbox[2] * bbox[3]), score=box.score, category_id=box.category_id))
     if not out:
         raise UserError("nothing to dump: every person box of the detection file lies outside its image; pass the "
                         "detections made for these images")

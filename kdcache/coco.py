@@ -40,6 +40,7 @@ class Instance:
         keypoints: float32 [K, 3], x, y in image pixels and COCO visibility v (0/1/2).
         area: segmentation area from the json (used by COCOeval's OKS); box w * h if absent (as `load_coco`).
         score: the box's score: a detector's for people given by detections, 1 for annotated boxes.
+        category_id: the annotation's category (the person's; AP-10K: the animal's species).
     """
 
     image_id: int
@@ -50,6 +51,7 @@ class Instance:
     keypoints: np.ndarray
     area: float
     score: float = 1.0
+    category_id: int = 1
 
     @property
     def labelled(self) -> bool:
@@ -100,20 +102,25 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _person_category(categories: list[Any], ann_file: Path) -> dict[str, Any]:
-    """The category named 'person' (any case), else the only one with keypoint names."""
+def _subject_categories(categories: list[Any], ann_file: Path) -> list[dict[str, Any]]:
+    """The categories whose members are the file's subjects: the one named 'person' (any case), else every
+    category with keypoint names, which must all name the same keypoints (AP-10K: one per species)."""
     named = [c for c in categories if isinstance(c, dict) and str(c.get("name", "")).lower() == "person"]
     with_keypoints = [c for c in categories if isinstance(c, dict) and c.get("keypoints")]
-    found = named or with_keypoints
-    if len(found) != 1:
-        listed = ", ".join(f"{c.get('id')}:{c.get('name')!r}" for c in categories[:8] if isinstance(c, dict))
+    found = named if named else with_keypoints
+    listed = ", ".join(f"{c.get('id')}:{c.get('name')!r}" for c in categories[:8] if isinstance(c, dict))
+    if len(named) > 1 or not found:
         what = "several" if found else "no"
         raise UserError(f"{ann_file} has {what} person categories (categories {listed or 'none'}): kdcache needs "
-                        "exactly one named 'person' or exactly one with keypoint names; fix its categories")
-    if not _is_int(found[0].get("id")):
-        raise UserError(f"{ann_file}: the person category's id {found[0].get('id')!r} is not an integer; "
-                        "COCO category ids are numbers")
-    return found[0]
+                        "exactly one named 'person', or categories with keypoint names; fix its categories")
+    if len({tuple(c.get("keypoints") or ()) for c in found}) > 1:
+        raise UserError(f"{ann_file}: its categories with keypoints ({listed}, ...) name different keypoints; "
+                        "kdcache reads one keypoint set per file: split it by keypoint set")
+    for c in found:
+        if not _is_int(c.get("id")):
+            raise UserError(f"{ann_file}: the category id {c.get('id')!r} is not an integer; COCO category ids "
+                            "are numbers")
+    return found
 
 
 def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
@@ -122,7 +129,8 @@ def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
         if not isinstance(dataset.get(key), list):
             raise UserError(f"{ann_file} has no '{key}' list; a COCO annotation file needs 'images' and "
                             "'categories' (with the person category and its keypoint names)")
-    person = _person_category(dataset["categories"], ann_file)
+    subjects = _subject_categories(dataset["categories"], ann_file)
+    subject_ids = {c["id"] for c in subjects}
     image_ids = set()
     for img in dataset["images"]:
         img_id = img.get("id") if isinstance(img, dict) else None
@@ -139,7 +147,7 @@ def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
     annotations = dataset.get("annotations", [])  # image-info files (unlabelled images) have none
     if not isinstance(annotations, list):
         raise UserError(f"{ann_file}: 'annotations' is not a list; pass a COCO annotation file")
-    names = person.get("keypoints") or []
+    names = subjects[0].get("keypoints") or []
     num_keypoints = len(names) or None  # else from the first person annotation with keypoints
     ann_ids = set()
     for index, ann in enumerate(annotations):
@@ -152,8 +160,8 @@ def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
         ann_ids.add(ann_id)
         if "image_id" not in ann or "category_id" not in ann:  # pycocotools' index needs both
             raise UserError(f"{ann_file}: annotation {ann_id} has no image_id or category_id; add them")
-        if ann["category_id"] != person["id"]:
-            continue  # COCOeval is run on the person category only
+        if ann["category_id"] not in subject_ids:
+            continue  # COCOeval is run on the person category (the subjects' categories) only
         where = f"{ann_file}: person annotation {ann_id}"
         if not _is_int(ann.get("image_id")) or ann["image_id"] not in image_ids:
             raise UserError(f"{where} refers to image {ann.get('image_id')!r}, which is not in 'images' "
@@ -176,7 +184,7 @@ def _check_and_fill(dataset: dict[str, Any], ann_file: Path) -> None:
                 raise UserError(f"{where} has {len(kpts)} keypoint values, expected {expected} (x, y, v per joint"
                                 f"{', as the category names' if names else ''}); fix it")
     num_keypoints = num_keypoints or _NO_KEYPOINTS.num_keypoints  # no keypoint in the file at all (image info)
-    people = [ann for ann in annotations if ann.get("category_id") == person["id"]]
+    people = [ann for ann in annotations if ann.get("category_id") in subject_ids]
     if any(kpts in ann for ann in people for _, kpts, _ in WHOLEBODY_FIELDS):
         _check_and_fill_wholebody(people, num_keypoints, ann_file)
     for ann in people:
@@ -214,9 +222,14 @@ def as_coco(ann: Path | COCO) -> tuple[COCO, Path | str]:
     return (ann, "<coco>") if isinstance(ann, COCO) else (load_coco(ann), ann)
 
 
-def person_category_id(coco: COCO) -> int:
-    """Id of the person category of a file loaded by `load_coco` (often 1; converted datasets use others)."""
-    return int(_person_category(coco.dataset["categories"], Path("<coco>"))["id"])
+def subject_category_ids(coco: COCO) -> tuple[int, ...]:
+    """Ids of the categories a file loaded by `load_coco` is about: its person category (often 1; converted
+    datasets use others), or every category with its keypoint names (AP-10K's 54 species)."""
+    return tuple(int(c["id"]) for c in _subject_categories(coco.dataset["categories"], Path("<coco>")))
+
+
+def _first_subject(coco: COCO, ann_file: Path | str = "<coco>") -> dict[str, Any]:
+    return _subject_categories(coco.dataset["categories"], Path(ann_file))[0]
 
 
 # A file that names no keypoints and holds none (an image-info file) is read as this set's.
@@ -232,8 +245,8 @@ WHOLEBODY_FIELDS = (("foot", "foot_kpts", "foot_valid"), ("face", "face_kpts", "
 
 def is_wholebody(coco: COCO) -> bool:
     """The file is in COCO-WholeBody's layout (`load_coco` gave every person all the part fields, or none)."""
-    person = person_category_id(coco)
-    return any(ann.get("category_id") == person and WHOLEBODY_FIELDS[0][1] in ann
+    subjects = subject_category_ids(coco)
+    return any(ann.get("category_id") in subjects and WHOLEBODY_FIELDS[0][1] in ann
                for ann in coco.dataset.get("annotations", []))
 
 
@@ -277,12 +290,12 @@ def keypoint_count(coco: COCO) -> int:
     """K, the joints per person of a file loaded by `load_coco`: its keypoint names, else its annotations."""
     if is_wholebody(coco):
         return COCO_WHOLEBODY_133.num_keypoints
-    names = _person_category(coco.dataset["categories"], Path("<coco>")).get("keypoints")
+    names = _first_subject(coco).get("keypoints")
     if names:
         return len(names)
-    person = person_category_id(coco)
+    subjects = subject_category_ids(coco)
     for ann in coco.dataset.get("annotations", []):
-        if ann.get("category_id") == person:
+        if ann.get("category_id") in subjects:
             return len(ann["keypoints"]) // 3
     return _NO_KEYPOINTS.num_keypoints
 
@@ -297,7 +310,7 @@ def keypoint_set_of(coco: COCO, ann_file: Path | str = "<coco>") -> KeypointSet:
     """
     if is_wholebody(coco):  # its category names COCO's 17 body keypoints only
         return COCO_WHOLEBODY_133
-    named = keypoint_set_of_category(_person_category(coco.dataset["categories"], Path(ann_file)))
+    named = keypoint_set_of_category(_first_subject(coco, ann_file))
     return named or keypoint_set_with(keypoint_count(coco), str(ann_file))
 
 
@@ -333,10 +346,10 @@ PERSONS = {
 def declares_keypoints(coco: COCO) -> bool:
     """The file says which keypoints its people have: the person category names them, or a person has some
     (an image-info file, or COCO's instances_*.json, does neither)."""
-    if _person_category(coco.dataset["categories"], Path("<coco>")).get("keypoints"):
+    if _first_subject(coco).get("keypoints"):
         return True
-    person = person_category_id(coco)
-    return any(ann.get("category_id") == person and ann.get("num_keypoints", 0) > 0
+    subjects = subject_category_ids(coco)
+    return any(ann.get("category_id") in subjects and ann.get("num_keypoints", 0) > 0
                for ann in coco.dataset.get("annotations", []))
 
 
@@ -349,13 +362,13 @@ def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>", persons: st
     """
     if persons not in PERSONS:
         raise UserError(f"unknown --persons {persons!r}; choose one of {', '.join(PERSONS)}")
-    person_id = person_category_id(coco)
+    subjects = subject_category_ids(coco)
     num_keypoints = keypoint_set_of(coco, ann_file).num_keypoints  # a set kdcache knows, or refused
     wholebody = is_wholebody(coco)
     instances = []
     dropped = {"crowd": 0, "labelled": 0, "unlabelled": 0, "box": 0}
     for ann in coco.dataset.get("annotations", []):
-        if ann.get("category_id") != person_id:
+        if ann.get("category_id") not in subjects:
             continue
         if ann.get("iscrowd", 0):
             dropped["crowd"] += 1
@@ -384,6 +397,7 @@ def instances_from_coco(coco: COCO, ann_file: Path | str = "<coco>", persons: st
             bbox_xywh=bbox,
             keypoints=kpts,
             area=float(ann["area"]),
+            category_id=int(ann["category_id"]),
         ))
     instances.sort(key=lambda inst: (inst.image_id, inst.ann_id))
     log.info("%s: %d person instances (dropped %d crowd, %d without keypoints, %d with keypoints, %d empty boxes)",
@@ -478,7 +492,7 @@ def load_keypoint_results(results: Path, coco: COCO, ann: Path) -> list[dict[str
                         "score}, ...]); pass one")
     if not entries:
         raise UserError(f"nothing to score: {results} holds no results")
-    person, k, wholebody = person_category_id(coco), keypoint_count(coco), is_wholebody(coco)
+    subjects, k, wholebody = subject_category_ids(coco), keypoint_count(coco), is_wholebody(coco)
     for index, e in enumerate(entries):
         where = f"{results}: result #{index}"
         if not isinstance(e, dict) or not all(key in e for key in ("image_id", "category_id", "keypoints", "score")):
@@ -491,9 +505,10 @@ def load_keypoint_results(results: Path, coco: COCO, ann: Path) -> list[dict[str
         if type(e["image_id"]) is not int or e["image_id"] not in coco.imgs:
             raise UserError(f"{where} is on image {e['image_id']!r}, which is not in {ann}; score it against the "
                             "annotation file it was predicted for")
-        if e["category_id"] != person:
+        if e["category_id"] not in subjects:
+            shown = subjects[0] if len(subjects) == 1 else f"one of {list(subjects)[:6]}"
             raise UserError(f"{where} has category_id {e['category_id']!r} but the person category of {ann} is "
-                            f"{person}; write the results with category_id {person}")
+                            f"{shown}; write the results with category_id {shown}")
         kpts = e["keypoints"]
         if not (isinstance(kpts, list) and len(kpts) == 3 * k and all(is_number(v) for v in kpts)):
             raise UserError(f"{where} has keypoints that are not {k} x 3 finite numbers (x, y, score per joint); "

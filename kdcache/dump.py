@@ -45,7 +45,7 @@ from kdcache.cache_writer import ShardRows, add_shard, drop_shards, manifest_loc
 from kdcache.checkpoint import provenance
 from kdcache.codec import Codec
 from kdcache.coco import (Instance, declares_keypoints, instances_from_coco, keypoint_set_of, load_coco,
-                          person_category_id)
+                          subject_category_ids)
 from kdcache.config import DumpConfig, to_jsonable
 from kdcache.data import ViewDataset
 from kdcache.distributed import world_from_env
@@ -271,8 +271,8 @@ def _annotated_instances(coco: COCO, cfg: DumpConfig) -> list[Instance]:
     instances = instances_from_coco(coco, cfg.ann, cfg.persons)
     if instances:
         return instances
-    person = person_category_id(coco)
-    people = sum(1 for a in coco.dataset.get("annotations", []) if a.get("category_id") == person)
+    subjects = subject_category_ids(coco)
+    people = sum(1 for a in coco.dataset.get("annotations", []) if a.get("category_id") in subjects)
     if not people:
         raise UserError(f"{cfg.ann} holds no annotated people (an image-info file?): pass --boxes DETS.json, a "
                         "person detector's boxes on its images, to dump them without ground truth")

@@ -21,7 +21,7 @@ from torch import nn
 
 from kdcache.boxes import PersonBox, detected_person_boxes, gt_person_boxes
 from kdcache.codec import Codec
-from kdcache.coco import (is_wholebody, keypoint_set_of, load_coco, load_keypoint_results, person_category_id,
+from kdcache.coco import (is_wholebody, keypoint_set_of, load_coco, load_keypoint_results,
                           split_wholebody_result)
 from kdcache.config import EvalConfig
 from kdcache.errors import UserError
@@ -68,7 +68,7 @@ def _score_model(model: nn.Module, coco: COCO, ann: Path, images: Path, person_b
     model.eval()
     keypoints, areas = predict_keypoints(model, person_boxes, images, _model_codec(model), keypoint_set, predict)
     model.train(was_training)
-    results = coco_results(person_boxes, keypoints, areas, keypoint_set, person_category_id(coco))
+    results = coco_results(person_boxes, keypoints, areas, keypoint_set)
     return coco_keypoint_metrics(coco, results), results
 
 

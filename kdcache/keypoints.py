@@ -91,9 +91,10 @@ class KeypointSet:
                 return range(start, stop)
         raise KeyError(f"{self.title} has no part {name!r}; its parts: {', '.join(p for p, _, _ in self.parts)}")
 
-    def category(self, category_id: int = 1) -> dict:
-        """The person category of a COCO annotation file with this set's names and skeleton."""
-        return {"id": category_id, "name": "person", "supercategory": "person", "keypoints": list(self.names),
+    def category(self, category_id: int = 1, name: str = "person") -> dict:
+        """A category of a COCO annotation file with this set's names and skeleton (the person's; AP-10K's files
+        have one per species, `name`)."""
+        return {"id": category_id, "name": name, "supercategory": name, "keypoints": list(self.names),
                 "skeleton": [list(pair) for pair in self.skeleton]}
 
     def description(self) -> dict[str, Any]:

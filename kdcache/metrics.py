@@ -11,8 +11,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kdcache.coco import (as_coco, is_wholebody, joined_wholebody_result, keypoint_set_of, person_category_id,
-                          person_keypoints)
+from kdcache.coco import (as_coco, is_wholebody, joined_wholebody_result, keypoint_set_of, person_keypoints,
+                          subject_category_ids)
 from kdcache.errors import UserError
 from kdcache.keypoints import KeypointSet
 
@@ -27,8 +27,8 @@ def require_scorable(coco: COCO, ann: Path) -> None:
             num_keypoints > 0): there would be nothing to score.
     """
     keypoint_set_of(coco, ann)
-    person = person_category_id(coco)
-    if not any(a.get("category_id") == person and not a.get("iscrowd") and a.get("num_keypoints", 0) > 0
+    subjects = subject_category_ids(coco)
+    if not any(a.get("category_id") in subjects and not a.get("iscrowd") and a.get("num_keypoints", 0) > 0
                for a in coco.dataset.get("annotations", [])):
         raise UserError(f"nothing to score: {ann} has no person annotation with labelled keypoints (non-crowd, "
                         "num_keypoints > 0); pass a person keypoint annotation file with ground truth")
@@ -77,7 +77,7 @@ def _cocoeval(gt: COCO, results: list[dict[str, Any]], sigmas: tuple[float, ...]
         default = np.asarray(ev.params.kpt_oks_sigmas)  # pycocotools' own are COCO-17's
         if sigmas.shape != default.shape or not np.allclose(sigmas, default):
             ev.params.kpt_oks_sigmas = sigmas
-        ev.params.catIds = [person_category_id(gt)]  # default: every category, person or not
+        ev.params.catIds = list(subject_category_ids(gt))  # default: every category, person or not
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -109,7 +109,7 @@ def wholebody_metrics(gt: COCO, results: list[dict[str, Any]], keypoint_set: Key
         The whole-body numbers under METRIC_NAMES, and each part's under "<part> AP", "<part> AR" etc.
     """
     results = [joined_wholebody_result(r) for r in results]
-    person = person_category_id(gt)
+    subjects = subject_category_ids(gt)
     body = slice(3 * keypoint_set.part("body").start, 3 * keypoint_set.part("body").stop)
     out: dict[str, float | None] = {}
     for part in (*WHOLEBODY_PARTS, "wholebody"):
@@ -117,7 +117,7 @@ def wholebody_metrics(gt: COCO, results: list[dict[str, Any]], keypoint_set: Key
         cut = slice(3 * span.start, 3 * span.stop)
         anns = []
         for ann in gt.dataset["annotations"]:
-            if ann["category_id"] == person:
+            if ann["category_id"] in subjects:
                 kpts = person_keypoints(ann, wholebody=True, honour_valid=False)[cut]
                 ann = {**ann, "keypoints": kpts, "num_keypoints": sum(1 for v in kpts[2::3] if v > 0)}
             anns.append(ann)

@@ -38,9 +38,10 @@ def oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray, keypoi
     return keep
 
 
-def coco_results(boxes: list[PersonBox], keypoints: np.ndarray, areas: np.ndarray, keypoint_set: KeypointSet,
-                 category_id: int = 1) -> list[dict[str, Any]]:
-    """Rescore, OKS-NMS per image, and format as COCO keypoint results of `category_id` (the file's person)."""
+def coco_results(boxes: list[PersonBox], keypoints: np.ndarray, areas: np.ndarray,
+                 keypoint_set: KeypointSet) -> list[dict[str, Any]]:
+    """Rescore, OKS-NMS per image, and format as COCO keypoint results, each of its box's category (the file's
+    person category; AP-10K: the animal's species, which mmpose's AP-10K evaluation takes from the box)."""
     kp_scores = keypoints[..., 2]
     mask = kp_scores > KEYPOINT_SCORE_THR
     mean_kp = np.where(mask.any(-1), (kp_scores * mask).sum(-1) / np.maximum(mask.sum(-1), 1), 0.0)
@@ -53,7 +54,7 @@ def coco_results(boxes: list[PersonBox], keypoints: np.ndarray, areas: np.ndarra
         idx = np.asarray(idx)
         for j in oks_nms(keypoints[idx], scores[idx], areas[idx], keypoint_set):
             i = int(idx[j])
-            results.append({"image_id": image_id, "category_id": int(category_id),
+            results.append({"image_id": image_id, "category_id": int(boxes[i].category_id),
                             "keypoints": [round(float(v), 3) for v in keypoints[i].reshape(-1)],
                             "score": float(scores[i])})
     return results

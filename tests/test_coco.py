@@ -198,13 +198,13 @@ def test_converted_files_get_what_cocoeval_reads(tmp_path):
 
 
 def test_person_category_is_the_only_one_with_keypoints_when_none_is_named_person(tmp_path):
-    from kdcache.coco import keypoint_count, person_category_id
+    from kdcache.coco import keypoint_count, subject_category_ids
 
     coco = _one_person(change=lambda c: c["categories"].__setitem__(0, {"id": 4, "name": "human",
                                                                         "keypoints": [f"k{i}" for i in range(17)]}))
     coco["annotations"][0]["category_id"] = 4
     loaded = load_coco(_write(tmp_path, coco))
-    assert (person_category_id(loaded), keypoint_count(loaded)) == (4, 17)
+    assert (subject_category_ids(loaded), keypoint_count(loaded)) == ((4,), 17)
     assert [i.ann_id for i in load_instances(tmp_path / "person_keypoints_x.json")] == [10]
 
 
@@ -254,3 +254,41 @@ def test_keypoint_set_read_from_the_category_however_spelt_else_by_an_unambiguou
     with pytest.raises(UserError, match=r"14 keypoints per person, as CrowdPose and AIC have") as info:
         keypoint_set_of(load_coco(path), path)
     assert "\n" not in str(info.value) and "crowdpose-14" in str(info.value)
+
+
+def test_ap10k_species_are_all_subjects_and_results_keep_each_animals_species(tmp_path):
+    """AP-10K files list one category per species, all with its 17 keypoints: every such category's animals are
+    instances, each keeps its species, and results are written under it (mmpose's AP-10K evaluation takes each
+    result's category from its box), so COCOeval averages over the species as AP-10K's numbers do."""
+    from kdcache.boxes import gt_person_boxes
+    from kdcache.coco import keypoint_set_of, subject_category_ids
+    from kdcache.keypoints import keypoint_set
+    from kdcache.metrics import coco_keypoint_metrics
+    from kdcache.results import coco_results
+
+    ap10k = keypoint_set("ap10k-17")
+    species = [{"id": i, "name": name, "supercategory": family, "keypoints": list(ap10k.names),
+                "skeleton": [list(p) for p in ap10k.skeleton]}
+               for i, (name, family) in enumerate((("antelope", "Bovidae"), ("dog", "Canidae"), ("cat", "Felidae")),
+                                                  start=1)]
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100}],
+            "categories": species,
+            "annotations": [_ann(10, 1, [10, 10, 60, 40], n_labelled=17, category_id=1),
+                            _ann(11, 1, [100, 10, 60, 40], n_labelled=17, category_id=3)]}
+    coco["annotations"][1]["keypoints"][0::3] = [x + 100 for x in coco["annotations"][1]["keypoints"][0::3]]
+    loaded = load_coco(_write(tmp_path, coco))
+    assert subject_category_ids(loaded) == (1, 2, 3) and keypoint_set_of(loaded) is ap10k
+    assert [(i.ann_id, i.category_id) for i in load_instances(tmp_path / "person_keypoints_x.json")] == [(10, 1),
+                                                                                                         (11, 3)]
+    boxes = gt_person_boxes(loaded)
+    kps = np.stack([np.asarray(a["keypoints"], np.float32).reshape(17, 3) for a in coco["annotations"]])
+    kps[:, :, 2] = 0.9
+    results = coco_results(boxes, kps, np.array([2400.0, 2400.0]), ap10k)
+    assert [r["category_id"] for r in results] == [1, 3]
+    assert coco_keypoint_metrics(loaded, results)["AP"] == pytest.approx(100.0)
+    # Written under one category, the cat would count as missed and the antelope's as a false positive.
+    assert coco_keypoint_metrics(loaded, [dict(r, category_id=1) for r in results])["AP"] < 60.0
+
+    coco["categories"][1]["keypoints"] = coco["categories"][1]["keypoints"][:14]
+    with pytest.raises(UserError, match="name different keypoints; kdcache reads one keypoint set per file"):
+        load_coco(_write(tmp_path, coco, "mixed.json"))

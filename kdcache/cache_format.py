@@ -22,7 +22,8 @@ Schema 4 adds two row columns, `labelled` and `box_score`, and the manifest's `p
 people came from, how many have ground truth): a cache may hold people given only by a detector's boxes,
 whose rows carry no ground truth (all visibilities 0, `labelled` False). Older caches read as all labelled,
 box score 1. Schema 3 added the manifest's `codec` (what made the targets: `kdcache.codec`, e.g. UDP heatmaps with their
-sizes and sigma) and `keypoint_set` (`kdcache.keypoints`); the datasets are schema 2's. Schema 2 caches read
+sizes and sigma) and `keypoint_set` (`kdcache.keypoints`; a set described in a file is also held whole, as
+`keypoint_set_description`); the datasets are schema 2's. Schema 2 caches read
 as UDP heatmaps of their `input_hw`, `heatmap_hw`, `sigma`, and COCO-17. Schema 1 (kdcache 0.1) stored crops
 as a vlen uint8 dataset, "uint8-minmax-per-joint" heatmaps and no confidence; it is still read.
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from kdcache.codec import Codec, UDPHeatmap, codec_from_record
 from kdcache.errors import UserError
-from kdcache.keypoints import COCO_17, KeypointSet, keypoint_set
+from kdcache.keypoints import COCO_17, KeypointSet, keypoint_set, keypoint_set_from_description
 
 SCHEMA_VERSION = 4
 READABLE_SCHEMAS = (1, 2, 3, 4)
@@ -155,7 +156,10 @@ def manifest_codec(manifest: dict[str, Any]) -> Codec:
 
 
 def manifest_keypoint_set(manifest: dict[str, Any]) -> KeypointSet:
-    """A cache's keypoint set; schema 1 and 2 caches were all COCO-17."""
+    """A cache's keypoint set: a built-in one by name, or a set described in a file (`--keypoint-set FILE`), which
+    the manifest holds whole (`keypoint_set_description`); schema 1 and 2 caches were all COCO-17."""
+    if "keypoint_set_description" in manifest:
+        return keypoint_set_from_description(manifest["keypoint_set_description"], "the cache manifest's keypoint set")
     return keypoint_set(manifest["keypoint_set"]) if "keypoint_set" in manifest else COCO_17
 
 

@@ -57,7 +57,7 @@ def _optim_config(a: argparse.Namespace):
         raise UserError("--val-ann and --val-images go together; pass both or neither")
     optim = OptimConfig(epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
                         weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule, ema=a.ema)
-    return optim, ValConfig(ann=a.val_ann, images=a.val_images, every=a.val_every)
+    return optim, ValConfig(ann=a.val_ann, images=a.val_images, every=a.val_every, keypoint_set=a.keypoint_set)
 
 
 def _given_view_aug(a: argparse.Namespace) -> dict[str, float]:
@@ -88,7 +88,8 @@ def cmd_train_teacher(a: argparse.Namespace) -> int:
 
     optim, val = _optim_config(a)
     cfg = TrainTeacherConfig(ann=a.ann, images=a.images, run=_run_config(a), arch=a.arch, head=a.head,
-                             input_hw=a.input_size, optim=optim, aug=_view_aug_config(a), val=val)
+                             input_hw=a.input_size, optim=optim, aug=_view_aug_config(a), val=val,
+                             keypoint_set=a.keypoint_set)
     print(f"wrote {train_teacher(cfg)}")
     return 0
 
@@ -104,7 +105,7 @@ def cmd_dump_teacher(a: argparse.Namespace) -> int:
                      batch_size=a.batch_size, shard_size=a.shard_size, crop_format=crop,
                      heatmap_storage=a.heatmap_encoding, heatmap_rel_error=a.heatmap_error,
                      gzip_level=a.gzip_level, teacher_flip=a.teacher_flip, skip_bad_images=a.skip_bad_images,
-                     expert=a.expert, aug=_view_aug_config(a))
+                     expert=a.expert, aug=_view_aug_config(a), keypoint_set=a.keypoint_set)
     out = dump_teacher(cfg, verify=a.verify)
     skipped = (read_manifest(out) or {}).get("skipped_images", [])
     if skipped:
@@ -149,7 +150,7 @@ def cmd_train_student(a: argparse.Namespace) -> int:
     cfg = TrainStudentConfig(student=student, run=run, caches=paths, cache_weights=tuple(a.cache_weight or ()),
                              online_teacher=a.online_teacher, expert=a.expert, ann=a.ann, images=a.images, kd=kd,
                              train_views=a.train_views, view_seed=a.view_seed, student_aug=StudentAugConfig(**probs),
-                             optim=optim, val=val,
+                             optim=optim, val=val, keypoint_set=a.keypoint_set,
                              **({"aug": aug} if aug is not None else {}),
                              **({"flip_prob": flip} if flip is not None and paths else {}))
     for cache in caches:  # also checked by train_student; here before the run folder is touched
@@ -202,14 +203,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
                    if value]
         if ignored:
             raise UserError(f"--results scores a finished results file; {', '.join(ignored)} need(s) --model")
-        print(format_metrics(score_results(a.ann, a.results, metrics_out=a.metrics_out)))
+        print(format_metrics(score_results(a.ann, a.results, metrics_out=a.metrics_out,
+                                           keypoint_set=a.keypoint_set)))
         return 0
     if a.images is None:
         raise UserError("--model needs --images, the folder of the annotation file's images")
     predict = PredictConfig(flip_test=a.flip_test, batch_size=a.batch_size, workers=a.workers, progress=_progress(a))
     cfg = EvalConfig(model=a.model, ann=a.ann, images=a.images, boxes=a.boxes, expert=a.expert,
                      box_score_thr=a.box_score_thr, predict=predict, device=_check_device(a.device),
-                     metrics_out=a.metrics_out, results_out=a.results_out, vis_dir=a.vis, vis_count=a.vis_count)
+                     metrics_out=a.metrics_out, results_out=a.results_out, vis_dir=a.vis, vis_count=a.vis_count,
+                     keypoint_set=a.keypoint_set)
     print(format_metrics(evaluate(cfg)))
     if a.vis is not None:
         print(f"wrote {a.vis} (predictions over ground truth, first {a.vis_count} images)")
@@ -249,13 +252,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from kdcache.export import export_onnx
-    from kdcache.keypoints import keypoint_set, keypoint_set_with
+    from kdcache.export import export_onnx, keypoint_set_of_model
     from kdcache.models import load_model, model_input_hw
 
     model = load_model(a.model, expert=a.expert)
-    named = getattr(model.config, "keypoint_set", None)  # a student records its set; teachers by their count
-    keypoints = keypoint_set(named) if named else keypoint_set_with(model.config.num_keypoints, f"model {a.model}")
+    keypoints = keypoint_set_of_model(model, a.keypoint_set, f"model {a.model}")
     diff = export_onnx(model, a.onnx, model_input_hw(model), keypoints)
     print(f"wrote {a.onnx} (max abs difference to PyTorch: {diff:.2e})")
     return 0

@@ -172,6 +172,13 @@ def _common(p: argparse.ArgumentParser, batch: int) -> None:
 def _data(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--ann", type=Path, required=required, help="COCO person_keypoints_*.json")
     p.add_argument("--images", type=Path, required=required, help="folder of the annotation file's images")
+    _keypoint_set_flag(p)
+
+
+def _keypoint_set_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keypoint-set", metavar="NAME|FILE", help="the keypoint set of annotation files that do not "
+                   "name theirs: a built-in one (coco-17, coco-wholebody-133, crowdpose-14, aic-14, mpii-16, "
+                   "ap10k-17) or a JSON file describing yours (names, flip pairs, skeleton, sigmas)")
 
 
 def _optim(p: argparse.ArgumentParser, optim: OptimConfig) -> None:
@@ -324,6 +331,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     source.add_argument("--results", type=Path, help="score this COCO keypoint results file as given (no model)")
     p.add_argument("--ann", type=Path, required=True, help="COCO person_keypoints_*.json (ground truth)")
     p.add_argument("--images", type=Path, help="folder of the annotation file's images (with --model)")
+    _keypoint_set_flag(p)
     p.add_argument("--boxes", type=Path, help="COCO detection results (None: ground-truth boxes)")
     p.add_argument("--box-score-thr", type=PROBABILITY, default=default(EvalConfig, "box_score_thr"),
                    help="drop detections below this score")
@@ -363,6 +371,7 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="checkpoint of any kind")
     p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write")
     _expert_flag(p)
+    _keypoint_set_flag(p)
 
 
 def _demo_flags(p: argparse.ArgumentParser) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from kdcache.errors import UserError
-from kdcache.keypoints import (COCO_17, COCO_WHOLEBODY_133, KeypointSet, keypoint_set_of_category,
-                               keypoint_set_with)
+from kdcache.keypoints import (COCO_17, COCO_WHOLEBODY_133, KeypointSet, keypoint_set_named,
+                               keypoint_set_of_category, keypoint_set_with)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,14 @@ class Instance:
         return bool(self.keypoints[:, 2].max(initial=0) > 0)
 
 
-def load_coco(ann_file: Path) -> COCO:
+class CocoFile(COCO):
+    """A file loaded by `load_coco`: pycocotools' index, and the keypoint set chosen for it (`--keypoint-set`),
+    which `keypoint_set_of` returns where the file does not say which set it is."""
+
+    chosen_set: KeypointSet | None = None
+
+
+def load_coco(ann_file: Path, keypoint_set: KeypointSet | str | None = None) -> COCO:
     """Load a COCO annotation (or image-info) file, checked and completed for every stage, COCOeval included.
 
     Refused up front, each with one line naming the file and the entry: no `images` or `categories`, no
@@ -69,6 +76,10 @@ def load_coco(ann_file: Path) -> COCO:
     finite numbers. Filled the way the COCO tools define them, where converted datasets (CrowdPose, AIC)
     leave them out: `area` = box w * h, `num_keypoints` = count of visibilities > 0, `iscrowd` = 0, and a
     person without `keypoints` gets K unlabelled ones (COCOeval then ignores it, as COCO's own such persons).
+
+    Args:
+        keypoint_set: the set for a file whose category does not name a built-in one (a set, or what
+            `--keypoint-set` takes: a built-in name or a description file); checked against the file.
 
     Raises:
         UserError: the file is missing, is not a COCO json, or has one of the problems above.
@@ -86,10 +97,13 @@ def load_coco(ann_file: Path) -> COCO:
         raise UserError(f"{ann_file} is not a COCO annotation file (its top level is a {type(dataset).__name__}, "
                         "not an object with images/annotations/categories); pass a COCO person_keypoints_*.json")
     _check_and_fill(dataset, ann_file)
-    coco = COCO()
+    coco = CocoFile()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
         coco.createIndex()
+    if keypoint_set is not None:
+        coco.chosen_set = keypoint_set_named(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
+        keypoint_set_of(coco, ann_file)  # the choice fits the file, or one line now
     return coco
 
 
@@ -302,16 +316,23 @@ def keypoint_count(coco: COCO) -> int:
 
 def keypoint_set_of(coco: COCO, ann_file: Path | str = "<coco>") -> KeypointSet:
     """The keypoint set of a file loaded by `load_coco`: the built-in set its category's keypoint names are
-    (however the file spells them: `keypoints.keypoint_set_of_category`), else the one with its keypoint count;
-    COCO-WholeBody's for a file in its layout.
+    (however the file spells them: `keypoints.keypoint_set_of_category`), else the set chosen at load
+    (`--keypoint-set`), else the one with its keypoint count; COCO-WholeBody's for a file in its layout.
 
     Raises:
         UserError: no built-in set, or several, have the file's keypoint count.
     """
-    if is_wholebody(coco):  # its category names COCO's 17 body keypoints only
-        return COCO_WHOLEBODY_133
-    named = keypoint_set_of_category(_first_subject(coco, ann_file))
-    return named or keypoint_set_with(keypoint_count(coco), str(ann_file))
+    own = COCO_WHOLEBODY_133 if is_wholebody(coco) else keypoint_set_of_category(_first_subject(coco, ann_file))
+    chosen = getattr(coco, "chosen_set", None)
+    if chosen is None:
+        return own or keypoint_set_with(keypoint_count(coco), str(ann_file))
+    if own is not None and own.name != chosen.name:
+        raise UserError(f"{ann_file} names {own.title}'s keypoints but --keypoint-set is {chosen.name}; the file's "
+                        "own set is used where it names one: leave --keypoint-set out")
+    if declares_keypoints(coco) and keypoint_count(coco) != chosen.num_keypoints:
+        raise UserError(f"{ann_file} has {keypoint_count(coco)} keypoints per person but --keypoint-set "
+                        f"{chosen.name} has {chosen.num_keypoints}; pass the set the file was annotated with")
+    return chosen
 
 
 def clip_bbox_xywh(bbox_xywh: tuple[float, float, float, float] | np.ndarray,

@@ -51,6 +51,7 @@ class ValConfig:
     ann: Path | None = None     # person_keypoints_val.json; None = no validation (best.pt = last.pt)
     images: Path | None = None  # folder of the validation images
     every: int = 1              # validate every N epochs (and always after the last)
+    keypoint_set: str | None = None  # --keypoint-set: a built-in set or a description file, for files that do not say
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TrainTeacherConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=210, lr=5e-4, weight_decay=0.1))
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    keypoint_set: str | None = None  # --keypoint-set: a built-in set or a description file, for files that do not say
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class DumpConfig:
     skip_bad_images: bool = False  # go on past unreadable images, listing them in the manifest
     expert: str | int | None = None  # ViTPose++ expert (dataset name or index); None = COCO
     aug: AugmentConfig = field(default_factory=AugmentConfig)
+    keypoint_set: str | None = None  # --keypoint-set: a built-in set or a description file, for files that do not say
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class TrainStudentConfig:
     # the dump's seed gives an online run the very views a cache holds, for a paired comparison
     student_aug: StudentAugConfig = field(default_factory=StudentAugConfig)  # photometric/occlusion/jitter
     val: ValConfig = field(default_factory=ValConfig)
+    keypoint_set: str | None = None  # --keypoint-set: a built-in set or a description file, for files that do not say
 
     def __post_init__(self) -> None:
         if self.caches and self.online_teacher is not None:
@@ -139,6 +143,7 @@ class EvalConfig:
     results_out: Path | None = None  # the COCO keypoint results as JSON
     vis_dir: Path | None = None  # PNGs of predictions over ground truth for the first vis_count images (None = off)
     vis_count: int = 20         # images drawn into vis_dir
+    keypoint_set: str | None = None  # --keypoint-set: a built-in set or a description file, for files that do not say
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -52,7 +52,7 @@ from kdcache.distributed import world_from_env
 from kdcache.errors import UserError
 from kdcache.heatmap_storage import encode_rows, heatmap_storage
 from kdcache.inference import predict_heatmaps
-from kdcache.keypoints import KeypointSet, keypoint_set_with
+from kdcache.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set_with
 from kdcache.teacher import load_teacher, require_keypoint_set, teacher_weights_file
 from kdcache.transforms import ViewSampler
 
@@ -134,6 +134,8 @@ def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, keypoint_set: Keypo
         "schema_version": fmt.SCHEMA_VERSION,
         "codec": codec.to_record(),
         "keypoint_set": keypoint_set.name,
+        # a set described in a file travels whole with the cache (built-in ones by name)
+        **({} if keypoint_set.name in KEYPOINT_SETS else {"keypoint_set_description": keypoint_set.description()}),
         "input_hw": list(codec.input_hw),  # the codec's, repeated for readers that know schema 2 only
         "heatmap_hw": list(codec.heatmap_hw),
         "sigma": codec.sigma,
@@ -230,14 +232,15 @@ def dump_teacher(cfg: DumpConfig, verify: bool = False) -> Path:
         raise UserError(f"--images {cfg.images} is not a folder; pass the folder holding {Path(cfg.ann).name}'s images")
     if cfg.boxes is not None and cfg.persons != "labelled":
         raise UserError("--persons chooses among --ann's annotated people, --boxes replaces them: give one of them")
-    coco = load_coco(cfg.ann)
+    coco = load_coco(cfg.ann, cfg.keypoint_set)
     if cfg.boxes is None:
         instances = _annotated_instances(coco, cfg)
     else:  # read and checked before the teacher loads; its keypoint count may size them
         boxes = detected_person_boxes(cfg.ann, cfg.boxes, cfg.box_score_thr, coco, purpose="dump")
     teacher = load_teacher(cfg.teacher, _device(cfg.run.device), expert=cfg.expert)
-    # A file that names no keypoints (an image-info file) dumps the teacher's own set.
-    keypoint_set = (keypoint_set_of(coco, cfg.ann) if declares_keypoints(coco) or cfg.boxes is None
+    # A file that names no keypoints (an image-info file) dumps the teacher's own set, unless one is chosen.
+    chosen = declares_keypoints(coco) or cfg.boxes is None or cfg.keypoint_set is not None
+    keypoint_set = (keypoint_set_of(coco, cfg.ann) if chosen
                     else keypoint_set_with(teacher.config.num_keypoints, str(cfg.teacher)))
     require_keypoint_set(teacher, keypoint_set, cfg.teacher, cfg.expert)
     if cfg.boxes is not None:

@@ -73,14 +73,14 @@ def _score_model(model: nn.Module, coco: COCO, ann: Path, images: Path, person_b
 
 
 def evaluate_model(model: nn.Module, ann: Path, images: Path, boxes: Path | None = None,
-                   box_score_thr: float = EvalConfig.box_score_thr, predict: PredictConfig = PredictConfig()
-                   ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
+                   box_score_thr: float = EvalConfig.box_score_thr, predict: PredictConfig = PredictConfig(),
+                   keypoint_set: str | None = None) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
     """Metrics and COCO results of an in-memory model (also used for validation during training).
 
     Everything that can be checked without the model's outputs is checked before inference (nothing to
-    score, keypoint counts).
+    score, keypoint counts). `keypoint_set`: `--keypoint-set`, for a file that does not say which set it is.
     """
-    coco = load_coco(ann)
+    coco = load_coco(ann, keypoint_set)
     person_boxes = _person_boxes(coco, ann, boxes, box_score_thr)
     return _score_model(model, coco, ann, images, person_boxes, predict)
 
@@ -123,7 +123,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float | None]:
     check_output_path(cfg.metrics_out, "--metrics-out")
     check_output_path(cfg.results_out, "--results-out")
     check_output_path(cfg.vis_dir, "--vis", is_dir=True)
-    coco = load_coco(cfg.ann)
+    coco = load_coco(cfg.ann, cfg.keypoint_set)
     person_boxes = _person_boxes(coco, cfg.ann, cfg.boxes, cfg.box_score_thr)
     model = load_model(cfg.model, cfg.device, expert=cfg.expert)
     metrics, results = _score_model(model, coco, cfg.ann, cfg.images, person_boxes, cfg.predict)
@@ -137,7 +137,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, float | None]:
     return metrics
 
 
-def score_results(ann: Path, results: Path, metrics_out: Path | None = None) -> dict[str, float | None]:
+def score_results(ann: Path, results: Path, metrics_out: Path | None = None,
+                  keypoint_set: str | None = None) -> dict[str, float | None]:
     """The metrics of `evaluate` for an existing COCO keypoint results file (kdcache's or any other tool's).
 
     The file is scored as given: no rescoring and no OKS-NMS (those belong to the tool that made it);
@@ -146,12 +147,13 @@ def score_results(ann: Path, results: Path, metrics_out: Path | None = None) -> 
 
     Args:
         metrics_out: also write the metrics there as JSON (checked before scoring; null for empty ranges).
+        keypoint_set: `--keypoint-set`, for a file that does not say which set it is.
 
     Raises:
         UserError: a file missing or malformed, naming the first bad entry; nothing to score.
     """
     check_output_path(metrics_out, "--metrics-out")
-    coco = load_coco(ann)
+    coco = load_coco(ann, keypoint_set)
     require_scorable(coco, ann)
     entries = load_keypoint_results(results, coco, ann)
     metrics = coco_keypoint_metrics(coco, entries)

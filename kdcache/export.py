@@ -20,7 +20,8 @@ from kdcache import __version__
 from kdcache.codec import UDPHeatmap
 from kdcache.errors import UserError
 from kdcache.inference import IMAGENET_MEAN, IMAGENET_STD
-from kdcache.keypoints import KeypointSet
+from kdcache.keypoint_sets import ALIASES
+from kdcache.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set, keypoint_set_named, keypoint_set_with
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,34 @@ log = logging.getLogger(__name__)
 MAX_ABS_DIFF = 1e-4
 INPUT_NAME = "input"
 OUTPUT_NAME = "heatmaps"
+
+
+def keypoint_set_of_model(model: nn.Module, chosen: str | None, where: str) -> KeypointSet:
+    """The keypoint set whose names and flip pairs go into the export's metadata: the one a student recorded
+    (a set described in a file needs that file again, `chosen`), else `chosen`, else the set with the model's
+    keypoint count.
+
+    Raises:
+        UserError: `chosen` is not the recorded set, does not have the model's count, or is missing for a
+            described set.
+    """
+    named = getattr(model.config, "keypoint_set", None)  # a student records its set; teachers by their count
+    count = int(model.config.num_keypoints)
+    picked = keypoint_set_named(chosen) if chosen else None
+    if named and picked is not None and picked.name != named:
+        raise UserError(f"{where} was trained for the keypoint set {named}, not {picked.name}: drop --keypoint-set, "
+                        f"or pass the description of {named}")
+    if named and picked is None:
+        if named not in KEYPOINT_SETS and named not in ALIASES:
+            raise UserError(f"{where} was trained for {named}, a keypoint set described in a file: pass that file "
+                            "as --keypoint-set FILE")
+        picked = keypoint_set(named)
+    if picked is None:
+        return keypoint_set_with(count, where)
+    if picked.num_keypoints != count:
+        raise UserError(f"{where} predicts {count} keypoints but the keypoint set {picked.name} has "
+                        f"{picked.num_keypoints}; pass the set it was trained for")
+    return picked
 
 
 def export_onnx(model: nn.Module, onnx_path: Path, input_hw: tuple[int, int], keypoint_set: KeypointSet,

@@ -46,12 +46,13 @@ class HeatmapStorage:
     decode: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
 
-def _encode_step(heat: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def _encode_step(heat: np.ndarray, eps: float, pixels: np.ndarray | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`pixels`: how many of each map's pixels are rounded (default all: h * w; zeros round exactly)."""
     h, w = heat.shape[-2:]
     norm = np.sqrt(np.square(heat, dtype=np.float64).sum(axis=(-2, -1)))
     # Rounding to a grid of `step` errs by U(-step/2, step/2), variance step^2 / 12, so this step gives
-    # each joint's map a relative L2 error of eps (tightly: thousands of pixels average out).
-    step = (np.sqrt(12.0 / (h * w)) * eps * norm).astype(np.float32)
+    # each joint's map a relative L2 error of eps (tightly: hundreds of pixels average out).
+    step = (np.sqrt(12.0 / (h * w if pixels is None else pixels)) * eps * norm).astype(np.float32)
     step = np.maximum(step, np.abs(heat).max(axis=(-2, -1)) / 32767.0, dtype=np.float32)  # int16 range
     safe = np.where(step > 0, step, 1.0).astype(np.float32)
     q = np.rint(heat / safe[..., None, None]).astype(np.int32)
@@ -70,8 +71,10 @@ def peak_window(heat: np.ndarray) -> np.ndarray:
 
 
 def _encode_window(heat: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    # The background outside each peak's window is stored as zeros, which deflate to almost nothing.
-    return _encode_step(np.where(peak_window(heat), heat, np.float32(0)), eps)
+    # The background outside each peak's window is stored as zeros, which deflate to almost nothing; only the
+    # window's pixels are rounded, so its step is sized for their count.
+    window = peak_window(heat)
+    return _encode_step(np.where(window, heat, np.float32(0)), eps, window.sum(axis=(-2, -1)))
 
 
 def _decode_step(stored: np.ndarray, step: np.ndarray) -> np.ndarray:

@@ -194,6 +194,22 @@ def keypoint_set(name: str) -> KeypointSet:
     return KEYPOINT_SETS[name]
 
 
+def keypoint_set_named(value: str) -> KeypointSet:
+    """What `--keypoint-set` names: a built-in set (or an alias), or a JSON description file
+    (`keypoint_set_from_file`) when `value` is an existing file or ends in .json.
+
+    Raises:
+        UserError: neither; the message lists the built-in names.
+    """
+    if value in KEYPOINT_SETS or value in keypoint_sets.ALIASES:
+        return keypoint_set(value)
+    if Path(value).is_file() or value.endswith(".json"):
+        return keypoint_set_from_file(value)
+    known = ", ".join([*KEYPOINT_SETS, *keypoint_sets.ALIASES])
+    raise UserError(f"--keypoint-set {value!r} is neither a built-in keypoint set ({known}) nor a JSON file "
+                    "describing one; pass one of those")
+
+
 def keypoint_set_with(count: int, where: str) -> KeypointSet:
     """The built-in set of `count` keypoints (for a file or model that states only its count).
 
@@ -209,11 +225,11 @@ def keypoint_set_with(count: int, where: str) -> KeypointSet:
     if fits:
         names = " or ".join(s.name for s in fits)
         raise UserError(f"{where} has {count} keypoints per person, as {' and '.join(s.title for s in fits)} have; "
-                        f"kdcache cannot tell which from the count: name the keypoint set ({names}) or give an "
+                        f"kdcache cannot tell which from the count: pass --keypoint-set {names}, or give an "
                         "annotation file whose category lists the keypoint names")
     known = ", ".join(f"{s.title} ({s.num_keypoints})" for s in KEYPOINT_SETS.values())
-    raise UserError(f"{where} has {count} keypoints per person; kdcache knows the keypoint sets {known}: "
-                    "pass a file of one of them")
+    raise UserError(f"{where} has {count} keypoints per person; kdcache knows the keypoint sets {known}: pass "
+                    "a file of one of them, or --keypoint-set FILE.json describing yours (names, flip pairs, sigmas)")
 
 
 # ---- recognising a set from an annotation file's category ----

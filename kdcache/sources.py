@@ -59,9 +59,11 @@ def student_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return to_input_tensor(batch.get("student_crop", batch["crop"]))
 
 
-def annotated_views(ann: Path, images: Path, aug: AugmentConfig, codec: Codec, seed: int) -> ViewDataset:
-    """One fresh view per annotated person per epoch, in the annotation file's keypoint set."""
-    coco = load_coco(ann)
+def annotated_views(ann: Path, images: Path, aug: AugmentConfig, codec: Codec, seed: int,
+                    keypoint_set: str | None = None) -> ViewDataset:
+    """One fresh view per annotated person per epoch, in the annotation file's keypoint set (`keypoint_set`:
+    `--keypoint-set`, for a file that does not say)."""
+    coco = load_coco(ann, keypoint_set)
     instances = instances_from_coco(coco, ann)
     if not instances:
         raise UserError(f"{ann} has no usable person instances; check the annotation file")
@@ -181,7 +183,7 @@ def student_source(cfg: TrainStudentConfig) -> GroundTruth | CachedKD | OnlineKD
             raise UserError(f"teacher takes {teacher.config.input_hw} crops, student {cfg.student.input_hw}; "
                             "pass --input-size to match them")
         codec = dataclasses.replace(teacher.codec, sigma=cfg.sigma)  # views cut as the teacher was trained
-    views = annotated_views(cfg.ann, cfg.images, cfg.aug, codec, view_seed)
+    views = annotated_views(cfg.ann, cfg.images, cfg.aug, codec, view_seed, cfg.keypoint_set)
     if teacher is None:
         if cfg.kd.alpha > 0:
             log.info("no --cache or --online-teacher: training on ground truth only (alpha ignored)")

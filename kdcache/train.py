@@ -104,7 +104,7 @@ def check_validation_set(val: ValConfig) -> None:
         return
     if not Path(val.images).is_dir():
         raise UserError(f"--val-images {val.images} is not a folder; pass the folder of {val.ann}'s images")
-    require_scorable(load_coco(val.ann), val.ann)
+    require_scorable(load_coco(val.ann, val.keypoint_set), val.ann)
 
 
 def train_teacher(cfg: TrainTeacherConfig) -> Path:
@@ -113,7 +113,7 @@ def train_teacher(cfg: TrainTeacherConfig) -> Path:
     check_validation_set(cfg.val)
     with torch.device("meta"):  # the family's own targets (UDP, TokenPose's), before the data says K
         codec = dataclasses.replace(build_teacher(cfg.arch, cfg.head, cfg.input_hw).codec, sigma=cfg.sigma)
-    views = annotated_views(cfg.ann, cfg.images, cfg.aug, codec, cfg.run.seed)
+    views = annotated_views(cfg.ann, cfg.images, cfg.aug, codec, cfg.run.seed, cfg.keypoint_set)
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = build_teacher(cfg.arch, cfg.head, cfg.input_hw, views.sampler.keypoint_set.num_keypoints)
     check_resume_fits(cfg.run, model)
@@ -339,6 +339,7 @@ def _tensorboard(out: Path) -> Any:
 def _validate(model: nn.Module, val: ValConfig, epoch: int, last: bool, progress: bool = False) -> float | None:
     if val.ann is None or not (last or (epoch + 1) % val.every == 0):
         return None
-    metrics, _ = evaluate_model(model, val.ann, val.images, predict=PredictConfig(progress=progress))
+    metrics, _ = evaluate_model(model, val.ann, val.images, predict=PredictConfig(progress=progress),
+                                keypoint_set=val.keypoint_set)
     model.train()
     return metrics["AP"]

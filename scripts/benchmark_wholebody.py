@@ -122,7 +122,8 @@ def collect(cfg: WholeBodyConfig, stages: Stages) -> dict[str, Any]:
         if stages.done(f"size {name}"):
             size = stages.state[f"size {name}"]["result"]
             caches[name] = {"heatmap_storage": storage, "rel_error": eps, "views": size["views"],
-                            "kb_per_view": round(size["kb_per_view"], 2), "kb_per_view_parts": size["kb_per_view_parts"],
+                            "kb_per_view": round(size["kb_per_view"], 2),
+                            "kb_per_view_parts": size["kb_per_view_parts"],
                             "dump_seconds": round(stages.seconds(f"dump {name}"), 1)}
     runs = []
     for seed in cfg.seeds:

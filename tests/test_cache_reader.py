@@ -15,7 +15,7 @@ from kdcache.cache_format import encode_crop
 from kdcache.cache_writer import write_manifest
 from kdcache.codec import UDPHeatmap
 from kdcache.errors import UserError
-from kdcache.heatmap_storage import HEATMAP_STORAGES, heatmap_storage
+from kdcache.heatmap_storage import HEATMAP_STORAGES, heatmap_storage, peak_window
 from kdcache.keypoints import COCO_17
 
 K, H, W = 17, 32, 24
@@ -46,6 +46,10 @@ def test_write_read_round_trip(tmp_path, storage, make_cache):
             rel = _rel_l2(got["heatmaps"], heat[row])
             if storage == "int16-step":  # the error budget is met, and used (not spent on needless bits)
                 assert 0.006 < rel < 0.009
+            elif storage == "int16-step-window":  # the budget on each peak's window, zeros elsewhere
+                kept = np.where(peak_window(heat[row]), heat[row], 0)
+                assert 0.006 < _rel_l2(got["heatmaps"], kept) < 0.009
+                assert not got["heatmaps"][~peak_window(heat[row])].any()
             elif storage == "float16":
                 assert rel < 1e-3
             else:  # uint8: at most half a step of each joint's range

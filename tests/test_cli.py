@@ -112,8 +112,8 @@ def test_online_student(pipeline):
 
 def test_eval_writes_metrics_and_results(pipeline, capsys):
     root, data = pipeline["root"], pipeline["data"]
-    args = ["eval", "--model", str(root / "student/best.pt"), "--ann", str(data / "annotations/person_keypoints_val.json"),
-            "--images", str(data / "val"), "--metrics-out", str(root / "m.json"), "--results-out", str(root / "r.json"),
+    args = ["eval", "--model", str(root / "student/best.pt"),
+            "--ann", str(data / "annotations/person_keypoints_val.json"), "--images", str(data / "val"), "--metrics-out", str(root / "m.json"), "--results-out", str(root / "r.json"),
             "--workers", "0", "--flip-test"]
     assert main(args) == 0
     metrics = json.loads((root / "m.json").read_text())
@@ -169,7 +169,8 @@ def test_export_onnx(pipeline, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["eval", "--model", "nope.pt", "--ann", "nope.json", "--images", "."], "nope"),
-    (["train-student", "--cache", "no_cache_here", "--student", "mobilenetv3_small_100", "--out", "x"], "no_cache_here"),
+    (["train-student", "--cache", "no_cache_here", "--student", "mobilenetv3_small_100", "--out", "x"],
+     "no_cache_here"),
     (["inspect", "no_cache_here"], "no_cache_here"),
     (["train-student", "--ann", "a.json", "--images", ".", "--student", "mobilenetv3_small_100", "--out", "x",
       "--blur", "2"], "argument --blur: must be >= 0 and <= 1, got 2"),
@@ -281,29 +282,35 @@ def test_tokenpose_teacher_end_to_end_keeps_its_codec(pipeline, tmp_path, capsys
         assert np.isfinite(json.loads((tmp_path / "m.json").read_text())["AP"])
 
 
-def crowdpose_layout(coco_file, out_file):
-    """A CrowdPose-layout copy of a COCO-17 file: its 14 names, the 12 limb joints, head (the nose stands in) and
-    neck (between the shoulders), and no `area` (CrowdPose's files have none)."""
-    from kdcache.keypoints import CROWDPOSE_14
+def fourteen_layout(coco_file, out_file, keypoint_set):
+    """A CrowdPose- or AIC-layout copy of a COCO-17 file: the set's 14 names, its 12 limb joints taken from COCO's by
+    name, head (the nose stands in) and neck (between the shoulders), and no `area` (neither dataset has one)."""
+    from kdcache.keypoints import COCO_17
 
     coco = json.loads(coco_file.read_text())
-    coco["categories"] = [{**coco["categories"][0], "keypoints": list(CROWDPOSE_14.names), "skeleton": []}]
+    coco["categories"] = [{**coco["categories"][0], "keypoints": list(keypoint_set.names), "skeleton": []}]
     for ann in coco["annotations"]:
         k = np.asarray(ann["keypoints"], float).reshape(17, 3)
         neck = [*(k[5, :2] + k[6, :2]) / 2, min(k[5, 2], k[6, 2])]
-        ann["keypoints"] = np.concatenate([k[5:17], k[:1], [neck]]).ravel().tolist()
+        joint = {name: k[i] for i, name in enumerate(COCO_17.names)} | {"head": k[0], "head_top": k[0], "neck": neck}
+        ann["keypoints"] = np.concatenate([joint[name] for name in keypoint_set.names]).ravel().tolist()
         ann["num_keypoints"] = int((np.asarray(ann["keypoints"])[2::3] > 0).sum())
         ann.pop("area", None)
     out_file.write_text(json.dumps(coco))
     return out_file
 
 
-def test_a_14_keypoint_crowdpose_file_runs_through_train_dump_distil_and_eval(pipeline, tmp_path):
-    """The teacher and the student predict the file's 14 joints; the cache and the student record CrowdPose;
-    eval scores with CrowdPose's sigmas and refuses the student on a COCO-17 file."""
+@pytest.mark.parametrize("name", ["crowdpose-14", "aic-14"])
+def test_a_14_keypoint_file_runs_through_train_dump_distil_and_eval(pipeline, tmp_path, name):
+    """The teacher and the student predict the file's 14 joints; the cache and the student record its set;
+    eval scores with the set's sigmas and refuses the student on a COCO-17 file."""
+    from kdcache.keypoints import keypoint_set
+
     data = pipeline["data"]
-    train_ann = crowdpose_layout(data / "annotations/person_keypoints_train.json", tmp_path / "cp_train.json")
-    val_ann = crowdpose_layout(data / "annotations/person_keypoints_val.json", tmp_path / "cp_val.json")
+    train_ann = fourteen_layout(data / "annotations/person_keypoints_train.json", tmp_path / "train14.json",
+                                keypoint_set(name))
+    val_ann = fourteen_layout(data / "annotations/person_keypoints_val.json", tmp_path / "val14.json",
+                              keypoint_set(name))
     train = ["--ann", str(train_ann), "--images", str(data / "train")]
     assert main(["train-teacher", *train, "--out", str(tmp_path / "teacher"), "--arch", "vitpose-nano", *SIZE,
                  "--max-steps", "2", "--batch-size", "4", *QUIET]) == 0
@@ -312,14 +319,62 @@ def test_a_14_keypoint_crowdpose_file_runs_through_train_dump_distil_and_eval(pi
     assert main(["dump-teacher", "--teacher", str(tmp_path / "teacher/last.pt"), *train, "--out", str(tmp_path / "c"),
                  "--views", "2", "--batch-size", "4", *QUIET]) == 0
     cache = open_cache(tmp_path / "c")
-    assert cache.keypoint_set.name == "crowdpose-14" and cache[0]["heatmaps"].shape == (14, 32, 24)
+    assert cache.keypoint_set.name == name and cache[0]["heatmaps"].shape == (14, 32, 24)
     assert main(["train-student", "--cache", str(tmp_path / "c"), "--student", "mobilenetv3_small_100",
                  "--out", str(tmp_path / "s"), "--max-steps", "2", "--batch-size", "4", "--head-channels", "32",
                  *QUIET]) == 0
     config = torch.load(tmp_path / "s/last.pt", weights_only=True)["model_config"]
-    assert (config["num_keypoints"], config["keypoint_set"]) == (14, "crowdpose-14")
+    assert (config["num_keypoints"], config["keypoint_set"]) == (14, name)
     assert main(["eval", "--model", str(tmp_path / "s/last.pt"), "--ann", str(val_ann), "--images", str(data / "val"),
                  "--metrics-out", str(tmp_path / "m.json"), "--workers", "0"]) == 0
     assert np.isfinite(json.loads((tmp_path / "m.json").read_text())["AP"])
     assert main(["eval", "--model", str(tmp_path / "s/last.pt"), "--ann", pipeline["val"][1],
                  "--images", pipeline["val"][3], "--workers", "0"]) == 2
+
+
+def test_a_set_kdcache_does_not_know_runs_by_its_description_file(pipeline, tmp_path, capsys):
+    """A 5-keypoint head set: refused without --keypoint-set (one line naming the flag); with its description
+    file the teacher, the cache (which holds the description whole), the student and eval follow it."""
+    data = pipeline["data"]
+    head = ["nose", "left_eye", "right_eye", "left_ear", "right_ear"]
+
+    def head_layout(src, dst):
+        coco = json.loads(src.read_text())
+        coco["categories"] = [{**coco["categories"][0], "keypoints": [f"{n}_point" for n in head], "skeleton": []}]
+        for ann in coco["annotations"]:
+            ann["keypoints"] = ann["keypoints"][:15]
+            ann["num_keypoints"] = int((np.asarray(ann["keypoints"])[2::3] > 0).sum())
+        dst.write_text(json.dumps(coco))
+        return str(dst)
+
+    train = ["--ann", head_layout(data / "annotations/person_keypoints_train.json", tmp_path / "t.json"),
+             "--images", str(data / "train")]
+    val = ["--ann", head_layout(data / "annotations/person_keypoints_val.json", tmp_path / "v.json"),
+           "--images", str(data / "val")]
+    teacher = ["train-teacher", *train, "--out", str(tmp_path / "teacher"), "--arch", "vitpose-nano", *SIZE,
+               "--max-steps", "2", "--batch-size", "4", *QUIET]
+    capsys.readouterr()
+    assert main(teacher) == 2
+    assert "has 5 keypoints per person" in (err := capsys.readouterr().err) and "--keypoint-set FILE.json" in err
+    described = {"name": "head-5", "keypoints": [f"{n}_point" for n in head], "sigmas": [0.026, 0.025, 0.025,
+                                                                                        0.035, 0.035]}
+    (tmp_path / "head5.json").write_text(json.dumps(described))
+    chosen = ["--keypoint-set", str(tmp_path / "head5.json")]
+    assert main([*teacher, *chosen]) == 0
+    assert main(["dump-teacher", "--teacher", str(tmp_path / "teacher/last.pt"), *train, *chosen,
+                 "--out", str(tmp_path / "c"), "--views", "2", "--batch-size", "4", *QUIET]) == 0
+    manifest = json.loads((tmp_path / "c/manifest.json").read_text())
+    assert manifest["keypoint_set"] == "head-5" and manifest["keypoint_set_description"]["sigmas"][3] == 0.035
+    cache = open_cache(tmp_path / "c")  # read back from the manifest alone: flip pairs from the names
+    assert cache.keypoint_set.flip_pairs == ((1, 2), (3, 4)) and cache[0]["heatmaps"].shape == (5, 32, 24)
+    assert main(["train-student", "--cache", str(tmp_path / "c"), "--student", "mobilenetv3_small_100",
+                 "--out", str(tmp_path / "s"), "--max-steps", "2", "--batch-size", "4", "--head-channels", "32",
+                 *QUIET]) == 0
+    assert torch.load(tmp_path / "s/last.pt", weights_only=True)["model_config"]["keypoint_set"] == "head-5"
+    assert main(["eval", "--model", str(tmp_path / "s/last.pt"), *val, *chosen,
+                 "--metrics-out", str(tmp_path / "m.json"), "--workers", "0"]) == 0
+    assert np.isfinite(json.loads((tmp_path / "m.json").read_text())["AP"])
+    capsys.readouterr()  # a set the file names itself wins; a contradicting flag is one line
+    assert main(["eval", "--model", str(tmp_path / "s/last.pt"), "--ann", pipeline["val"][1],
+                 "--images", pipeline["val"][3], *chosen, "--workers", "0"]) == 2
+    assert "names COCO's keypoints but --keypoint-set is head-5" in capsys.readouterr().err

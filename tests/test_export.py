@@ -1,5 +1,6 @@
 """ONNX export: same heatmaps as PyTorch through onnxruntime, any batch size; clear error without the extra."""
 
+import json
 import sys
 
 import numpy as np
@@ -85,3 +86,29 @@ def test_export_writes_the_preprocessing_into_the_metadata(tmp_path):
     by_metadata = ((crop.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(by_metadata, to_input_tensor(crop).numpy(), atol=1e-5)
     assert list(IMAGENET_MEAN) == json.loads(meta["mean"]) and list(IMAGENET_STD) == json.loads(meta["std"])
+
+
+def test_the_exported_keypoint_set_is_the_one_the_student_recorded(tmp_path):
+    """A built-in set by its recorded name; a described one needs its file again (and only it); a teacher that
+    records no set goes by its count, or by --keypoint-set."""
+    from kdcache.export import keypoint_set_of_model
+    from kdcache.keypoints import keypoint_set
+
+    def student(**fields):
+        return build_student(StudentConfig("mobilenetv3_small_100", input_hw=INPUT_HW, head_channels=16, **fields),
+                             load_pretrained=False)
+
+    crowd = student(num_keypoints=14, keypoint_set="crowdpose-14")
+    assert keypoint_set_of_model(crowd, None, "m") is keypoint_set("crowdpose-14")
+    with pytest.raises(UserError, match="trained for the keypoint set crowdpose-14, not aic-14"):
+        keypoint_set_of_model(crowd, "aic-14", "m")
+    head = student(num_keypoints=5, keypoint_set="head-5")
+    with pytest.raises(UserError, match="head-5, a keypoint set described in a file: pass that file"):
+        keypoint_set_of_model(head, None, "m")
+    description = {"name": "head-5", "keypoints": ["nose", "left_eye", "right_eye", "left_ear", "right_ear"]}
+    (tmp_path / "h.json").write_text(json.dumps(description))
+    assert keypoint_set_of_model(head, str(tmp_path / "h.json"), "m").flip_pairs == ((1, 2), (3, 4))
+    teacher = student(num_keypoints=14, keypoint_set="")  # as a teacher: no recorded set, only a count
+    with pytest.raises(UserError, match="pass --keypoint-set crowdpose-14 or aic-14"):
+        keypoint_set_of_model(teacher, None, "m")
+    assert keypoint_set_of_model(teacher, "aic-14", "m") is keypoint_set("aic-14")

@@ -80,7 +80,7 @@ def test_keypoint_set_by_count_names_where_the_count_came_from():
 
 def test_a_count_two_sets_share_is_refused_naming_both():
     with pytest.raises(UserError, match=r"^model m\.pt has 14 keypoints per person, as CrowdPose and AIC have; .*"
-                                        r"name the keypoint set \(crowdpose-14 or aic-14\)") as caught:
+                                        r"pass --keypoint-set crowdpose-14 or aic-14") as caught:
         keypoint_set_with(14, "model m.pt")
     assert "\n" not in str(caught.value)
 

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_cache import heatmap_option, read_rate, sample_views  # noqa: E402
 from benchmark import Stages, data_and_teacher, run_config, study_main, train_seconds, val_curve  # noqa: E402
 from benchmark_report import fmt, fmt_diff  # noqa: E402
 from kdcache.config import DumpConfig, EvalConfig, OptimConfig, TrainStudentConfig, ValConfig, to_jsonable  # noqa: E402
@@ -40,6 +43,7 @@ from kdcache.losses import KDConfig  # noqa: E402
 from kdcache.metrics import WHOLEBODY_PARTS  # noqa: E402
 from kdcache.predict import PredictConfig  # noqa: E402
 from kdcache.student import StudentConfig  # noqa: E402
+from kdcache.teacher import load_teacher  # noqa: E402
 from kdcache.train import train_student  # noqa: E402
 
 log = logging.getLogger("benchmark")
@@ -73,6 +77,7 @@ class WholeBodyConfig:
     lr: float = 2e-3
     workers: int = 1
     seed: int = 0
+    fidelity_views: int = 128             # views of the fidelity measurement (4 per person)
 
 
 def run_study(cfg: WholeBodyConfig, stop_after: str | None = None) -> Stages:
@@ -89,12 +94,15 @@ def run_study(cfg: WholeBodyConfig, stop_after: str | None = None) -> Stages:
                                                            predict=predict)))
     if stop_after == "teacher":
         return stages
+    # Fidelity of each storage on the teacher's float32 maps (`scripts/bench_cache.py`'s measures).
+    stages.run("fidelity", lambda: fidelity(teacher, train_ann, data / "train", cfg.fidelity_views))
     for name, (storage, eps) in STORAGES.items():
         folder = cache_folder(name)
         stages.run(f"dump {name}", lambda folder=folder, storage=storage, eps=eps: str(dump_teacher(DumpConfig(
             teacher=teacher, ann=train_ann, images=data / "train", views=cfg.views, batch_size=32, aug=DEMO_AUG,
             heatmap_storage=storage, heatmap_rel_error=eps, run=run_config(out, folder, cfg.seed, cfg.workers)))))
         stages.run(f"size {name}", lambda folder=folder: cache_summary(out / folder))
+        stages.run(f"read {name}", lambda folder=folder: read_rate(out / folder))
     if stop_after == "dump":
         return stages
     optim = OptimConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=100)
@@ -111,6 +119,15 @@ def run_study(cfg: WholeBodyConfig, stop_after: str | None = None) -> Stages:
     return stages
 
 
+def fidelity(teacher: Path, ann: Path, images: Path, views: int) -> dict[str, Any]:
+    """Bytes, relative L2 error and keypoint error (argmax + DARK against float32) of each storage's maps."""
+    crops, heat = sample_views(load_teacher(teacher), ann, images, views, batch=16)
+    return {"views": len(heat), "raw_kb_per_view": heat[0].nbytes / 1000,
+            "peak_median": float(np.median(heat.max(axis=(2, 3)))),
+            "storages": {name: heatmap_option(heat, storage, eps, DumpConfig.gzip_level)
+                         for name, (storage, eps) in STORAGES.items()}}
+
+
 def cache_folder(name: str) -> str:
     return "cache-" + name.replace(" ", "-").replace("%", "pc")
 
@@ -125,6 +142,10 @@ def collect(cfg: WholeBodyConfig, stages: Stages) -> dict[str, Any]:
                             "kb_per_view": round(size["kb_per_view"], 2),
                             "kb_per_view_parts": size["kb_per_view_parts"],
                             "dump_seconds": round(stages.seconds(f"dump {name}"), 1)}
+    for name in caches:
+        if stages.done(f"read {name}"):
+            read = stages.state[f"read {name}"]["result"]
+            caches[name]["read_views_per_s"] = round(read["views_per_s_one_process"], 1)
     runs = []
     for seed in cfg.seeds:
         for name in STORAGES:
@@ -136,6 +157,7 @@ def collect(cfg: WholeBodyConfig, stages: Stages) -> dict[str, Any]:
                              "train_seconds": round(train_seconds(out / run), 1)})
     teacher = stages.state.get("eval teacher", {}).get("result")
     return {"config": to_jsonable(cfg), "caches": caches, "runs": runs,
+            "fidelity": stages.state.get("fidelity", {}).get("result"),
             "teacher": None if teacher is None else {
                 "arch": cfg.teacher_arch, "epochs": cfg.teacher_epochs, "AP": teacher["AP"],
                 **{f"{part} AP": teacher[f"{part} AP"] for part in WHOLEBODY_PARTS},
@@ -166,13 +188,28 @@ def write_report(cfg: WholeBodyConfig, results: dict[str, Any]) -> None:
               "protocol, ground-truth boxes) on the validation people, mean ± sample std over seeds; a difference "
               "marked * exceeds twice its standard error (Welch).", "",
               "## Bytes per view", "",
-              "| storage | KB/view | heatmaps | crop | metadata | total for "
-              f"{COCO_WHOLEBODY_PEOPLE // 1000}k people x {VIEWS_AT_SCALE} views |", "|---|---:|---:|---:|---:|---:|"]
+              "Each cache's own bytes on disk (`kdcache inspect`), and random-access reads per second in one process "
+              "(crop JPEG decode + heatmap inflate and decode + metadata; `scripts/bench_cache.py`'s `read_rate`).", "",
+              "| storage | KB/view | heatmaps | crop | metadata | reads/s | total for "
+              f"{COCO_WHOLEBODY_PEOPLE // 1000}k people x {VIEWS_AT_SCALE} views |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, cache in results["caches"].items():
         parts = cache["kb_per_view_parts"]
         total_gb = cache["kb_per_view"] * COCO_WHOLEBODY_PEOPLE * VIEWS_AT_SCALE / 1e6
+        reads = f"{cache['read_views_per_s']:.0f}" if "read_views_per_s" in cache else "–"
         lines.append(f"| {name} | {cache['kb_per_view']:.1f} | {parts['heatmaps']:.1f} | {parts['crop']:.1f} | "
-                     f"{parts['metadata']:.1f} | {total_gb:.0f} GB |")
+                     f"{parts['metadata']:.1f} | {reads} | {total_gb:.0f} GB |")
+    fid = results.get("fidelity")
+    if fid:
+        lines += ["", f"Fidelity on {fid['views']} views of the teacher's float32 maps "
+                  f"({fid['raw_kb_per_view']:.0f} KB raw per view; median peak {fid['peak_median']:.2f}): relative L2 error of the decoded maps, and "
+                  "the keypoint error of argmax + DARK decoding against the float32 decode, in heatmap pixels.", "",
+                  "| storage | heatmaps KB/view | rel. L2 mean / max | kp err median / p99 (px) | > 0.05 px |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, f in fid["storages"].items():
+            lines.append(f"| {name} | {f['bytes_per_view'] / 1000:.1f} | {100 * f['rel_l2_mean']:.2f}% / "
+                         f"{100 * f['rel_l2_max']:.2f}% | {f['kp_err_median_px']:.4f} / {f['kp_err_p99_px']:.3f} | "
+                         f"{100 * f['kp_err_share_over_0.05']:.2f}% |")
     lines += ["", "## Student AP against storage", "",
               "| storage | whole-body AP | vs " + next(iter(STORAGES)) + " | " +
               " | ".join(f"{p} AP" for p in WHOLEBODY_PARTS) + " |", "|---|---:|---:|" + "---:|" * len(WHOLEBODY_PARTS)]

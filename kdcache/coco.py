@@ -1,4 +1,4 @@
-"""COCO person-keypoint annotations and images: the instances every stage works on; keypoint results files.
+"""COCO person-keypoint annotations and images: the instances every stage works on.
 
 The instance set is the one ViTPose trains on (mmpose `TopDownCocoDataset`): non-crowd person
 annotations with a box and at least one labelled keypoint, the box clipped to the image and kept
@@ -21,6 +21,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from kdcache.errors import UserError
+from kdcache.wholebody import WHOLEBODY_FIELDS, person_keypoints
 from kdcache.keypoints import (COCO_17, COCO_WHOLEBODY_133, KeypointSet, keypoint_set_named,
                                keypoint_set_of_category, keypoint_set_with)
 
@@ -249,55 +250,11 @@ def _first_subject(coco: COCO, ann_file: Path | str = "<coco>") -> dict[str, Any
 # A file that names no keypoints and holds none (an image-info file) is read as this set's.
 _NO_KEYPOINTS = COCO_17
 
-# COCO-WholeBody files keep COCO's 17 body keypoints in `keypoints` and each other part in a field of its own,
-# with a validity flag; kdcache reads a person as one 133-point instance in this order (COCO_WHOLEBODY_133's
-# parts), as mmpose's CocoWholeBodyDataset does. `num_keypoints` counts the body's alone, as in COCO's files.
-WHOLEBODY_FIELDS = (("foot", "foot_kpts", "foot_valid"), ("face", "face_kpts", "face_valid"),
-                    ("left_hand", "lefthand_kpts", "lefthand_valid"),
-                    ("right_hand", "righthand_kpts", "righthand_valid"))
-
-
 def is_wholebody(coco: COCO) -> bool:
     """The file is in COCO-WholeBody's layout (`load_coco` gave every person all the part fields, or none)."""
     subjects = subject_category_ids(coco)
     return any(ann.get("category_id") in subjects and WHOLEBODY_FIELDS[0][1] in ann
                for ann in coco.dataset.get("annotations", []))
-
-
-def person_keypoints(ann: dict[str, Any], wholebody: bool, honour_valid: bool = True) -> list[float]:
-    """All keypoints of a person annotation of `load_coco` as one flat [x, y, v] * K list: in a whole-body file,
-    body then each part, a part flagged not valid (`*_valid` false) counted as unlabelled unless not
-    `honour_valid` (COCO-WholeBody's evaluation reads the points alone)."""
-    if not wholebody:
-        return ann["keypoints"]
-    out = list(ann["keypoints"])
-    for _, kpts, valid in WHOLEBODY_FIELDS:
-        values = list(ann[kpts])
-        if honour_valid and not ann.get(valid, True):
-            values[2::3] = [0] * (len(values) // 3)
-        out += values
-    return out
-
-
-def joined_wholebody_result(entry: dict[str, Any]) -> dict[str, Any]:
-    """A keypoint result in COCO-WholeBody's layout (body in `keypoints`, the parts in their fields) as one
-    133-point `keypoints` list; one already joined is returned as it is."""
-    if WHOLEBODY_FIELDS[0][1] not in entry:
-        return entry
-    joined = {k: v for k, v in entry.items() if k not in {kpts for _, kpts, _ in WHOLEBODY_FIELDS}}
-    joined["keypoints"] = person_keypoints(entry, wholebody=True, honour_valid=False)
-    return joined
-
-
-def split_wholebody_result(entry: dict[str, Any]) -> dict[str, Any]:
-    """A 133-point keypoint result in COCO-WholeBody's layout, as its tools (xtcocotools, mmpose) read results."""
-    flat, out = entry["keypoints"], dict(entry)
-    body = COCO_WHOLEBODY_133.part("body")
-    out["keypoints"] = flat[3 * body.start:3 * body.stop]
-    for part, kpts, _ in WHOLEBODY_FIELDS:
-        span = COCO_WHOLEBODY_133.part(part)
-        out[kpts] = flat[3 * span.start:3 * span.stop]
-    return out
 
 
 def keypoint_count(coco: COCO) -> int:
@@ -492,50 +449,3 @@ class ImageMemo:
             self._name = file_name
         check_image_size(self._image, self.images_dir / file_name, expect_wh)
         return self._image
-
-
-def load_keypoint_results(results: Path, coco: COCO, ann: Path) -> list[dict[str, Any]]:
-    """A COCO keypoint results file, each entry checked against `coco` (loaded from `ann`).
-
-    Raises:
-        UserError: naming `results` and the first entry that is not {image_id of `ann`, category_id of its
-            person, keypoints: K x 3 finite numbers, score: a finite number}, or an empty list.
-    """
-    results = Path(results)
-    if not results.is_file():
-        raise UserError(f"results file {results} does not exist; pass a COCO keypoint results JSON")
-    try:
-        entries = json.loads(results.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{results} is not valid JSON; pass a COCO keypoint results JSON") from None
-    if not isinstance(entries, list):
-        raise UserError(f"{results} is not a COCO keypoint results list ([{{image_id, category_id, keypoints, "
-                        "score}, ...]); pass one")
-    if not entries:
-        raise UserError(f"nothing to score: {results} holds no results")
-    subjects, k, wholebody = subject_category_ids(coco), keypoint_count(coco), is_wholebody(coco)
-    for index, e in enumerate(entries):
-        where = f"{results}: result #{index}"
-        if not isinstance(e, dict) or not all(key in e for key in ("image_id", "category_id", "keypoints", "score")):
-            raise UserError(f"{where} is not {{image_id, category_id, keypoints, score}}; pass COCO keypoint results")
-        if wholebody and WHOLEBODY_FIELDS[0][1] in e:  # COCO-WholeBody's layout: checked as one 133-point list
-            if not all(kpts in e for _, kpts, _ in WHOLEBODY_FIELDS):
-                raise UserError(f"{where} has some of COCO-WholeBody's part fields but not all of "
-                                f"{[kpts for _, kpts, _ in WHOLEBODY_FIELDS]}; write every part")
-            e = entries[index] = joined_wholebody_result(e)
-        if type(e["image_id"]) is not int or e["image_id"] not in coco.imgs:
-            raise UserError(f"{where} is on image {e['image_id']!r}, which is not in {ann}; score it against the "
-                            "annotation file it was predicted for")
-        if e["category_id"] not in subjects:
-            shown = subjects[0] if len(subjects) == 1 else f"one of {list(subjects)[:6]}"
-            raise UserError(f"{where} has category_id {e['category_id']!r} but the person category of {ann} is "
-                            f"{shown}; write the results with category_id {shown}")
-        kpts = e["keypoints"]
-        if not (isinstance(kpts, list) and len(kpts) == 3 * k and all(is_number(v) for v in kpts)):
-            raise UserError(f"{where} has keypoints that are not {k} x 3 finite numbers (x, y, score per joint); "
-                            f"{ann} has {k} keypoints per person"
-                            + (" (in COCO-WholeBody's layout: 17 body ones and each part's in its field)"
-                               if wholebody else ""))
-        if not is_number(e["score"]):
-            raise UserError(f"{where} has score {e['score']!r}, not a finite number")
-    return entries

@@ -21,15 +21,15 @@ from torch import nn
 
 from kdcache.boxes import PersonBox, detected_person_boxes, gt_person_boxes
 from kdcache.codec import Codec
-from kdcache.coco import (is_wholebody, keypoint_set_of, load_coco, load_keypoint_results,
-                          split_wholebody_result)
+from kdcache.coco import is_wholebody, keypoint_set_of, load_coco
 from kdcache.config import EvalConfig
 from kdcache.errors import UserError
 from kdcache.metrics import coco_keypoint_metrics, require_scorable
 from kdcache.models import load_model
 from kdcache.predict import PredictConfig, predict_keypoints
-from kdcache.results import coco_results
+from kdcache.results import coco_results, load_keypoint_results
 from kdcache.viz import write_pictures
+from kdcache.wholebody import split_wholebody_result
 
 log = logging.getLogger(__name__)
 

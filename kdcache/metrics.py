@@ -11,10 +11,10 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kdcache.coco import (as_coco, is_wholebody, joined_wholebody_result, keypoint_set_of, person_keypoints,
-                          subject_category_ids)
+from kdcache.coco import as_coco, is_wholebody, keypoint_set_of, subject_category_ids
 from kdcache.errors import UserError
 from kdcache.keypoints import KeypointSet
+from kdcache.wholebody import joined_wholebody_result, person_keypoints
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 

@@ -43,9 +43,9 @@ import numpy as np
 
 from kdcache import synth_figure as sf
 from kdcache.errors import UserError
-from kdcache.coco import WHOLEBODY_FIELDS
 from kdcache.keypoints import COCO_17, COCO_WHOLEBODY_133
 from kdcache.synth_detector import SynthDetector
+from kdcache.wholebody import WHOLEBODY_FIELDS
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.coco import load_coco, person_keypoints, split_wholebody_result
+from kdcache.coco import load_coco
 from kdcache.keypoints import COCO_WHOLEBODY_133
 from kdcache.metrics import METRIC_NAMES, WHOLEBODY_PARTS, wholebody_metrics
 from kdcache.synth import SynthConfig, synthesize
+from kdcache.wholebody import person_keypoints, split_wholebody_result
 
 XT_TYPES = {"body": "keypoints_body", "foot": "keypoints_foot", "face": "keypoints_face",
             "left_hand": "keypoints_lefthand", "right_hand": "keypoints_righthand",

@@ -11,11 +11,12 @@ import json
 import numpy as np
 import pytest
 
-from kdcache.coco import instances_from_coco, keypoint_set_of, load_coco, split_wholebody_result
+from kdcache.coco import instances_from_coco, keypoint_set_of, load_coco
 from kdcache.errors import UserError
 from kdcache.keypoints import COCO_17, COCO_WHOLEBODY_133
 from kdcache.metrics import coco_keypoint_metrics, format_metrics
 from kdcache.synth import SynthConfig, synthesize
+from kdcache.wholebody import split_wholebody_result
 
 PARTS = (("foot_kpts", 6), ("face_kpts", 68), ("lefthand_kpts", 21), ("righthand_kpts", 21))
 

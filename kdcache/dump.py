@@ -340,6 +340,7 @@ class _ShardWriter:
     def __init__(self, out: Path, attrs: dict[str, Any], cfg: DumpConfig, heatmap_shape: tuple[int, int, int]):
         self.out, self.attrs, self.cfg = out, attrs, cfg
         self.storage = heatmap_storage(cfg.heatmap_storage)
+        self.sigma = float(attrs["sigma"])  # the codec's: "int16-step-window"'s window is 3 sigma
         self.new_rows = lambda: ShardRows(heatmap_shape, self.storage, replay=cfg.crop_format == "none")
         self.rows = self.new_rows()
         self.pool = ThreadPoolExecutor(self.ENCODE_THREADS, thread_name_prefix="kdcache-encode")
@@ -374,7 +375,7 @@ class _ShardWriter:
     def _encode(self, heat: np.ndarray) -> tuple[list[bytes], np.ndarray | None, np.ndarray]:
         """heat: [B, K, h, w] float32 -> (deflated chunks, side array, confidence [B, K])."""
         cfg = self.cfg
-        chunks, side = encode_rows(heat, self.storage, cfg.heatmap_rel_error, cfg.gzip_level)
+        chunks, side = encode_rows(heat, self.storage, cfg.heatmap_rel_error, cfg.gzip_level, self.sigma)
         return chunks, side, heat.max(axis=(2, 3))
 
     def _loop(self) -> None:

@@ -9,7 +9,7 @@ chunk bytes the dataset's filters undo) and read back with `os.pread` + `inflate
     "float16":      float16 values
     "uint8-minmax-per-joint": uint8 q, value = lo + q / 255 * (hi - lo), (lo, hi) = heatmap_range[n, k]
     "int16-step-window": "int16-step" of each map with everything outside a window around its peak set to 0
-        (`peak_window`: 13 x 13 at 64 x 48): for many keypoints (COCO-WholeBody's 133), where a teacher's
+        (`peak_window`: 3 sigma, 13 x 13 for sigma 2): for many keypoints (COCO-WholeBody's 133), where a teacher's
         background noise is most of the bytes; the budget eps then applies to what is kept.
 
 "int16-step" is a uniform quantiser sized to an error budget: joint k's step is
@@ -23,6 +23,7 @@ A new storage is one more `HeatmapStorage` in `HEATMAP_STORAGES` (the dump's --h
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -40,8 +41,8 @@ class HeatmapStorage:
     dtype: type                 # dtype of the `heatmaps` dataset
     side: str                   # name of the per-row side dataset ("" = none)
     side_shape: tuple[int, ...]  # its shape after [N, K]
-    # encode(heat [n, K, h, w] float32, eps) -> (stored [n, K, h, w], side [n, K, ...] or None)
-    encode: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray | None]]
+    # encode(heat [n, K, h, w] float32, eps, sigma) -> (stored [n, K, h, w], side [n, K, ...] or None)
+    encode: Callable[[np.ndarray, float, float], tuple[np.ndarray, np.ndarray | None]]
     # decode(stored [..., K, h, w], side [..., K, ...] or None) -> float32 [..., K, h, w]
     decode: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
@@ -60,20 +61,24 @@ def _encode_step(heat: np.ndarray, eps: float, pixels: np.ndarray | int | None =
     return zigzag.astype(np.uint16), step
 
 
-def peak_window(heat: np.ndarray) -> np.ndarray:
-    """bool [..., h, w]: the (2r + 1)^2 pixels around each map's largest value, r = round(w / 8) (6 at 64 x 48:
-    3 sigma of ViTPose's sigma 2, the support mmpose gives its target Gaussians; clipped at the border)."""
+def peak_window(heat: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """bool [..., h, w]: the (2r + 1)^2 pixels around each map's largest value, r = ceil(3 sigma) (the support
+    mmpose gives its target Gaussians; 13 x 13 for ViTPose's sigma 2), clipped at the border."""
     h, w = heat.shape[-2:]
-    r = max(1, round(w / 8))
+    r = math.ceil(3 * sigma)
     peak = heat.reshape(*heat.shape[:-2], h * w).argmax(axis=-1)
     y, x = (peak // w)[..., None, None], (peak % w)[..., None, None]
     return (np.abs(np.arange(h)[:, None] - y) <= r) & (np.abs(np.arange(w)[None, :] - x) <= r)
 
 
-def _encode_window(heat: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def _encode_int16(heat: np.ndarray, eps: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_step(heat, eps)
+
+
+def _encode_window(heat: np.ndarray, eps: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     # The background outside each peak's window is stored as zeros, which deflate to almost nothing; only the
     # window's pixels are rounded, so its step is sized for their count.
-    window = peak_window(heat)
+    window = peak_window(heat, sigma)
     return _encode_step(np.where(window, heat, np.float32(0)), eps, window.sum(axis=(-2, -1)))
 
 
@@ -83,7 +88,7 @@ def _decode_step(stored: np.ndarray, step: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * step[..., None, None]
 
 
-def _encode_minmax(heat: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def _encode_minmax(heat: np.ndarray, eps: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     lo = heat.min(axis=(-2, -1))
     hi = heat.max(axis=(-2, -1))
     span = np.maximum(hi - lo, 1e-12)[..., None, None]
@@ -98,10 +103,10 @@ def _decode_minmax(stored: np.ndarray, value_range: np.ndarray) -> np.ndarray:
 
 
 HEATMAP_STORAGES = {
-    "int16-step": HeatmapStorage("int16-step", np.uint16, "heatmap_step", (), _encode_step, _decode_step),
+    "int16-step": HeatmapStorage("int16-step", np.uint16, "heatmap_step", (), _encode_int16, _decode_step),
     "int16-step-window": HeatmapStorage("int16-step-window", np.uint16, "heatmap_step", (), _encode_window,
                                         _decode_step),
-    "float16": HeatmapStorage("float16", np.float16, "", (), lambda h, e: (h.astype(np.float16), None),
+    "float16": HeatmapStorage("float16", np.float16, "", (), lambda h, e, _: (h.astype(np.float16), None),
                               lambda s, _: s.astype(np.float32)),
     "uint8-minmax-per-joint": HeatmapStorage("uint8-minmax-per-joint", np.uint8, "heatmap_range", (2,),
                                              _encode_minmax, _decode_minmax),
@@ -136,19 +141,20 @@ def unshuffle_bytes(raw: bytes, itemsize: int) -> np.ndarray:
     return elements.reshape(-1)
 
 
-def encode_rows(heat: np.ndarray, storage: HeatmapStorage, rel_error: float,
-                gzip_level: int) -> tuple[list[bytes], np.ndarray | None]:
+def encode_rows(heat: np.ndarray, storage: HeatmapStorage, rel_error: float, gzip_level: int,
+                sigma: float = 2.0) -> tuple[list[bytes], np.ndarray | None]:
     """Teacher heatmaps -> what a shard stores.
 
     Args:
         heat: [n, K, h, w] float32 teacher output.
         rel_error: "int16-step"'s relative L2 error budget (the others ignore it).
+        sigma: the codec's target sigma in heatmap pixels ("int16-step-window"'s window is 3 sigma around the peak).
 
     Returns:
         One HDF5 chunk per row (byte-shuffled for 16-bit dtypes, then deflated: exactly what the
         dataset's filters undo) and the storage's side array [n, K, ...] (None when it has none).
     """
-    stored, side = storage.encode(np.asarray(heat, dtype=np.float32), rel_error)
+    stored, side = storage.encode(np.asarray(heat, dtype=np.float32), rel_error, sigma)
     itemsize = stored.dtype.itemsize
     # zlib releases the GIL: a writer thread compresses while the teacher runs.
     return [zlib.compress(shuffle_bytes(row.tobytes(), itemsize), gzip_level) for row in stored], side

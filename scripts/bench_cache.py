@@ -70,10 +70,11 @@ def sample_views(teacher: torch.nn.Module, ann: Path, images: Path, n: int,
     return crops, np.concatenate(heat)
 
 
-def heatmap_option(heat: np.ndarray, encoding: str, eps: float, level: int) -> dict:
-    """Encode every view as a shard would, decode as the reader does; bytes, fidelity and decode time."""
+def heatmap_option(heat: np.ndarray, encoding: str, eps: float, level: int, sigma: float = 2.0) -> dict:
+    """Encode every view as a shard would, decode as the reader does; bytes, fidelity and decode time.
+    `sigma`: the codec's (the window storage's is 3 sigma)."""
     enc = heatmap_storage(encoding)
-    chunks, side = encode_rows(heat, enc, eps, level)
+    chunks, side = encode_rows(heat, enc, eps, level, sigma)
     dtype = np.dtype(enc.dtype)
     start = time.perf_counter()
     decoded = []

@@ -99,7 +99,7 @@ def test_schema_1_cache_is_still_read(tmp_path, make_heatmaps):
     """kdcache 0.1 wrote vlen JPEG crops and uint8 min/max heatmaps with no confidence."""
     rng = np.random.default_rng(0)
     heat = make_heatmaps(3, rng)
-    stored, value_range = heatmap_storage("uint8-minmax-per-joint").encode(heat, 0.0)
+    stored, value_range = heatmap_storage("uint8-minmax-per-joint").encode(heat, 0.0, 2.0)
     crop = cv2.resize(rng.integers(0, 255, (8, 6, 3), dtype=np.uint8), (W * 4, H * 4))
     with h5py.File(tmp_path / "shard-00000.h5", "w") as f:
         crops = f.create_dataset("crop", (3,), dtype=h5py.vlen_dtype(np.uint8))

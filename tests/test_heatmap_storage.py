@@ -40,7 +40,7 @@ def test_chunks_are_what_hdf5s_shuffle_and_deflate_filters_read(tmp_path, name, 
         for i, chunk in enumerate(chunks):
             ds.id.write_direct_chunk((i, 0, 0, 0), chunk)
         stored = f["heatmaps"][()]
-    np.testing.assert_array_equal(stored, storage.encode(heat, 0.01)[0])
+    np.testing.assert_array_equal(stored, storage.encode(heat, 0.01, 2.0)[0])
     decoded = storage.decode(stored, side)
     kept = np.where(peak_window(heat), heat, 0) if name.endswith("-window") else heat
     assert decoded.dtype == np.float32 and _rel_l2(decoded, kept) < 0.03

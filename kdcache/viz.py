@@ -66,9 +66,12 @@ def draw_pose(image_rgb: np.ndarray, keypoints_xy: np.ndarray, scores: np.ndarra
         limb = color or (side(a) if side(a) == side(b) else CENTER_RGB)
         cv2.line(out, points[a], points[b], limb, thickness, cv2.LINE_AA, _SHIFT)
     dot = (thickness + 1 if radius is None else radius) << _SHIFT
+    # Points in neither body half (COCO-WholeBody's face and hands) are dense: small dots, so they stay apart.
+    halves = set(keypoint_set.upper_body) | set(keypoint_set.lower_body or ())
+    fine = max(1, thickness // 2) << _SHIFT
     for k, p in enumerate(points):
         if p is not None:
-            cv2.circle(out, p, dot, color or side(k), -1, cv2.LINE_AA, _SHIFT)
+            cv2.circle(out, p, dot if k in halves else fine, color or side(k), -1, cv2.LINE_AA, _SHIFT)
     return out
 
 

@@ -95,3 +95,18 @@ def test_predictions_over_ground_truth_in_two_colours_with_scores():
     other = draw_predictions(image, gt, pred, np.array([0.12, 0.05]), COCO_17, threshold=0.3)
     assert not np.array_equal(other[70:97, 215:260], out[70:97, 215:260])
     assert np.array_equal(other[:, :200], out[:, :200])  # nothing else depends on the score
+
+
+def test_dense_points_outside_the_body_halves_get_small_dots():
+    """COCO-WholeBody's face and hand points are drawn small, so that 68 face points stay apart; body joints keep
+    their dots."""
+    from kdcache.keypoints import COCO_WHOLEBODY_133
+
+    xy = np.full((133, 2), np.nan)
+    scores = np.zeros(133)
+    xy[0], xy[50] = (60.0, 60.0), (180.0, 180.0)  # the nose (body) and a face point, far apart
+    scores[[0, 50]] = 1.0
+    out = draw_pose(np.zeros((256, 256, 3), np.uint8), xy, scores, COCO_WHOLEBODY_133, color=(255, 255, 255))
+    lit = out.max(axis=2) > 0
+    body, face = lit[:120, :120].sum(), lit[120:, 120:].sum()
+    assert face > 0 and body > 3 * face

@@ -16,8 +16,8 @@ the near-lossless reference, int16-step at 0.8 % (which the 17-joint study found
 Bytes per view are each cache's own (`kdcache inspect`), and the report scales them to COCO-WholeBody's
 train set (~200k people at 8 views). Two regimes (`--regime`), each with its own folder and report:
 
-    s128    the storage ablation: vitpose-tiny trained 150 epochs at 128x96 (32x24 maps; the CPU recipe of the
-            17-joint study, docs/benchmark.md), 3 storages x 3 student seeds
+    s128    the storage ablation: vitpose-tiny trained 80 epochs at 128x96 (32x24 maps; the 17-joint study's CPU
+            recipe, docs/benchmark.md, on a shorter schedule), 3 storages x 3 student seeds
     s256    bytes, fidelity and read rate at ViTPose's 256x192 (64x48 maps, where the bytes matter): a CPU-sized
             vitpose-nano, 30 epochs; no students (its maps are those of a weak, soft teacher: a worst case)
 
@@ -91,7 +91,7 @@ class WholeBodyConfig:
 
 REGIMES: dict[str, dict[str, Any]] = {
     "s128": dict(out="bench_wholebody_128", report="docs/benchmark_wholebody.md", input_hw=(128, 96),
-                 teacher_arch="vitpose-tiny", teacher_epochs=150, epochs=16),
+                 teacher_arch="vitpose-tiny", teacher_epochs=80, epochs=16),
     "s256": dict(out="bench_wholebody", report="docs/benchmark_wholebody_256.md", seeds=()),
 }
 

@@ -254,16 +254,19 @@ def write_report(cfg: WholeBodyConfig, results: dict[str, Any]) -> None:
         return
     lines += ["", "## Student AP against storage", "",
               "| storage | whole-body AP | vs " + next(iter(STORAGES)) + " | " +
-              " | ".join(f"{p} AP" for p in WHOLEBODY_PARTS) + " |", "|---|---:|---:|" + "---:|" * len(WHOLEBODY_PARTS)]
+              " | ".join(f"{p} AP" for p in WHOLEBODY_PARTS) + " | body AP vs " + next(iter(STORAGES)) + " |",
+              "|---|---:|---:|" + "---:|" * (len(WHOLEBODY_PARTS) + 1)]
     by_storage: dict[str, list[dict[str, Any]]] = {}
     for run in results["runs"]:
         by_storage.setdefault(run["storage"], []).append(run)
-    reference = [r["AP"] for r in by_storage.get(next(iter(STORAGES)), [])]
+    first = by_storage.get(next(iter(STORAGES)), [])
+    reference, body_reference = [r["AP"] for r in first], [r["body AP"] for r in first]
     for name, runs in by_storage.items():
-        ap = [r["AP"] for r in runs]
-        vs = fmt_diff(ap, reference) if name != next(iter(STORAGES)) and reference else ""
-        lines.append(f"| {name} | {fmt(ap)} (n={len(ap)}) | {vs} | " +
-                     " | ".join(fmt([r[f'{p} AP'] for r in runs]) for p in WHOLEBODY_PARTS) + " |")
+        ap, body = [r["AP"] for r in runs], [r["body AP"] for r in runs]
+        compared = name != next(iter(STORAGES)) and reference
+        lines.append(f"| {name} | {fmt(ap)} (n={len(ap)}) | {fmt_diff(ap, reference) if compared else ''} | " +
+                     " | ".join(fmt([r[f'{p} AP'] for r in runs]) for p in WHOLEBODY_PARTS) +
+                     f" | {fmt_diff(body, body_reference) if compared else ''} |")
     if len(results["runs"]) < len(STORAGES) * len(c["seeds"]):
         lines += ["", f"In progress: {len(results['runs'])} of {len(STORAGES) * len(c['seeds'])} student runs done."]
     report.write_text("\n".join(lines) + "\n")

@@ -52,7 +52,7 @@ from kdcache.distributed import world_from_env
 from kdcache.errors import UserError
 from kdcache.heatmap_storage import encode_rows, heatmap_storage
 from kdcache.inference import predict_heatmaps
-from kdcache.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set_with
+from kdcache.keypoints import KeypointSet, is_built_in, keypoint_set_with
 from kdcache.teacher import load_teacher, require_keypoint_set, teacher_weights_file
 from kdcache.transforms import ViewSampler
 
@@ -135,7 +135,7 @@ def dump_settings(cfg: DumpConfig, teacher: torch.nn.Module, keypoint_set: Keypo
         "codec": codec.to_record(),
         "keypoint_set": keypoint_set.name,
         # a set described in a file travels whole with the cache (built-in ones by name)
-        **({} if keypoint_set.name in KEYPOINT_SETS else {"keypoint_set_description": keypoint_set.description()}),
+        **({} if is_built_in(keypoint_set.name) else {"keypoint_set_description": keypoint_set.description()}),
         "input_hw": list(codec.input_hw),  # the codec's, repeated for readers that know schema 2 only
         "heatmap_hw": list(codec.heatmap_hw),
         "sigma": codec.sigma,

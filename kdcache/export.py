@@ -20,8 +20,7 @@ from kdcache import __version__
 from kdcache.codec import UDPHeatmap
 from kdcache.errors import UserError
 from kdcache.inference import IMAGENET_MEAN, IMAGENET_STD
-from kdcache.keypoint_sets import ALIASES
-from kdcache.keypoints import KEYPOINT_SETS, KeypointSet, keypoint_set, keypoint_set_named, keypoint_set_with
+from kdcache.keypoints import KeypointSet, is_built_in, keypoint_set, keypoint_set_named, keypoint_set_with
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def keypoint_set_of_model(model: nn.Module, chosen: str | None, where: str) -> K
         raise UserError(f"{where} was trained for the keypoint set {named}, not {picked.name}: drop --keypoint-set, "
                         f"or pass the description of {named}")
     if named and picked is None:
-        if named not in KEYPOINT_SETS and named not in ALIASES:
+        if not is_built_in(named):
             raise UserError(f"{where} was trained for {named}, a keypoint set described in a file: pass that file "
                             "as --keypoint-set FILE")
         picked = keypoint_set(named)

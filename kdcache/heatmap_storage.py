@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from kdcache.codec import DEFAULT_SIGMA
 from kdcache.errors import UserError
 
 
@@ -61,7 +62,7 @@ def _encode_step(heat: np.ndarray, eps: float, pixels: np.ndarray | int | None =
     return zigzag.astype(np.uint16), step
 
 
-def peak_window(heat: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+def peak_window(heat: np.ndarray, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
     """bool [..., h, w]: the (2r + 1)^2 pixels around each map's largest value, r = ceil(3 sigma) (the support
     mmpose gives its target Gaussians; 13 x 13 for ViTPose's sigma 2), clipped at the border."""
     h, w = heat.shape[-2:]
@@ -142,7 +143,7 @@ def unshuffle_bytes(raw: bytes, itemsize: int) -> np.ndarray:
 
 
 def encode_rows(heat: np.ndarray, storage: HeatmapStorage, rel_error: float, gzip_level: int,
-                sigma: float = 2.0) -> tuple[list[bytes], np.ndarray | None]:
+                sigma: float = DEFAULT_SIGMA) -> tuple[list[bytes], np.ndarray | None]:
     """Teacher heatmaps -> what a shard stores.
 
     Args:

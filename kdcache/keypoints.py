@@ -194,6 +194,11 @@ def keypoint_set(name: str) -> KeypointSet:
     return KEYPOINT_SETS[name]
 
 
+def is_built_in(name: str) -> bool:
+    """`name` is a built-in set's, or an alias of one (a set described in a file has a name of its own)."""
+    return name in KEYPOINT_SETS or name in keypoint_sets.ALIASES
+
+
 def keypoint_set_named(value: str) -> KeypointSet:
     """What `--keypoint-set` names: a built-in set (or an alias), or a JSON description file
     (`keypoint_set_from_file`) when `value` is an existing file or ends in .json.
@@ -201,7 +206,7 @@ def keypoint_set_named(value: str) -> KeypointSet:
     Raises:
         UserError: neither; the message lists the built-in names.
     """
-    if value in KEYPOINT_SETS or value in keypoint_sets.ALIASES:
+    if is_built_in(value):
         return keypoint_set(value)
     if Path(value).is_file() or value.endswith(".json"):
         return keypoint_set_from_file(value)
@@ -305,7 +310,7 @@ def keypoint_set_from_description(doc: Any, where: str) -> KeypointSet:
     name = doc.get("name")
     if not isinstance(name, str) or not name:
         raise fail("\"name\" must be a non-empty string that caches will record, e.g. \"dogs-20\"")
-    if name in KEYPOINT_SETS or name in keypoint_sets.ALIASES:
+    if is_built_in(name):
         raise fail(f"\"name\" {name!r} is a built-in keypoint set's; give yours its own name")
     title = doc.get("title", name)
     if not isinstance(title, str) or not title:

@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from kdcache.coco import as_coco, is_wholebody, keypoint_set_of, subject_category_ids
 from kdcache.errors import UserError
-from kdcache.keypoints import KeypointSet
+from kdcache.keypoints import COCO_WHOLEBODY_133, KeypointSet
 from kdcache.wholebody import joined_wholebody_result, person_keypoints
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -84,8 +84,8 @@ def _cocoeval(gt: COCO, results: list[dict[str, Any]], sigmas: tuple[float, ...]
     return {name: float(v) * 100.0 if v >= 0 else None for name, v in zip(METRIC_NAMES, ev.stats)}
 
 
-# What COCO-WholeBody's protocol reports besides whole-body AP (its parts, as xtcocotools names its iouTypes).
-WHOLEBODY_PARTS = ("body", "foot", "face", "left_hand", "right_hand")
+# What COCO-WholeBody's protocol reports besides whole-body AP: its parts (xtcocotools' iouTypes, one each).
+WHOLEBODY_PARTS = tuple(part for part, _, _ in COCO_WHOLEBODY_133.parts)
 
 
 def wholebody_metrics(gt: COCO, results: list[dict[str, Any]], keypoint_set: KeypointSet

@@ -185,6 +185,15 @@ def run_config(out: Path, name: str, seed: int, workers: int) -> RunConfig:
     return RunConfig(out=out / name, workers=workers, seed=seed, resume=True, progress=False)
 
 
+def open_study(out: Path) -> tuple[Stages, Path, Path, Path, Path]:
+    """A study's folder (made if missing) and its state, and where `data_and_teacher` writes: the data folder,
+    its train and val annotation files, and the teacher's last.pt."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    return (Stages(out), data, data / "annotations/person_keypoints_train.json",
+            data / "annotations/person_keypoints_val.json", out / "teacher/last.pt")
+
+
 def data_and_teacher(stages: Stages, out: Path, cfg: Any, train_images: int, val_every: int) -> None:
     """The stages a study starts with: `kdcache synth` into out/data (`train_images`, `cfg.val_images`), and a
     teacher (`cfg.teacher_arch`, `cfg.teacher_epochs`) trained on its train split into out/teacher."""
@@ -204,12 +213,7 @@ def data_and_teacher(stages: Stages, out: Path, cfg: Any, train_images: int, val
 
 def run_study(cfg: BenchmarkConfig, stop_after: str | None = None) -> Stages:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out)
-    data = out / "data"
-    train_ann = data / "annotations/person_keypoints_train.json"
-    val_ann = data / "annotations/person_keypoints_val.json"
-    teacher = out / "teacher/last.pt"
+    stages, data, train_ann, val_ann, teacher = open_study(out)
 
     def run(name: str, seed: int = cfg.seed, workers: int = cfg.workers) -> RunConfig:
         return run_config(out, name, seed, workers)

@@ -43,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import JITTER, Stages, data_and_teacher, run_config, study_main, train_seconds, val_curve  # noqa: E402
+from benchmark import (JITTER, Stages, data_and_teacher, open_study, run_config, study_main,  # noqa: E402
+                       train_seconds, val_curve)
 from benchmark_report import aps, diff_se, fmt, fmt_diff  # noqa: E402
 from kdcache.cache import open_cache  # noqa: E402
 from kdcache.config import DumpConfig, EvalConfig, OptimConfig, RunConfig, TrainStudentConfig, to_jsonable  # noqa: E402
@@ -127,12 +128,8 @@ ARMS = (
 
 def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out)
-    data, data_u = out / "data", out / "data_u"
-    train_ann = data / "annotations/person_keypoints_train.json"
-    val_ann = data / "annotations/person_keypoints_val.json"
-    teacher = out / "teacher/last.pt"
+    stages, data, train_ann, val_ann, teacher = open_study(out)
+    data_u = out / "data_u"
     predict = PredictConfig(workers=cfg.workers)
 
     def run(name: str, seed: int = cfg.seed, workers: int = cfg.workers) -> RunConfig:

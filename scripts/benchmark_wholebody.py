@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_cache import heatmap_option, read_rate, sample_views  # noqa: E402
-from benchmark import Stages, data_and_teacher, run_config, study_main, train_seconds, val_curve  # noqa: E402
+from benchmark import (Stages, data_and_teacher, open_study, run_config, study_main, train_seconds,  # noqa: E402
+                       val_curve)
 from benchmark_report import fmt, fmt_diff  # noqa: E402
 from kdcache.config import DumpConfig, EvalConfig, OptimConfig, TrainStudentConfig, ValConfig, to_jsonable  # noqa: E402
 from kdcache.demo import DEMO_AUG  # noqa: E402
@@ -104,12 +105,7 @@ def regime_config(regime: str, out: Path | None = None, report: Path | None = No
 
 def run_study(cfg: WholeBodyConfig, stop_after: str | None = None) -> Stages:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out)
-    data = out / "data"
-    train_ann = data / "annotations/person_keypoints_train.json"
-    val_ann = data / "annotations/person_keypoints_val.json"
-    teacher = out / "teacher/last.pt"
+    stages, data, train_ann, val_ann, teacher = open_study(out)
     data_and_teacher(stages, out, cfg, cfg.train_images, val_every=10)
     predict = PredictConfig(workers=cfg.workers)
     stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",

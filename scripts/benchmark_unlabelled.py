@@ -13,6 +13,13 @@ number of optimiser steps in every arm (so that no arm wins by training longer),
     kd-LU-1to1      kd-LU with U at `--cache-weight 0.2`: about as many U people as L people per epoch
     kd-LU-conf      kd-LU with `--confidence-weights` (each joint's teacher term times the teacher's peak)
     kd-LU-box       kd-LU with `--box-score-weights` (each row's teacher term times its detector score)
+    gt-L-x2, kd-L-x2, kd-LU-1to1-x2
+                    the same at twice the steps: kd-LU-1to1-x2 sees L's people as often as gt-L does and U's on
+                    top, so U is tested on a student that has the steps to fit it (at equal steps a student
+                    that draws U sees L less often), against ground truth and L-only distillation given as long
+
+Every run is also scored on L's own people (`eval on L`): far above its validation AP, the student overfits L
+and more people can help it; near it, the student underfits and only more steps can.
 
 U's boxes come from `kdcache synth --unlabelled-images`: the true people's boxes jittered, some missed, false
 positives on the background, with scores; U's own keypoints exist only in a truth file that only the teacher's
@@ -112,6 +119,7 @@ class Arm:
     weights: tuple[float, ...] = ()       # --cache-weight of each cache (() = 1 each)
     confidence_weights: bool = False
     box_score_weights: bool = False
+    steps_factor: int = 1                 # optimiser steps: this times the regime's steps
     what: str = ""
 
 
@@ -123,6 +131,10 @@ ARMS = (
         what="L + U, U at weight 0.2 (about as many U as L people per epoch)"),
     Arm("kd-LU-conf", ("cache-L", "cache-U"), confidence_weights=True, what="L + U, confidence weights"),
     Arm("kd-LU-box", ("cache-L", "cache-U"), box_score_weights=True, what="L + U, box-score weights"),
+    Arm("gt-L-x2", steps_factor=2, what="gt-L at twice the steps"),
+    Arm("kd-LU-1to1-x2", ("cache-L", "cache-U"), weights=(1.0, 0.2), steps_factor=2,
+        what="kd-LU-1to1 at twice the steps (L's people as often as in gt-L, U's on top)"),
+    Arm("kd-L-x2", ("cache-L",), steps_factor=2, what="kd-L at twice the steps"),
 )
 
 
@@ -139,6 +151,8 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     data_and_teacher(stages, out, cfg, cfg.labelled_images, val_every=20)  # the teacher sees L only
     stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",
                                                            predict=predict)))
+    stages.run("eval teacher on L", lambda: evaluate(EvalConfig(model=teacher, ann=train_ann, images=data / "train",
+                                                                predict=predict)))
     if stop_after == "teacher":
         return stages
     stages.run("synth U", lambda: str(synthesize(SynthConfig(
@@ -171,9 +185,9 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     # The arms of the goal first, seed-major (a partial study has them at the first seeds), then the weightings.
     for seed, arm in [(seed, arm) for group in (arms[:3], arms[3:]) for seed in cfg.seeds for arm in group]:
         name = f"runs/{arm.name}-s{seed}"
-        # Every arm: exactly cfg.steps steps (the epochs bound never binds first), cosine over them.
-        optim = OptimConfig(epochs=cfg.steps, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                            warmup_steps=100)
+        # Every arm: exactly its steps (the epochs bound never binds first), cosine over them.
+        steps = cfg.steps * arm.steps_factor
+        optim = OptimConfig(epochs=steps, max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=100)
         kd = KDConfig(alpha=cfg.alpha if arm.caches else 0.0, confidence_weights=arm.confidence_weights,
                       box_score_weights=arm.box_score_weights)
         if arm.caches:
@@ -186,6 +200,9 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
             TrainStudentConfig(student=student, aug=DEMO_AUG, optim=optim, kd=kd, **source))))
         stages.run(f"eval {name}", lambda name=name: evaluate(EvalConfig(
             model=out / name / "last.pt", ann=val_ann, images=data / "val", predict=predict)))
+        # The run on the people it learnt from: overfitting (far above validation) or underfitting (near it).
+        stages.run(f"eval on L {name}", lambda name=name: evaluate(EvalConfig(
+            model=out / name / "last.pt", ann=train_ann, images=data / "train", predict=predict)))
     return stages
 
 
@@ -231,8 +248,11 @@ def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
             metrics = result(f"eval {name}")
             if metrics is None:
                 continue
+            on_l = result(f"eval on L {name}")
             runs.append({"name": arm.name, "what": arm.what, "seed": seed, "caches": list(arm.caches),
+                         "steps": cfg.steps * arm.steps_factor,
                          "AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "AR": metrics["AR"],
+                         "AP_on_L": None if on_l is None else on_l["AP"],
                          "train_seconds": round(train_seconds(out / name), 1)})
     teacher = result("eval teacher")
     metrics = out / "teacher/metrics.csv"
@@ -242,7 +262,7 @@ def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
             "teacher": None if teacher is None else {
                 "AP": teacher["AP"], "train_seconds": round(train_seconds(out / "teacher"), 1),
                 "val_curve": val_curve(out / "teacher")},
-            "teacher_on_U": result("eval teacher on U"),
+            "teacher_on_U": result("eval teacher on U"), "teacher_on_L": result("eval teacher on L"),
             "dumps": {name: {"seconds": round(stages.seconds(f"dump {name}"), 1), **result(f"size {name}"),
                              "target_error": result(f"target error {name}")}
                       for name in ("cache-L", "cache-U") if stages.done(f"size {name}")},
@@ -274,7 +294,9 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
              "`dump-teacher --ann image_info_unlabelled.json --boxes detections_unlabelled.json --box-score-thr "
              f"{c['box_score_thr']}`.",
              f"- **Teacher**: `{c['teacher_arch']}` trained {c['teacher_epochs']} epochs on L only"
-             + ("" if teacher is None else f": **{teacher['AP']:.1f} AP** on validation") + "."]
+             + ("" if teacher is None else f": **{teacher['AP']:.1f} AP** on validation")
+             + ("" if not results.get("teacher_on_L") else f", {results['teacher_on_L']['AP']:.1f} on L's own people")
+             + "."]
     done, planned = len(results["runs"]), results.get("planned_runs")
     if planned and done < planned:
         curve = results.get("teacher_in_training")
@@ -297,23 +319,29 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
     epochs = "" if len(people) < 2 else (
         f" = {steps_ * c['batch_size'] / sum(people.values()):.1f} epochs over L + U's {sum(people.values())} people "
         f"at batch {c['batch_size']}, {steps_ * c['batch_size'] / people['cache-L']:.0f} epochs over L alone")
+    x2 = "" if not any(a.steps_factor > 1 for a in ARMS if not cfg.arms or a.name in cfg.arms) else (
+        f" (but the -x2 arms, which take {2 * steps_})")
     lines += [f"- **Student**: `{c['student']}` (head {c['student_head_channels']} channels), from scratch, "
               f"**{steps_} optimiser steps in every arm** ({epochs.lstrip(' =') or 'as many in each'}), so that "
-              f"no arm wins by training longer; AdamW lr {c['lr']}, "
+              f"no arm wins by training longer{x2}; AdamW lr {c['lr']}, "
               f"cosine; KD α = {c['alpha']} (teacher MSE) + (1 − α) ground-truth MSE, the latter on rows with ground "
               "truth only; cached arms mirror at random and jitter (0.5, train-student's default when views are "
               "replayed), the ground-truth arm draws a fresh view every epoch. Seeds " + ", ".join(map(str, c["seeds"])) + " per arm.",
               "- **AP**: COCO keypoint AP on the validation people, ground-truth boxes, no flip test, last weights; "
-              "mean ± sample std over seeds; a difference marked * exceeds twice its standard error (Welch).", "",
+              "mean ± sample std over seeds; a difference marked * exceeds twice its standard error (Welch). "
+              "**AP on L**: the same on L's own people, which the student learnt from: far above AP, it overfits "
+              "L; near AP, it underfits.", "",
               "## Arms", "",
-              "| arm | what | AP | AP50 | vs gt-L | vs kd-L | training s |", "|---|---|---:|---:|---:|---:|---:|"]
+              "| arm | what | AP | AP50 | AP on L | vs gt-L | vs kd-L | training s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for arm in ARMS:
         if arm.name not in ap:
             continue
         runs = arms[arm.name]
         vs = lambda ref: fmt_diff(ap[arm.name], ap[ref]) if ref in ap and ref != arm.name else ""  # noqa: E731
+        on_l = [r["AP_on_L"] for r in runs if r.get("AP_on_L") is not None]
         lines.append(f"| {arm.name} | {arm.what} | {fmt(ap[arm.name])} (n={len(runs)}) | "
-                     f"{fmt([r['AP50'] for r in runs])} | {vs('gt-L')} | {vs('kd-L')} | "
+                     f"{fmt([r['AP50'] for r in runs])} | {fmt(on_l) if on_l else ''} | {vs('gt-L')} | {vs('kd-L')} | "
                      f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} |")
     lines += ["", "## What U adds", ""]
     if {"gt-L", "kd-LU"} <= set(ap):
@@ -343,6 +371,24 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
         lines.append(f"- **Balanced draws** (U at `--cache-weight 0.2`, about as many U as L people per epoch): "
                      f"{fmt_diff(ap['kd-LU-1to1'], ap['kd-L'])} AP against L-only distillation, "
                      f"{fmt_diff(ap['kd-LU-1to1'], ap['gt-L'])} against ground truth alone.")
+    if {"kd-LU-1to1-x2", "gt-L-x2", "gt-L"} <= set(ap):
+        best_gt = max(("gt-L", "gt-L-x2"), key=lambda name: statistics.fmean(ap[name]))
+        d, _ = diff_se(ap["kd-LU-1to1-x2"], ap[best_gt])
+        lines.append(f"- **Twice the steps**: ground truth alone gains {fmt_diff(ap['gt-L-x2'], ap['gt-L'])} AP from "
+                     f"them. Balanced L + U at twice the steps (L's people drawn as often as in gt-L, U's on top): "
+                     f"{fmt_diff(ap['kd-LU-1to1-x2'], ap[best_gt])} AP against the better ground-truth arm "
+                     f"({best_gt}): the goal is **{'met' if d >= 2 else 'not met'}** this way"
+                     + (f"; {fmt_diff(ap['kd-LU-1to1-x2'], ap['kd-L-x2'])} against L-only distillation at as many "
+                        "steps." if "kd-L-x2" in ap else "."))
+    on_l = {name: [r["AP_on_L"] for r in runs if r.get("AP_on_L") is not None] for name, runs in arms.items()}
+    if on_l.get("gt-L") and on_l.get("kd-LU"):
+        gt_l, gt_val = statistics.fmean(on_l["gt-L"]), statistics.fmean(ap["gt-L"])
+        lu_l, lu_val = statistics.fmean(on_l["kd-LU"]), statistics.fmean(ap["kd-LU"])
+        lines.append(f"- **Over- or underfitting**: the ground-truth student scores {gt_l:.1f} AP on L's own people "
+                     f"against {gt_val:.1f} on validation ({'it overfits L' if gt_l - gt_val > 2 else 'no overfitting'}"
+                     f"); the L + U student {lu_l:.1f} against {lu_val:.1f}"
+                     + (": it fits L's people far less well in its steps than the ground-truth student does, so "
+                        "what it lacks is steps, which the -x2 arms give" if gt_l - lu_l > 2 else "") + ".")
     for name, what in (("kd-LU-conf", "confidence weights (`--confidence-weights`)"),
                        ("kd-LU-box", "box-score weights (`--box-score-weights`)")):
         if {name, "kd-LU"} <= set(ap):

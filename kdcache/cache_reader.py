@@ -17,7 +17,7 @@ import numpy as np
 
 from kdcache import cache_format as fmt
 from kdcache.codec import Codec
-from kdcache.coco import ImageMemo
+from kdcache.images import ImageMemo
 from kdcache.errors import UserError
 from kdcache.heatmap_storage import heatmap_storage, inflate_row
 from kdcache.keypoints import KeypointSet

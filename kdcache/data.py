@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from kdcache.augment import StudentAugConfig, jitter, photometric
 from kdcache.cache_reader import Cache
-from kdcache.coco import ImageMemo, Instance
+from kdcache.coco import Instance
+from kdcache.images import ImageMemo
 from kdcache.errors import UserError
 from kdcache.transforms import ViewSampler, flip_crop, keypoints_to_crop, warp_crop
 

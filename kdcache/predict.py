@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from kdcache.boxes import PersonBox
 from kdcache.codec import Codec
-from kdcache.coco import ImageMemo
+from kdcache.images import ImageMemo
 from kdcache.inference import predict_heatmaps
 from kdcache.keypoints import KeypointSet
 from kdcache.transforms import bbox_to_center_scale, crop_to_image, warp_crop

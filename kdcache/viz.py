@@ -15,7 +15,8 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from kdcache.codec import Codec
-from kdcache.coco import as_coco, instances_from_coco, keypoint_set_of, read_image
+from kdcache.coco import as_coco, instances_from_coco, keypoint_set_of
+from kdcache.images import read_image
 from kdcache.errors import UserError
 from kdcache.keypoints import KeypointSet
 

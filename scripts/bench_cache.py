@@ -110,7 +110,7 @@ def crop_option(crops: np.ndarray, encoding: str) -> dict:
 
 def replay_option(ann: Path, images: Path, input_hw: tuple[int, int], n: int) -> dict:
     """Crop encoding "none": decode the whole image and warp (what the reader does), per view."""
-    from kdcache.coco import read_image
+    from kdcache.images import read_image
     from kdcache.transforms import warp_crop
 
     instances, sampler = people(ann, UDPHeatmap.for_input(input_hw))

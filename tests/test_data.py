@@ -7,7 +7,8 @@ import pytest
 from kdcache.augment import StudentAugConfig
 from kdcache.cache import open_cache
 from kdcache.codec import UDPHeatmap
-from kdcache.coco import load_instances, read_image
+from kdcache.coco import load_instances
+from kdcache.images import read_image
 from kdcache.data import CacheMix, CachedDataset, TrainViews, ViewDataset
 from kdcache.errors import UserError
 from kdcache.keypoints import COCO_17

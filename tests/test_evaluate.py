@@ -41,7 +41,8 @@ def tiny(tmp_path_factory, synth_data):
 
 def test_eval_vis_draws_ground_truth_and_predictions(tiny, tmp_path, capsys):
     from kdcache.cli import main
-    from kdcache.coco import load_coco, read_image
+    from kdcache.coco import load_coco
+    from kdcache.images import read_image
     from kdcache.viz import GT_RGB, PRED_RGB
 
     vis, res = tmp_path / "vis", tmp_path / "r.json"

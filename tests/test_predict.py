@@ -40,7 +40,7 @@ def test_oracle_heatmaps_score_near_100(synth_data):
 
 
 def test_box_crops_are_the_codecs_plain_crops_of_the_box(synth_data):
-    from kdcache.coco import read_image
+    from kdcache.images import read_image
 
     data = synth_data(1, 6, 3)
     ann = data / "annotations/person_keypoints_val.json"

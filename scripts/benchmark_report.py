@@ -61,7 +61,10 @@ def fmt(values: Sequence[float], digits: int = 1) -> str:
 
 
 def fmt_diff(a: Sequence[float], b: Sequence[float]) -> str:
+    """Difference of means ± its standard error, * beyond noise; a side with one seed has no noise estimate."""
     d, se = diff_se(a, b)
+    if min(len(a), len(b)) < 2:
+        return f"{d:+.1f} (one seed)"
     mark = " *" if beyond_noise(a, b) else ""
     return f"{d:+.1f} ± {se:.1f}{mark}"
 

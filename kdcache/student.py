@@ -14,7 +14,8 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +48,11 @@ class StudentConfig(ModelConfig):
     pretrained: str = ""  # "": random init; "timm": ImageNet weights via timm's cache (fetched if missing); or a file
     codec: str = UDPHeatmap.name  # CODECS: how its heatmaps are made and read, its teacher's (train-student sets it)
     keypoint_set: str = COCO_17.name  # KEYPOINT_SETS: what its channels are (train-student sets it from its data)
+
+    @property
+    def arch(self) -> str:
+        """Its architecture's name, as teachers name theirs (a cache made with it as teacher records it)."""
+        return self.backbone
 
 
 class PoseStudent(nn.Module):
@@ -123,6 +129,14 @@ def build_student(cfg: StudentConfig, load_pretrained: bool = True) -> PoseStude
         )
     channels = _probe(backbone, cfg, stride)
     return PoseStudent(cfg, backbone, channels, num_blocks)
+
+
+def student_from_checkpoint(obj: Mapping[str, Any], device: str | torch.device = "cpu") -> PoseStudent:
+    """A kdcache student checkpoint already read (`{"format": "kdcache", "kind": "student", ...}`), in eval mode;
+    no pretrained weights are read, its state dict holds every weight."""
+    model = build_student(StudentConfig.from_dict(obj["model_config"]), load_pretrained=False)
+    model.load_state_dict(obj["state_dict"])
+    return model.to(device).eval()
 
 
 def _probe(backbone: nn.Module, cfg: StudentConfig, stride: int) -> int:

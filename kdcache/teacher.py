@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcache import keypoints, tokenpose_family, vitpose_family, vitpose_formats
+from kdcache import keypoints, student, tokenpose_family, vitpose_family, vitpose_formats
 from kdcache.checkpoint import FORMAT, read_checkpoint
 from kdcache.errors import UserError
 from kdcache.keypoints import KeypointSet
@@ -45,6 +45,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", input_hw:
     included), a bare state dict of the same keys, mmpose 1.x `td-hm_ViTPose-*` checkpoints, a HuggingFace
     VitPose folder (config.json + safetensors or .bin) or weight file, and kdcache checkpoints
     (`{"format": "kdcache", "kind": "vitpose", ...}`). TokenPose: the official code's files and mmpose's port's.
+    A kdcache student checkpoint (any timm backbone train-student made) teaches too, at its own crop size.
     Pickled files are read with `torch.load(weights_only=True)`: a file that would run code is refused.
 
     Args:
@@ -68,10 +69,12 @@ def teacher_from_checkpoint(obj: object, path: Path, device: str | torch.device 
     if not isinstance(obj, Mapping):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if obj.get("format") == FORMAT:
+        if obj.get("kind") == student.KIND:
+            return _student_as_teacher(obj, path, device, input_hw, expert)
         family = FAMILIES.get(obj.get("kind"))
         if family is None:
             raise UserError(f"{path} is a kdcache {obj.get('kind')!r} checkpoint, not a teacher "
-                            f"({', '.join(FAMILIES)})")
+                            f"({', '.join([*FAMILIES, student.KIND])})")
         return family.from_kdcache(obj, path, device, input_hw, expert)
     for family in FAMILIES.values():
         if family.claims(obj):
@@ -79,6 +82,20 @@ def teacher_from_checkpoint(obj: object, path: Path, device: str | torch.device 
     keys = sorted(obj)[:6]
     raise UserError(f"{path} holds no teacher kdcache knows (top-level keys {keys}); pass a ViTPose release file, "
                     "a HuggingFace VitPose folder or a kdcache checkpoint")
+
+
+def _student_as_teacher(obj: Mapping, path: Path, device: str | torch.device, input_hw: tuple[int, int] | None,
+                        expert: str | int | None) -> nn.Module:
+    """A kdcache student teaching: a model train-student made (a large timm backbone trained on your labels, or
+    last round's student) teaches at its own crop size, with the codec and keypoint set it was trained with."""
+    if expert is not None:
+        raise UserError(f"--expert picks a ViTPose++ expert, but {path} is a kdcache student; drop --expert")
+    model = student.student_from_checkpoint(obj, device)
+    if input_hw is not None and tuple(input_hw) != tuple(model.config.input_hw):
+        raise UserError(f"{path} is a kdcache student made for {model.config.input_hw[0]}x"
+                        f"{model.config.input_hw[1]} crops and cannot run at {input_hw[0]}x{input_hw[1]}: use it "
+                        "at its own size")
+    return model
 
 
 def teacher_weights_file(path: Path) -> Path:

@@ -178,6 +178,37 @@ def test_teacher_flip_and_confidence(setup, tmp_path):
         np.testing.assert_allclose(row["confidence"], want.max(axis=(1, 2)), rtol=1e-4, atol=1e-5)
 
 
+def test_a_kdcache_student_teaches_a_cache_another_student_trains_on(setup, tmp_path):
+    """A model train-student made (here a MobileNet) dumps as any teacher: its own heatmaps, its codec, its name."""
+    from kdcache.checkpoint import checkpoint_dict
+    from kdcache.inference import to_input_tensor
+    from kdcache.models import load_model
+    from kdcache.student import StudentConfig, build_student
+
+    torch.manual_seed(0)
+    big = build_student(StudentConfig("mobilenetv3_small_100", input_hw=(128, 96), head_channels=16))
+    with torch.no_grad():
+        big.train()(torch.randn(2, 3, 128, 96))  # BN statistics off their init: it must teach in eval mode
+    torch.save(checkpoint_dict(big.eval(), epoch=1, step=1), tmp_path / "big.pt")
+    out = tmp_path / "cache"
+    args = _args(setup, out, None, "--crop", "png", "--heatmap-error", "0.008")
+    assert main([*args[:2], str(tmp_path / "big.pt"), *args[3:]]) == 0
+    cache = open_cache(out)
+    assert cache.manifest["teacher"]["kind"] == "student"
+    assert cache.manifest["teacher"]["arch"] == "mobilenetv3_small_100"
+    assert cache.codec == big.codec
+    rows = [cache[i] for i in range(4)]
+    with torch.no_grad():
+        want = big(to_input_tensor(np.stack([r["crop"] for r in rows]))).numpy()  # PNG: the very crops it saw
+    for row, expected in zip(rows, want):
+        assert np.linalg.norm(row["heatmaps"] - expected) / np.linalg.norm(expected) < 0.01
+    run = tmp_path / "small"
+    assert main(["train-student", "--cache", str(out), "--student", "mobilenetv3_small_050", "--head-channels", "8",
+                 "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-progress", "--out", str(run)]) == 0
+    trained = load_model(run / "last.pt")
+    assert trained.config.arch == "mobilenetv3_small_050" and trained.codec == big.codec  # the cache's crops and codec
+
+
 def test_crop_none_replays_the_same_crops(setup, tmp_path):
     from kdcache.data import CachedDataset
 

@@ -1,10 +1,10 @@
 """The unlabelled arm of the benchmark: what do people nobody annotated add, distilled from a cache?
 
     python scripts/benchmark_unlabelled.py                    # regime l500: docs/benchmark_unlabelled.{md,json}
-    python scripts/benchmark_unlabelled.py --regime l1000     # regime l1000: docs/benchmark_unlabelled_l1000.{md,json}
+    python scripts/benchmark_unlabelled.py --regime t1000     # regime t1000: docs/benchmark_unlabelled_t1000.{md,json}
 
 The semi-supervised regime (issue 13): a labelled set L, an unlabelled pool U five times larger (images and a
-detector's boxes only), one teacher trained on L alone. The same small student is then trained, for the same
+detector's boxes only), one teacher trained on L (alone, or with more people: t1000). The same small student is then trained, for the same
 number of optimiser steps in every arm (so that no arm wins by training longer), with several seeds:
 
     gt-L            ground truth of L only
@@ -29,14 +29,15 @@ moment. `--report-only` writes the report from whatever has finished.
 
 Two regimes (`--regime`), each with its own folder and report:
 
-    l500    L = 500 people, U = 2500 images, 1500 steps, every arm above
-    l1000   L = 1000 people, U = 5000 images, 3000 steps (the same 96 epochs over L), the goal's three arms: a
-            teacher trained on twice the people, so more general on people it never saw, against a student that
-            still overfits L's ground truth
+    l500    L = 500 people, U = 2500 images, 1500 steps, every arm above; the teacher learns from L alone
+    t1000   the same L, U and students (its synth makes l500's people first), the -x2 arms only; the teacher learns
+            from 1000 people, L and 500 the students never get: a teacher that knows more than the students'
+            labels, as a released teacher trained on more data than its users' does
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
@@ -80,6 +81,8 @@ class UnlabelledConfig:
     clutter: float = 0.3
     input_hw: tuple[int, int] = (128, 96)
     teacher_arch: str = "vitpose-tiny"
+    teacher_images: int = 0               # > labelled_images: the teacher also learns from people L lacks
+    ground_truth_from: str = ""           # a regime whose ground-truth arms this one shares (same L, val, seeds)
     teacher_epochs: int = 200
     student: str = "mobilenetv3_small_050"
     student_head_channels: int = 64
@@ -101,8 +104,8 @@ class UnlabelledConfig:
 # Each regime's settings over the defaults above, its folder and its report.
 REGIMES: dict[str, dict[str, Any]] = {
     "l500": dict(out="bench_unlabelled", report="docs/benchmark_unlabelled.md"),
-    "l1000": dict(out="bench_unlabelled_l1000", report="docs/benchmark_unlabelled_l1000.md", labelled_images=1000,
-                  unlabelled_images=5000, steps=3000, arms=("gt-L", "kd-L", "kd-LU")),
+    "t1000": dict(out="bench_unlabelled_t1000", report="docs/benchmark_unlabelled_t1000.md", teacher_images=1000,
+                  arms=("kd-LU-1to1-x2", "kd-L-x2"), ground_truth_from="l500"),
 }
 
 
@@ -140,7 +143,7 @@ ARMS = (
 
 def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     out = Path(cfg.out)
-    stages, data, train_ann, val_ann, teacher = open_study(out)
+    stages, data, teacher_ann, val_ann, teacher = open_study(out)
     data_u = out / "data_u"
     predict = PredictConfig(workers=cfg.workers)
 
@@ -148,7 +151,18 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
         return run_config(out, name, seed, workers)
 
     arms = [arm for arm in ARMS if not cfg.arms or arm.name in cfg.arms]
-    data_and_teacher(stages, out, cfg, cfg.labelled_images, val_every=20)  # the teacher sees L only
+    # The teacher learns from L alone, or (teacher_images) from L and more people the students never get.
+    data_and_teacher(stages, out, cfg, max(cfg.teacher_images, cfg.labelled_images), val_every=20)
+    train_ann = teacher_ann
+    if cfg.teacher_images > cfg.labelled_images:
+        train_ann = data / "annotations/person_keypoints_train_L.json"
+        stages.run("L", lambda: str(first_images(teacher_ann, train_ann, cfg.labelled_images)))
+    if cfg.ground_truth_from:
+        # Its ground-truth arms are the other regime's runs: they never see a teacher, so they are the same runs
+        # when the students' people and validation are the same files, which this checks.
+        theirs = out.parent / REGIMES[cfg.ground_truth_from]["out"] / "data"  # the other study's folder, beside
+        stages.run(f"same people as {cfg.ground_truth_from}", lambda: same_people(
+            (data, train_ann), (theirs, theirs / "annotations/person_keypoints_train.json")))
     stages.run("eval teacher", lambda: evaluate(EvalConfig(model=teacher, ann=val_ann, images=data / "val",
                                                            predict=predict)))
     stages.run("eval teacher on L", lambda: evaluate(EvalConfig(model=teacher, ann=train_ann, images=data / "train",
@@ -206,6 +220,34 @@ def run_study(cfg: UnlabelledConfig, stop_after: str | None = None) -> Stages:
     return stages
 
 
+def same_people(mine: tuple[Path, Path], theirs: tuple[Path, Path]) -> dict[str, Any]:
+    """Whether two studies' students learn from and are scored on the same people: each (data folder, students'
+    annotation file) pair's L annotations, validation file and image bytes compared. Refused if they differ."""
+    def fingerprint(data: Path, train_ann: Path) -> list[Any]:
+        coco = json.loads(train_ann.read_text())
+        files = [data / "train" / image["file_name"] for image in coco["images"]]
+        val = data / "annotations/person_keypoints_val.json"
+        files += [data / "val" / image["file_name"] for image in json.loads(val.read_text())["images"]]
+        return [coco["images"], coco["annotations"], val.read_bytes(),
+                hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()]
+
+    if not theirs[1].exists():
+        raise SystemExit(f"{theirs[1]} is missing: run that regime first; this one borrows its ground-truth arms")
+    if fingerprint(*mine) != fingerprint(*theirs):
+        raise SystemExit(f"{mine[1]} and {theirs[1]}'s people or images differ: their ground-truth arms are not shared")
+    return {"identical": True}
+
+
+def first_images(ann: Path, out: Path, count: int) -> Path:
+    """`ann` cut to its first `count` images (by id) and their annotations: the students' L within the teacher's."""
+    coco = json.loads(Path(ann).read_text())
+    images = sorted(coco["images"], key=lambda image: image["id"])[:count]
+    keep = {image["id"] for image in images}
+    out.write_text(json.dumps({**coco, "images": images,
+                               "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}))
+    return out
+
+
 def target_error(cache_dir: Path, truth: Path | None = None, rows: int = 400, seed: int = 0) -> dict[str, float]:
     """Distance between the cached teacher heatmaps' peaks and the true joints, in crop pixels, over `rows`
     random rows: median over rows of each row's mean over its labelled joints inside the crop, and the share of
@@ -242,6 +284,10 @@ def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
     out = Path(cfg.out)
     result = lambda name: stages.state.get(name, {}).get("result") if stages.done(name) else None  # noqa: E731
     runs = []
+    if cfg.ground_truth_from and stages.done(f"same people as {cfg.ground_truth_from}"):
+        other = json.loads(Path(regime_config(cfg.ground_truth_from).report).with_suffix(".json").read_text())
+        runs += [dict(run, what=f"{run['what']} ({cfg.ground_truth_from}'s runs: the same people, seeds and steps)")
+                 for run in other["runs"] if run["name"] in ("gt-L", "gt-L-x2")]
     for seed in cfg.seeds:
         for arm in ARMS:
             name = f"runs/{arm.name}-s{seed}"
@@ -293,7 +339,11 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
              "(jittered, some people missed, false positives on the background, scores), dumped with "
              "`dump-teacher --ann image_info_unlabelled.json --boxes detections_unlabelled.json --box-score-thr "
              f"{c['box_score_thr']}`.",
-             f"- **Teacher**: `{c['teacher_arch']}` trained {c['teacher_epochs']} epochs on L only"
+             f"- **Teacher**: `{c['teacher_arch']}` trained {c['teacher_epochs']} epochs on "
+             + ("L only" if c.get("teacher_images", 0) <= c["labelled_images"] else
+                f"{c['teacher_images']} labelled people: L and {c['teacher_images'] - c['labelled_images']} more that "
+                "the students never get, so that it knows more than their labels, as a released teacher trained on "
+                "more data than yours does")
              + ("" if teacher is None else f": **{teacher['AP']:.1f} AP** on validation")
              + ("" if not results.get("teacher_on_L") else f", {results['teacher_on_L']['AP']:.1f} on L's own people")
              + "."]

@@ -286,7 +286,8 @@ def collect(cfg: UnlabelledConfig, stages: Stages) -> dict[str, Any]:
     runs = []
     if cfg.ground_truth_from and stages.done(f"same people as {cfg.ground_truth_from}"):
         other = json.loads(Path(regime_config(cfg.ground_truth_from).report).with_suffix(".json").read_text())
-        runs += [dict(run, what=f"{run['what']} ({cfg.ground_truth_from}'s runs: the same people, seeds and steps)")
+        runs += [dict(run, what=f"{run['what']} ({cfg.ground_truth_from}'s runs: the same people, seeds and steps)",
+                      borrowed_from=cfg.ground_truth_from)
                  for run in other["runs"] if run["name"] in ("gt-L", "gt-L-x2")]
     for seed in cfg.seeds:
         for arm in ARMS:
@@ -347,7 +348,7 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
              + ("" if teacher is None else f": **{teacher['AP']:.1f} AP** on validation")
              + ("" if not results.get("teacher_on_L") else f", {results['teacher_on_L']['AP']:.1f} on L's own people")
              + "."]
-    done, planned = len(results["runs"]), results.get("planned_runs")
+    done, planned = len([r for r in results["runs"] if not r.get("borrowed_from")]), results.get("planned_runs")
     if planned and done < planned:
         curve = results.get("teacher_in_training")
         lines.append(f"- **In progress**: {done} of {planned} runs finished" + (
@@ -452,16 +453,28 @@ def what_u_adds(results: dict[str, Any], arms: dict[str, list[dict[str, Any]]], 
                         "many steps." if "kd-L-x2" in ap else "."))
     if "gt-L-x2" in ap and teacher:
         edge = teacher["AP"] - mean(ap["gt-L-x2"])
-        lines.append(f"- **The teacher's edge**: the teacher scores {teacher['AP']:.1f} AP on validation, {edge:+.1f} "
-                     f"against the ground-truth student at twice the steps ({fmt(ap['gt-L-x2'])}). Distillation "
-                     "passes on what a teacher knows beyond the labels, and a teacher that learnt from L alone, from "
-                     "scratch, knows little more than a student given the steps to learn from L too: the people it "
-                     "labels in U carry that little. Unlabelled people pay where the teacher's AP on people it never "
-                     "saw (its validation AP; through your detector's boxes: `kdcache eval --boxes`) is well above "
-                     "what the student reaches on ground truth trained as long as that still gains; measure both "
-                     "before dumping U. Released teachers have their edge from beyond the labels (MAE pretraining "
-                     "on millions of images, tens of times the student's size; ViTPose-B scores 75.8 AP on COCO), "
-                     "which a CPU study cannot build.")
+        line = (f"- **The teacher's edge**: the teacher scores {teacher['AP']:.1f} AP on validation, {edge:+.1f} "
+                f"against the ground-truth student at twice the steps ({fmt(ap['gt-L-x2'])}). ")
+        if edge < 2:
+            line += ("Distillation passes on what a teacher knows beyond the labels, and a teacher that learnt from L "
+                     "alone, from scratch, knows little more than a student given the steps to learn from L too: "
+                     "the people it labels in U carry that little. Released teachers have their edge from beyond the "
+                     "labels (MAE pretraining on millions of images, tens of times the student's size; ViTPose-B "
+                     "scores 75.8 AP on COCO).")
+        elif "kd-LU-1to1-x2" in ap and on_l.get("kd-LU-1to1-x2") and on_l.get("gt-L-x2"):
+            gain = mean(ap["kd-LU-1to1-x2"]) - max(mean(ap["gt-L"]), mean(ap["gt-L-x2"]))
+            on_u = (results.get("teacher_on_U") or {}).get("AP")
+            line += ((f"Its pseudo-labels on U score {on_u:.1f} AP through the detector's boxes. " if on_u else "")
+                     + f"The L + U student turns {'much' if gain >= 2 else 'little'} of the edge into accuracy "
+                     f"({gain:+.1f} AP against the better ground-truth arm). It scores "
+                     f"{mean(on_l['kd-LU-1to1-x2']):.1f} AP on L's own people, where the ground-truth student scores "
+                     f"{mean(on_l['gt-L-x2']):.1f}: "
+                     + ("in its steps it fits its targets far less well than the ground-truth student fits its "
+                        "labels, which points at the student's room (size, steps) rather than its targets." if gain < 2
+                        else "it has the room to learn from them."))
+        lines.append(line + " Before dumping U, measure both: the teacher's AP on people it never saw (its validation "
+                     "AP; through your detector's boxes, `kdcache eval --boxes`) against the student's on ground "
+                     "truth trained as long as that still gains.")
     for name, what in (("kd-LU-conf", "confidence weights (`--confidence-weights`)"),
                        ("kd-LU-box", "box-score weights (`--box-score-weights`)")):
         if {name, "kd-LU"} <= set(ap):

@@ -191,8 +191,8 @@ def test_a_kdcache_student_teaches_a_cache_another_student_trains_on(setup, tmp_
         big.train()(torch.randn(2, 3, 128, 96))  # BN statistics off their init: it must teach in eval mode
     torch.save(checkpoint_dict(big.eval(), epoch=1, step=1), tmp_path / "big.pt")
     out = tmp_path / "cache"
-    args = _args(setup, out, None, "--crop", "png", "--heatmap-error", "0.008")
-    assert main([*args[:2], str(tmp_path / "big.pt"), *args[3:]]) == 0
+    assert main(_args({**setup, "teacher": tmp_path / "big.pt"}, out, None, "--crop", "png",
+                      "--heatmap-error", "0.008")) == 0
     cache = open_cache(out)
     assert cache.manifest["teacher"]["kind"] == "student"
     assert cache.manifest["teacher"]["arch"] == "mobilenetv3_small_100"

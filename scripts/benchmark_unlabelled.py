@@ -359,8 +359,8 @@ def write_report(cfg: UnlabelledConfig, results: dict[str, Any]) -> None:
             f"; the teacher is training (validation AP by epoch so far: "
             f"{', '.join(f'{e}: {ap:.1f}' for e, ap in curve)})" if curve else "") +
             f". Resume with `python scripts/benchmark_unlabelled.py --regime {cfg.regime}` on the study's own folder "
-            "(its teacher and caches); in a new folder the study starts over with a retrained teacher, which need not be "
-            "bit-identical, so its runs do not mix with these.")
+            "(its teacher and caches); in a new folder the study starts over with a retrained teacher, which need "
+            "not be bit-identical, so its runs do not mix with these.")
     if results.get("teacher_on_U"):
         lines.append(f"- **Its pseudo-labels on U**, scored against U's hidden truth through the detector's boxes: "
                      f"{results['teacher_on_U']['AP']:.1f} AP (AP50 {results['teacher_on_U']['AP50']:.1f}).")

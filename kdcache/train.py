@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.json", "tensorboard")
-# Steps between reads of the loss back from the device (and progress-bar loss updates): a GPU runs ahead between.
-LOSS_READ_EVERY = 16
 
 
 def prepare_run_folder(run: RunConfig) -> None:
@@ -238,7 +236,6 @@ class _Trainer:
         if hasattr(self.source.dataset, "set_epoch"):
             self.source.dataset.set_epoch(epoch)
         start, losses, seen = time.perf_counter(), [], 0
-        pending: list[tuple[torch.Tensor, float]] = []  # (loss on the device, lr) of steps not yet read back
         bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
         device = self.device
         for batch in self.loader:
@@ -255,29 +252,16 @@ class _Trainer:
                 self.ema.update_parameters(self.model)
             self.step += 1
             seen += len(batch["crop"])
-            pending.append((loss.detach(), self.sched.get_last_lr()[0]))
+            losses.append(float(loss.detach()))
+            lr = self.sched.get_last_lr()[0]
             bar.update(1)
-            if len(pending) == LOSS_READ_EVERY:
-                losses += self._read_losses(pending, bar, board)
+            bar.set_postfix(loss=f"{losses[-1]:.2e}", lr=f"{lr:.1e}", refresh=False)
+            if board is not None:
+                board.add_scalar("train/loss", losses[-1], self.step)
+                board.add_scalar("train/lr", lr, self.step)
             if self.step >= self.total:
                 break
-        losses += self._read_losses(pending, bar, board)
         return losses, seen, time.perf_counter() - start
-
-    def _read_losses(self, pending: list[tuple[torch.Tensor, float]], bar: tqdm, board: Any) -> list[float]:
-        """The pending steps' losses as floats, in one device-to-host copy (each read waits for the GPU to
-        finish, so reading every step would keep it from running ahead), logged per step; empties `pending`."""
-        if not pending:
-            return []
-        values = torch.stack([loss for loss, _ in pending]).float().cpu().tolist()
-        first = self.step - len(pending) + 1
-        if board is not None:
-            for i, (value, (_, lr)) in enumerate(zip(values, pending)):
-                board.add_scalar("train/loss", value, first + i)
-                board.add_scalar("train/lr", lr, first + i)
-        bar.set_postfix(loss=f"{values[-1]:.2e}", lr=f"{pending[-1][1]:.1e}", refresh=False)
-        pending.clear()
-        return values
 
     def end_epoch(self, epoch: int, losses: list[float], seen: int, seconds: float, board: Any) -> None:
         """Validate, write last.pt (and best.pt when AP improved), log; `metrics_row` is the epoch's CSV row.

@@ -184,46 +184,6 @@ def test_tensorboard_scalars_when_installed(tiny, tmp_path, monkeypatch):
     assert ("train/crops_per_s", 2) in logged
 
 
-def test_losses_read_back_in_chunks_are_every_step_s_loss_at_its_own_step(tiny, tmp_path, monkeypatch):
-    """The loss is read from the device every LOSS_READ_EVERY steps; each step's value is still logged at its own
-    step, the epoch's tail is not lost, and the values are those of a run that reads every step."""
-    import sys
-    import types
-
-    import kdcache.train as train_mod
-
-    def run(every: int, out) -> tuple[list[tuple[int, float]], str]:
-        logged = []
-
-        class Writer:
-            def __init__(self, log_dir):
-                pass
-
-            def add_scalar(self, tag, value, step):
-                if tag == "train/loss":
-                    logged.append((step, value))
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                pass
-
-        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-        monkeypatch.setattr(train_mod, "LOSS_READ_EVERY", every)
-        cfg = _student_cfg(tiny, out, caches=(tiny["cache"],))
-        train_mod.train_student(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=1)))
-        return logged, (out / "metrics.csv").read_text().splitlines()[1].split(",")[2]
-
-    every_step, mean_1 = run(1, tmp_path / "a")
-    chunked, mean_4 = run(4, tmp_path / "b")
-    steps = len(every_step)
-    assert steps > 4 and steps % 4 != 0  # a full chunk and a tail
-    assert [step for step, _ in chunked] == list(range(1, steps + 1))
-    assert [v for _, v in chunked] == [v for _, v in every_step]
-    assert float(mean_4) == pytest.approx(np.mean([v for _, v in chunked]), rel=1e-5) and mean_4 == mean_1
-
-
 @pytest.mark.parametrize("backbone", NAMED_STUDENTS)
 def test_every_named_student_trains_and_evaluates_from_a_cache(tiny, tmp_path, backbone):
     from kdcache.models import load_model

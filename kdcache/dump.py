@@ -96,12 +96,16 @@ class _DumpViews(ViewDataset):
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Good items stacked as numpy arrays; per-item lists for bytes, names and bad images."""
+    """Good items stacked: the crops as a uint8 tensor (a worker hands a tensor over in shared memory, where a numpy
+    array would be pickled through a pipe and unpickled by the process that feeds the teacher), the row columns as
+    numpy arrays; per-item lists for bytes, names and bad images."""
     good = [item for item in items if item["bad"] is None]
     batch: dict[str, Any] = {"bad": [(item["file_name"], item["bad"]) for item in items if item["bad"] is not None],
                              "size": len(items), "index": items[0]["index"]}
     for key in ("crop", *(c.name for c in fmt.ROW_COLUMNS + fmt.REPLAY_COLUMNS)):  # confidence: the teacher's
         batch[key] = np.stack([item[key] for item in good]) if good and key in good[0] else None
+    if batch["crop"] is not None:
+        batch["crop"] = torch.from_numpy(batch["crop"])
     batch["crop_bytes"] = [item.get("crop_bytes") for item in good]
     batch["file_name"] = [item["file_name"] for item in good]
     return batch

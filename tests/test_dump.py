@@ -119,6 +119,16 @@ def test_torchrun_ranks_write_the_single_process_cache(setup, reference, tmp_pat
     assert shards == _shards(reference)[1]
 
 
+def test_loader_workers_write_the_in_process_cache(setup, reference, tmp_path):
+    """Crops made in DataLoader workers (handed over as tensors in shared memory) give the cache that loading in the
+    dumping process gives, bit for bit."""
+    out = tmp_path / "cache"
+    subprocess.run(_cli(_args(setup, out, None, "--workers", "2")), env=ENV, check=True, timeout=300)
+    manifest, shards = _shards(out)
+    assert manifest == fmt.read_manifest(reference) and manifest["complete"]
+    assert shards == _shards(reference)[1]
+
+
 def test_missing_image_stops_with_one_line_and_rerun_resumes(setup, tmp_path, capsys, error_line):
     images = tmp_path / "images"
     shutil.copytree(setup["images"], images)

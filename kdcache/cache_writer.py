@@ -3,7 +3,8 @@
 A shard is written as `NAME.tmp` and renamed when complete, and the manifest is updated under a file lock
 and replaced atomically, so a killed dump leaves only complete shards listed, and concurrent ranks never
 lose each other's entries. A write that fails (a full disk) removes its temporary file and raises the
-OSError with the file's name; what was complete before stays listed and intact.
+OSError with the file's name; what was complete before stays listed and intact. `ShardWriter` is the dump's
+writer: it encodes heatmaps and writes shards on background threads while the teacher runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,7 +24,7 @@ import h5py
 import numpy as np
 
 from kdcache.cache_format import LOCK, MANIFEST, REPLAY_COLUMNS, ROW_COLUMNS, read_manifest, sha256_file, shard_name
-from kdcache.heatmap_storage import HeatmapStorage
+from kdcache.heatmap_storage import HeatmapStorage, encode_rows
 
 
 @dataclass
@@ -178,3 +182,83 @@ def _write_h5(tmp: Path, rows: ShardRows, attrs: dict[str, Any], gzip_level: int
             f.create_dataset(column.name, data=data, **opts)
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+
+
+class ShardWriter:
+    """The dump's writer: heatmap encoding on a small thread pool, shard assembly and writes on one background
+    thread.
+
+    Batches arrive in order on a bounded queue (the teacher never runs more than a few batches ahead);
+    each batch's quantisation and deflate starts at once on the pool (zlib and numpy release the GIL),
+    so on a GPU machine one thread's ~2 ms per view does not cap the dump. An error on either is raised
+    in the main thread at its next `put` or at `close`.
+    """
+
+    ENCODE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))  # the other half: teacher and workers
+
+    def __init__(self, out: Path, attrs: dict[str, Any], heatmap_shape: tuple[int, int, int], storage: HeatmapStorage,
+                 rel_error: float, gzip_level: int, replay: bool):
+        """`attrs`: every shard's HDF5 attributes (its index is added); `replay`: crops are not stored."""
+        self.out, self.attrs, self.storage = out, attrs, storage
+        self.rel_error, self.gzip_level = rel_error, gzip_level
+        self.sigma = float(attrs["sigma"])  # the codec's: "int16-step-window"'s window is 3 sigma
+        self.new_rows = lambda: ShardRows(heatmap_shape, storage, replay=replay)
+        self.rows = self.new_rows()
+        self.pool = ThreadPoolExecutor(self.ENCODE_THREADS, thread_name_prefix="kdcache-encode")
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="kdcache-shard-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, shard: int, batch: dict[str, Any], heat: np.ndarray | None) -> None:
+        self._raise()
+        batch = {k: v for k, v in batch.items() if k != "crop"}  # the writer keeps the encoded crops only
+        encoded = None if heat is None else self.pool.submit(self._encode, heat)
+        self.queue.put(("batch", shard, batch, encoded))
+
+    def end_shard(self, shard: int) -> None:
+        self._raise()
+        self.queue.put(("end", shard, None, None))
+
+    def close(self) -> None:
+        """Finish the queued work (shards already ended are written; a partial shard is dropped)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self.pool.shutdown()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _encode(self, heat: np.ndarray) -> tuple[list[bytes], np.ndarray | None, np.ndarray]:
+        """heat: [B, K, h, w] float32 -> (deflated chunks, side array, confidence [B, K])."""
+        chunks, side = encode_rows(heat, self.storage, self.rel_error, self.gzip_level, self.sigma)
+        return chunks, side, heat.max(axis=(2, 3))
+
+    def _loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the main thread raises the error
+            try:
+                self._do(*job)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+
+    def _do(self, kind: str, shard: int, batch: dict[str, Any] | None, encoded: Future | None) -> None:
+        if kind == "end":
+            entry = write_shard(self.out, shard, self.rows, {**self.attrs, "shard_index": shard}, self.gzip_level)
+            add_shard(self.out, entry)
+            self.rows = self.new_rows()
+            return
+        self.rows.skipped_images.extend(name for name, _ in batch["bad"])
+        if encoded is None:  # every view of the batch was skipped
+            return
+        chunks, side, confidence = encoded.result()
+        columns = {name: batch[name] for name in (c.name for c in ROW_COLUMNS + REPLAY_COLUMNS)
+                   if batch.get(name) is not None}
+        replay = self.rows.replay
+        self.rows.add(chunks, side, {**columns, "confidence": confidence}, [] if replay else batch["crop_bytes"],
+                      batch["file_name"] if replay else [])

@@ -11,6 +11,7 @@ bytes depend only on its own views. Three stages overlap:
     DataLoader workers   read, warp and encode the crops of each batch (and flag unreadable images)
     main thread          the teacher forward (and its mirror with --teacher-flip)
     writer thread        heatmap quantisation + deflate, HDF5 writes, checksums, manifest updates
+                         (`cache_writer.ShardWriter`)
 
 A rerun with the same settings checks the shards the manifest lists (size, HDF5 header and rows; SHA-256
 too with `verify`), unlists and rewrites the damaged ones, skips the sound ones and writes the rest, so an
@@ -25,10 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import tempfile
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,7 @@ from tqdm import tqdm
 from kdcache import cache_format as fmt
 from kdcache.boxes import detected_person_boxes, detection_instances
 from kdcache.cache import check_shards
-from kdcache.cache_writer import ShardRows, add_shard, drop_shards, manifest_lock, write_manifest, write_shard
+from kdcache.cache_writer import ShardWriter, drop_shards, manifest_lock, write_manifest
 from kdcache.checkpoint import provenance
 from kdcache.codec import Codec
 from kdcache.coco import (Instance, declares_keypoints, instances_from_coco, keypoint_set_of, load_coco,
@@ -50,7 +48,7 @@ from kdcache.config import DumpConfig, to_jsonable
 from kdcache.data import ViewDataset
 from kdcache.distributed import world_from_env
 from kdcache.errors import UserError
-from kdcache.heatmap_storage import encode_rows, heatmap_storage
+from kdcache.heatmap_storage import heatmap_storage
 from kdcache.inference import predict_heatmaps
 from kdcache.keypoints import KeypointSet, is_built_in, keypoint_set_with
 from kdcache.teacher import load_teacher, require_keypoint_set, teacher_weights_file
@@ -307,7 +305,9 @@ def _run(teacher: torch.nn.Module, dataset: _DumpViews, todo: list[int], cfg: Du
     loader = DataLoader(dataset, batch_sampler=_batches(todo, num_items, cfg), num_workers=cfg.run.workers,
                         collate_fn=_collate, prefetch_factor=4 if cfg.run.workers else None,
                         persistent_workers=False)
-    writer = _ShardWriter(out, attrs, cfg, (sampler.keypoint_set.num_keypoints, *sampler.codec.heatmap_hw))
+    writer = ShardWriter(out, attrs, (sampler.keypoint_set.num_keypoints, *sampler.codec.heatmap_hw),
+                         heatmap_storage(cfg.heatmap_storage), cfg.heatmap_rel_error, cfg.gzip_level,
+                         replay=cfg.crop_format == "none")
     expected = {s: min((s + 1) * cfg.shard_size, num_items) - s * cfg.shard_size for s in todo}
     bar = tqdm(total=sum(expected.values()), unit="view", disable=not show)
     try:
@@ -328,81 +328,3 @@ def _run(teacher: torch.nn.Module, dataset: _DumpViews, todo: list[int], cfg: Du
     finally:
         bar.close()
         writer.close()
-
-
-class _ShardWriter:
-    """Heatmap encoding on a small thread pool, shard assembly and writes on one background thread.
-
-    Batches arrive in order on a bounded queue (the teacher never runs more than a few batches ahead);
-    each batch's quantisation and deflate starts at once on the pool (zlib and numpy release the GIL),
-    so on a GPU machine one thread's ~2 ms per view does not cap the dump. An error on either is raised
-    in the main thread at its next `put` or at `close`.
-    """
-
-    ENCODE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))  # the other half: teacher and workers
-
-    def __init__(self, out: Path, attrs: dict[str, Any], cfg: DumpConfig, heatmap_shape: tuple[int, int, int]):
-        self.out, self.attrs, self.cfg = out, attrs, cfg
-        self.storage = heatmap_storage(cfg.heatmap_storage)
-        self.sigma = float(attrs["sigma"])  # the codec's: "int16-step-window"'s window is 3 sigma
-        self.new_rows = lambda: ShardRows(heatmap_shape, self.storage, replay=cfg.crop_format == "none")
-        self.rows = self.new_rows()
-        self.pool = ThreadPoolExecutor(self.ENCODE_THREADS, thread_name_prefix="kdcache-encode")
-        self.queue: queue.Queue = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="kdcache-shard-writer", daemon=True)
-        self.thread.start()
-
-    def put(self, shard: int, batch: dict[str, Any], heat: np.ndarray | None) -> None:
-        self._raise()
-        batch = {k: v for k, v in batch.items() if k != "crop"}  # the writer keeps the encoded crops only
-        encoded = None if heat is None else self.pool.submit(self._encode, heat)
-        self.queue.put(("batch", shard, batch, encoded))
-
-    def end_shard(self, shard: int) -> None:
-        self._raise()
-        self.queue.put(("end", shard, None, None))
-
-    def close(self) -> None:
-        """Finish the queued work (shards already ended are written; a partial shard is dropped)."""
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        self.pool.shutdown()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-    def _encode(self, heat: np.ndarray) -> tuple[list[bytes], np.ndarray | None, np.ndarray]:
-        """heat: [B, K, h, w] float32 -> (deflated chunks, side array, confidence [B, K])."""
-        cfg = self.cfg
-        chunks, side = encode_rows(heat, self.storage, cfg.heatmap_rel_error, cfg.gzip_level, self.sigma)
-        return chunks, side, heat.max(axis=(2, 3))
-
-    def _loop(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain: the main thread raises the error
-            try:
-                self._do(*job)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                self.error = exc
-
-    def _do(self, kind: str, shard: int, batch: dict[str, Any] | None, encoded: Future | None) -> None:
-        if kind == "end":
-            entry = write_shard(self.out, shard, self.rows, {**self.attrs, "shard_index": shard}, self.cfg.gzip_level)
-            add_shard(self.out, entry)
-            self.rows = self.new_rows()
-            return
-        self.rows.skipped_images.extend(name for name, _ in batch["bad"])
-        if encoded is None:  # every view of the batch was skipped
-            return
-        chunks, side, confidence = encoded.result()
-        columns = {name: batch[name] for name in (c.name for c in fmt.ROW_COLUMNS + fmt.REPLAY_COLUMNS)
-                   if batch.get(name) is not None}
-        replay = self.rows.replay
-        self.rows.add(chunks, side, {**columns, "confidence": confidence}, [] if replay else batch["crop_bytes"],
-                      batch["file_name"] if replay else [])

@@ -13,7 +13,8 @@ from pycocotools.cocoeval import COCOeval
 
 from kdcache.keypoints import COCO_17
 from kdcache.cli import main
-from kdcache.synth import BAND_BGR, SynthConfig, SynthDetector, render_image, synthesize
+from kdcache.synth import SynthConfig, SynthDetector, render_image, synthesize
+from kdcache.synth_paint import BAND_BGR
 
 
 def _quiet(fn, *args):

@@ -75,6 +75,26 @@ def nano_teacher(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def student_checkpoint(tmp_path):
+    """student_checkpoint(backbone, input_hw) -> (model in eval mode, its kdcache checkpoint): a student (head 16
+    channels, seed 0) whose BN statistics have left their initial values, as a trained one's have, so that a model
+    run in train mode by mistake gives other outputs."""
+    from kdcache.checkpoint import checkpoint_dict
+    from kdcache.student import StudentConfig, build_student
+
+    def make(backbone: str, input_hw: tuple[int, int]) -> tuple[torch.nn.Module, Path]:
+        torch.manual_seed(0)
+        model = build_student(StudentConfig(backbone, input_hw=input_hw, head_channels=16))
+        with torch.no_grad():
+            model.train()(torch.randn(2, 3, *input_hw))
+        path = tmp_path / f"{backbone}.pt"
+        torch.save(checkpoint_dict(model.eval(), epoch=1, step=1), path)
+        return model, path
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def student_cache(tmp_path_factory, synth_data, nano_teacher):
     """student_cache(seed=0) -> {ann, images, teacher, cache}: six one-person images at 64x64 crops, a nano

@@ -188,20 +188,14 @@ def test_teacher_flip_and_confidence(setup, tmp_path):
         np.testing.assert_allclose(row["confidence"], want.max(axis=(1, 2)), rtol=1e-4, atol=1e-5)
 
 
-def test_a_kdcache_student_teaches_a_cache_another_student_trains_on(setup, tmp_path):
+def test_a_kdcache_student_teaches_a_cache_another_student_trains_on(setup, student_checkpoint, tmp_path):
     """A model train-student made (here a MobileNet) dumps as any teacher: its own heatmaps, its codec, its name."""
-    from kdcache.checkpoint import checkpoint_dict
     from kdcache.inference import to_input_tensor
     from kdcache.models import load_model
-    from kdcache.student import StudentConfig, build_student
 
-    torch.manual_seed(0)
-    big = build_student(StudentConfig("mobilenetv3_small_100", input_hw=(128, 96), head_channels=16))
-    with torch.no_grad():
-        big.train()(torch.randn(2, 3, 128, 96))  # BN statistics off their init: it must teach in eval mode
-    torch.save(checkpoint_dict(big.eval(), epoch=1, step=1), tmp_path / "big.pt")
+    big, path = student_checkpoint("mobilenetv3_small_100", (128, 96))  # it must teach in eval mode
     out = tmp_path / "cache"
-    assert main(_args({**setup, "teacher": tmp_path / "big.pt"}, out, None, "--crop", "png",
+    assert main(_args({**setup, "teacher": path}, out, None, "--crop", "png",
                       "--heatmap-error", "0.008")) == 0
     cache = open_cache(out)
     assert cache.manifest["teacher"]["kind"] == "student"

@@ -54,28 +54,24 @@ def test_load_teacher_reads_a_kdcache_checkpoint_at_its_size_or_another(nano_tea
         assert wider(torch.zeros(1, 3, 64, 96)).shape == (1, 17, 16, 24)
 
 
-def test_a_kdcache_student_teaches_at_its_own_size_and_other_kinds_are_refused(nano_teacher, tmp_path):
-    from kdcache.checkpoint import checkpoint_dict
-    from kdcache.student import PoseStudent, StudentConfig, build_student
+def test_a_kdcache_student_teaches_at_its_own_size_and_other_kinds_are_refused(nano_teacher, student_checkpoint,
+                                                                             tmp_path):
+    from kdcache.student import PoseStudent
 
-    torch.manual_seed(0)
-    student = build_student(StudentConfig("mobilenetv3_small_050", input_hw=(64, 64), head_channels=16))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        student.train()(x)  # BN statistics off their init: the teacher must run in eval mode with them
-    torch.save(checkpoint_dict(student, epoch=1, step=1), tmp_path / "student.pt")
-    teacher = load_teacher(tmp_path / "student.pt")
+    student, path = student_checkpoint("mobilenetv3_small_050", (64, 64))
+    teacher = load_teacher(path)
     assert type(teacher) is PoseStudent and not teacher.training and teacher.config == student.config
     assert teacher.config.arch == "mobilenetv3_small_050" and teacher.codec == student.codec
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(teacher(x), student.eval()(x))
-    assert load_teacher(tmp_path / "student.pt", input_hw=(64, 64)).config.input_hw == (64, 64)
-    with pytest.raises(UserError, match=r"student\.pt is a kdcache student made for 64x64 crops and cannot run at "
-                                        r"128x96: use it at its own size"):
-        load_teacher(tmp_path / "student.pt", input_hw=(128, 96))
-    with pytest.raises(UserError, match=r"--expert picks a ViTPose\+\+ expert, but .*student\.pt is a kdcache "
+        assert torch.equal(teacher(x), student(x))  # in eval mode: BN's running statistics, not the batch's
+    assert load_teacher(path, input_hw=(64, 64)).config.input_hw == (64, 64)
+    with pytest.raises(UserError, match=r"mobilenetv3_small_050\.pt is a kdcache student made for 64x64 crops and "
+                                        r"cannot run at 128x96: use it at its own size"):
+        load_teacher(path, input_hw=(128, 96))
+    with pytest.raises(UserError, match=r"--expert picks a ViTPose\+\+ expert, but .*small_050\.pt is a kdcache "
                                         "student; drop --expert"):
-        load_teacher(tmp_path / "student.pt", expert="aic")
+        load_teacher(path, expert="aic")
     ckpt = torch.load(nano_teacher((64, 64)), weights_only=True)
     torch.save({**ckpt, "kind": "optimizer"}, tmp_path / "other.pt")
     with pytest.raises(UserError, match=r"other\.pt is a kdcache 'optimizer' checkpoint, not a teacher "

@@ -106,7 +106,9 @@ class UnlabelledConfig:
 
 # Each regime's settings over the defaults above, its folder and its report.
 REGIMES: dict[str, dict[str, Any]] = {
-    "l500": dict(out="bench_unlabelled", report="docs/benchmark_unlabelled.md"),
+    "l500": dict(out="bench_unlabelled", report="docs/benchmark_unlabelled.md",
+                 arms=("gt-L", "kd-L", "kd-LU", "kd-LU-1to1", "kd-LU-conf", "kd-LU-box", "gt-L-x2", "kd-LU-1to1-x2",
+                       "kd-L-x2")),
     "t1000": dict(out="bench_unlabelled_t1000", report="docs/benchmark_unlabelled_t1000.md", teacher_images=1000,
                   arms=("kd-LU-1to1-x2", "kd-L-x2"), ground_truth_from="l500"),
     # t1000's recipe retrained, and a probe of its reading (the student lacks room): three times the steps.

@@ -61,9 +61,17 @@ class InMemory(Dataset):
         return self.items[index]
 
 
+def last_epoch(run_dir: Path) -> dict[str, float | int | None]:
+    """A training run's last metrics.csv row: crops/s and seconds of its last epoch (loader start included), the
+    number of epochs, and the epoch's validation AP (None when it did not validate)."""
+    header, *rows = (run_dir / "metrics.csv").read_text().splitlines()
+    row = dict(zip(header.split(","), rows[-1].split(",")))
+    return {"crops_per_s": float(row["crops_per_s"]), "epoch_seconds": float(row["seconds"]),
+            "epochs": len(rows), "val_AP": float(row["val_AP"]) if row.get("val_AP") else None}
+
+
 def crops_per_s(run_dir: Path) -> float:
-    rows = (run_dir / "metrics.csv").read_text().splitlines()
-    return float(rows[-1].split(",")[5])
+    return last_epoch(run_dir)["crops_per_s"]
 
 
 def print_json(report: dict, path: Path | None) -> None:

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_train import last_epoch  # noqa: E402
 from kdcache.bench import bench_models  # noqa: E402
 from kdcache.cache import open_cache  # noqa: E402
 from kdcache.checkpoint import checkpoint_dict  # noqa: E402
@@ -137,14 +139,6 @@ def student_step_rate(student: StudentConfig, device: str, batch: int, steps: in
         step()
     synced(device)
     return batch * steps / (time.perf_counter() - start)
-
-
-def last_epoch(run_dir: Path) -> dict[str, float]:
-    """The run's last metrics.csv row: crops/s and seconds of its last epoch (loader start included)."""
-    header, *rows = (run_dir / "metrics.csv").read_text().splitlines()
-    row = dict(zip(header.split(","), rows[-1].split(",")))
-    return {"crops_per_s": float(row["crops_per_s"]), "epoch_seconds": float(row["seconds"]),
-            "epochs": len(rows), "val_AP": float(row["val_AP"]) if row.get("val_AP") else None}
 
 
 class Report:

@@ -60,6 +60,7 @@ def main() -> None:
                                      caches=(a.train / "cache",),
                                      run=RunConfig(out=out, device=a.device, workers=a.workers, progress=False),
                                      optim=OptimConfig(epochs=a.epochs, batch_size=a.batch_size, warmup_steps=1)))
+    # Read here, not with bench_train.last_epoch: this script imports only the kdcache under test.
     header, *rows = (out / "metrics.csv").read_text().splitlines()
     last = dict(zip(header.split(","), rows[-1].split(",")))
     print(json.dumps({"name": a.name, "kdcache": str(Path(kdcache.__file__).parent),
